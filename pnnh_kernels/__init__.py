@@ -1,0 +1,37 @@
+"""pnnh_kernels: fused kernels and modules for deep plain networks (PNNH, TAT, feature reuse).
+
+Public API:
+    PNNHConv2d, PNNHLinear      drop-in PNNH blocks (modules)
+    PNNHCoder                   the weight-sharing coder, shareable across blocks
+    pnnh_conv2d, pnnh_linear    functional forms
+    Activation                  activation spec (relu / leaky_relu / identity / gelu, with scale)
+    available_backends()        backends that can run here
+"""
+from .activation import Activation, make_activation
+from .backends import BackendUnavailableError, available_backends, register_backend
+from .block import BlockConfig, BlockNorms, BlockWeights, NormParams
+from .coder import PNNHCoder
+from .conv import PNNHConv2d
+from .functional import pnnh_conv2d, pnnh_linear
+from .linear import PNNHLinear
+from .validation import set_finite_check
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "BackendUnavailableError",
+    "BlockConfig",
+    "BlockNorms",
+    "BlockWeights",
+    "NormParams",
+    "PNNHCoder",
+    "PNNHConv2d",
+    "PNNHLinear",
+    "available_backends",
+    "make_activation",
+    "pnnh_conv2d",
+    "pnnh_linear",
+    "register_backend",
+    "set_finite_check",
+]

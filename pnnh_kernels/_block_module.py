@@ -1,0 +1,143 @@
+"""What PNNHConv2d and PNNHLinear share: options, parameters, and the forward call."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .activation import ActivationLike, make_activation
+from .backends import check_backend_name
+from .block import BlockConfig, BlockNorms, BlockWeights, NormParams
+from .coder import PNNHCoder
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class PNNHBlockBase(nn.Module):
+    """Parameters and forward of a PNNH block; subclasses give shapes, norms and the functional op."""
+
+    _functional: Callable[..., Tensor]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: Optional[int],
+        hidden_channels: Optional[int],
+        coder_channels: Optional[int],
+        learner_tail: tuple[int, ...],
+        coder_kernel_size: Optional[int],
+        *,
+        activation: ActivationLike,
+        negative_slope: Optional[float],
+        activation_scale: float,
+        final_activation: bool,
+        norm: str,
+        bias: Optional[bool],
+        tied: bool,
+        coder: Optional[PNNHCoder],
+        eps: float,
+        momentum: float,
+        backend: str,
+        make_norm: Callable[[int], nn.Module],
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        in_channels = _positive_int("in_channels", in_channels)
+        out_channels = _positive_int("out_channels", in_channels if out_channels is None else out_channels)
+        hidden_channels = _positive_int("hidden_channels", out_channels if hidden_channels is None else hidden_channels)
+        self.config = BlockConfig(
+            activation=make_activation(activation, negative_slope, activation_scale),
+            norm=norm,
+            final_activation=bool(final_activation),
+            eps=float(eps),
+            momentum=float(momentum),
+        )
+        self.backend = check_backend_name(backend)
+        bias = (norm == "none") if bias is None else bool(bias)  # a norm right after makes a bias redundant
+        factory = {"device": device, "dtype": dtype}
+
+        if coder is None:
+            coder_channels = _positive_int("coder_channels", in_channels if coder_channels is None else coder_channels)
+            coder = PNNHCoder(
+                in_channels, coder_channels, coder_kernel_size, tied=tied, out_channels=out_channels, bias=bias, **factory
+            )
+        elif (coder.in_channels, coder.out_channels, coder.kernel_size) != (in_channels, out_channels, coder_kernel_size):
+            raise ValueError(
+                f"shared coder maps {coder.in_channels} -> {coder.out_channels} channels with kernel "
+                f"{coder.kernel_size}; this block needs {in_channels} -> {out_channels} with kernel {coder_kernel_size}"
+            )
+        self.coder = coder
+        self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
+        self.learner1_weight = nn.Parameter(torch.empty(hidden_channels, in_channels, *learner_tail, **factory))
+        self.learner2_weight = nn.Parameter(torch.empty(out_channels, hidden_channels, *learner_tail, **factory))
+        self.learner1_bias = nn.Parameter(torch.zeros(hidden_channels, **factory)) if bias else None
+        self.learner2_bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+
+        self.coder_norm = self.learner_norm = self.out_norm = None
+        if norm != "none":
+            self.coder_norm = make_norm(coder.coder_channels)
+            self.learner_norm = make_norm(hidden_channels)
+            self.out_norm = make_norm(out_channels)
+            if device is not None or dtype is not None:
+                for n in (self.coder_norm, self.learner_norm, self.out_norm):
+                    n.to(device=device, dtype=dtype)
+        self.reset_learner_parameters()
+
+    def reset_learner_parameters(self) -> None:
+        """He init of the learner (as torchvision ResNets); the coder starts orthogonal."""
+        for w in (self.learner1_weight, self.learner2_weight):
+            nn.init.kaiming_normal_(w, mode="fan_out" if w.dim() == 4 else "fan_in", nonlinearity="relu")
+        for b in (self.learner1_bias, self.learner2_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def block_weights(self) -> BlockWeights:
+        return BlockWeights(
+            encoder=self.coder.encoder,
+            learner1=self.learner1_weight,
+            learner2=self.learner2_weight,
+            decoder=self.coder.decoder,
+            encoder_bias=self.coder.encoder_bias,
+            learner1_bias=self.learner1_bias,
+            learner2_bias=self.learner2_bias,
+        )
+
+    def block_norms(self) -> BlockNorms:
+        def params(n: Optional[nn.Module]) -> Optional[NormParams]:
+            if n is None:
+                return None
+            return NormParams(n.weight, n.bias, getattr(n, "running_mean", None), getattr(n, "running_var", None))
+
+        return BlockNorms(params(self.coder_norm), params(self.learner_norm), params(self.out_norm))
+
+    def _count_batch(self) -> None:
+        # keep num_batches_tracked as torch.nn.BatchNorm does, so state dicts stay interchangeable
+        if self.training and self.config.norm == "batch":
+            for n in (self.coder_norm, self.learner_norm, self.out_norm):
+                if n.num_batches_tracked is not None:
+                    n.num_batches_tracked.add_(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = type(self)._functional(
+            x, self.block_weights(), self.block_norms(), self.config, training=self.training, backend=self.backend
+        )
+        self._count_batch()
+        return out
+
+    def extra_repr(self) -> str:
+        act = self.config.activation
+        act_desc = act.kind if act.kind in ("relu", "identity", "gelu") else f"{act.kind}({act.negative_slope:g})"
+        if act.scale != 1.0:
+            act_desc += f"*{act.scale:g}"
+        return (
+            f"{self.in_channels} -> {self.out_channels}, hidden={self.hidden_channels}, "
+            f"coder={self.coder.coder_channels}, act={act_desc}, norm={self.config.norm}, "
+            f"final_activation={self.config.final_activation}, backend={self.backend!r}"
+        )
+

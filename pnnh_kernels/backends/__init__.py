@@ -1,0 +1,24 @@
+"""Backends of the PNNH block and the dispatch between them."""
+from .base import Backend
+from .pytorch import EagerBackend, ReferenceBackend
+from .registry import (
+    BackendUnavailableError,
+    available_backends,
+    check_backend_name,
+    register_backend,
+    registered_backends,
+    select_backend,
+)
+
+register_backend(ReferenceBackend())
+register_backend(EagerBackend())
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "check_backend_name",
+    "register_backend",
+    "registered_backends",
+    "select_backend",
+]

@@ -1,0 +1,86 @@
+"""Backend dispatch, in one place.
+
+``backend="auto"`` tries the fused backends that serve the tensor's device, fastest first, and falls
+back to the pure-PyTorch ``eager`` backend (the algebraic reference) with a warning given once per
+reason. Naming a backend explicitly never falls back: it runs that backend or raises
+:class:`BackendUnavailableError` saying why.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+from torch import Tensor
+
+from ..block import BlockConfig, BlockWeights
+from .base import OPS, Backend
+
+FALLBACK = "eager"
+
+_registry: dict[str, Backend] = {}
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot compute this call (not built, not installed, or not applicable)."""
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a backend under ``backend.name`` (replacing one of that name)."""
+    if not backend.name:
+        raise ValueError("a backend needs a name")
+    _registry[backend.name] = backend
+    return backend
+
+
+def registered_backends() -> dict[str, Backend]:
+    return dict(_registry)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run in this process (whatever the device)."""
+    return [name for name, b in _registry.items() if b.unavailable_reason() is None]
+
+
+def _reason(backend: Backend, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
+    return backend.unavailable_reason() or backend.unsupported_reason(op, x, weights, config)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def check_backend_name(requested: str) -> str:
+    """``requested`` if it names ``auto`` or a registered backend, else a ValueError listing the choices."""
+    if requested != "auto" and requested not in _registry:
+        known = ", ".join(["auto", *sorted(_registry)])
+        raise ValueError(f"unknown backend {requested!r}; choose one of: {known}")
+    return requested
+
+
+def select_backend(requested: str, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Backend:
+    """The backend that computes ``op`` for this call."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    if check_backend_name(requested) != "auto":
+        backend = _registry[requested]
+        reason = _reason(backend, op, x, weights, config)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {requested!r} cannot compute this {op} call: {reason}")
+        return backend
+
+    candidates = sorted(
+        (b for b in _registry.values() if b.fused and x.device.type in b.device_types),
+        key=lambda b: b.priority,
+    )
+    reasons = []
+    for backend in candidates:
+        reason = _reason(backend, op, x, weights, config)
+        if reason is None:
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    why = "; ".join(reasons) if reasons else f"no fused backend serves {x.device.type} tensors"
+    _warn_once(f"pnnh_kernels: falling back to the pure-PyTorch '{FALLBACK}' backend for {op} ({why})")
+    return _registry[FALLBACK]

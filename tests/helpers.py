@@ -1,0 +1,66 @@
+"""Helpers shared by the tests: build twin modules on two backends and compare all they produce."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+# Per-dtype tolerances (rtol, atol) for comparing two exact-math implementations of the block.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+}
+
+
+def twin(module: nn.Module, backend: str) -> nn.Module:
+    """A deep copy of ``module`` (same parameters and buffers) on another backend."""
+    other = copy.deepcopy(module)
+    for m in other.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return other
+
+
+def randomize_norms(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial affine parameters and running statistics, so that no mistake hides behind 1s and 0s."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+                if m.weight is not None:
+                    m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+
+
+def run_step(module: nn.Module, x: torch.Tensor, grad_out_seed: int = 1):
+    """Forward, then backward with a fixed random cotangent; returns (y, dx, {param: grad})."""
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    g = torch.Generator().manual_seed(grad_out_seed)
+    cotangent = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    (y * cotangent).sum().backward()
+    # torch.compile wraps the module: strip its prefix so names compare across the twins
+    grads = {name.removeprefix("_orig_mod."): p.grad.detach().clone() for name, p in module.named_parameters()}
+    return y.detach(), x.grad.detach(), grads
+
+
+def assert_modules_agree(a: nn.Module, b: nn.Module, x: torch.Tensor, rtol: float, atol: float, steps: int = 2) -> None:
+    """Same outputs, input gradient, every parameter gradient and every buffer, over ``steps`` steps."""
+    for step in range(steps):
+        ya, dxa, ga = run_step(a, x, grad_out_seed=step)
+        yb, dxb, gb = run_step(b, x, grad_out_seed=step)
+        torch.testing.assert_close(yb, ya, rtol=rtol, atol=atol, msg=lambda m: f"output, step {step}: {m}")
+        torch.testing.assert_close(dxb, dxa, rtol=rtol, atol=atol, msg=lambda m: f"input grad, step {step}: {m}")
+        assert ga.keys() == gb.keys()
+        for name in ga:
+            torch.testing.assert_close(gb[name], ga[name], rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+        for a_p, b_p in zip(a.parameters(), b.parameters()):
+            a_p.grad = b_p.grad = None
+    buffers_a, buffers_b = ({n.removeprefix("_orig_mod."): t for n, t in m.named_buffers()} for m in (a, b))
+    assert buffers_a.keys() == buffers_b.keys()
+    for name in buffers_a:
+        torch.testing.assert_close(buffers_b[name], buffers_a[name], rtol=rtol, atol=atol, msg=lambda m: f"buffer {name}: {m}")

@@ -1,0 +1,122 @@
+"""Bad input raises a clear error, never a crash or a silently wrong result."""
+import math
+
+import pytest
+import torch
+
+import pnnh_kernels as pk
+
+
+@pytest.fixture(params=["reference", "eager"])
+def backend(request):
+    return request.param
+
+
+def test_wrong_rank(backend):
+    with pytest.raises(ValueError, match="4-D input"):
+        pk.PNNHConv2d(4, backend=backend)(torch.randn(4, 3, 3))
+    with pytest.raises(ValueError, match="at least a 1-D"):
+        pk.PNNHLinear(4, backend=backend)(torch.tensor(1.0))
+
+
+def test_wrong_channel_count(backend):
+    with pytest.raises(ValueError, match="expects 4 input channels, got 5"):
+        pk.PNNHConv2d(4, backend=backend)(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="expects 4 input features, got 3"):
+        pk.PNNHLinear(4, backend=backend)(torch.randn(2, 3))
+
+
+def test_wrong_dtype(backend):
+    with pytest.raises(TypeError, match="input dtype must be"):
+        pk.PNNHConv2d(4, backend=backend)(torch.ones(2, 4, 3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="does not match .* dtype torch.float32"):
+        pk.PNNHConv2d(4, backend=backend)(torch.randn(2, 4, 3, 3, dtype=torch.float64))
+
+
+def test_device_mismatch(backend):
+    with pytest.raises(RuntimeError, match="input is on meta but encoder is on cpu"):
+        pk.PNNHConv2d(4, backend=backend)(torch.randn(2, 4, 3, 3, device="meta"))
+
+
+def test_not_a_tensor(backend):
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        pk.PNNHLinear(4, backend=backend)([[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_empty_input(backend):
+    with pytest.raises(ValueError, match="no elements"):
+        pk.PNNHConv2d(4, backend=backend)(torch.randn(0, 4, 3, 3))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_input_in_training_keeps_running_stats_clean(backend, bad):
+    block = pk.PNNHConv2d(4, backend=backend).train()
+    before = block.out_norm.running_mean.clone()
+    x = torch.randn(2, 4, 3, 3)
+    x[1, 2, 0, 0] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        block(x)
+    assert torch.equal(block.out_norm.running_mean, before)
+    assert int(block.out_norm.num_batches_tracked) == 0
+
+
+def test_finite_check_can_be_disabled(backend):
+    block = pk.PNNHConv2d(4, backend=backend).train()
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 0, 0, 0] = math.nan
+    pk.set_finite_check(False)
+    try:
+        assert torch.isnan(block(x)).any()
+    finally:
+        pk.set_finite_check(True)
+
+
+def test_non_finite_input_in_eval_propagates(backend):
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 0, 1, 1] = math.nan
+    assert torch.isnan(pk.PNNHConv2d(4, backend=backend).eval()(x)).any()
+
+
+def test_batch_norm_needs_more_than_one_value(backend):
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        pk.PNNHConv2d(4, backend=backend).train()(torch.randn(1, 4, 1, 1))
+    pk.PNNHConv2d(4, backend=backend).eval()(torch.randn(1, 4, 1, 1))  # eval uses running stats: fine
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(in_channels=0), ValueError, "in_channels must be a positive int"),
+        (dict(in_channels=4, kernel_size=2), ValueError, "kernel_size must be a positive odd"),
+        (dict(in_channels=4, coder_kernel_size=4), ValueError, "coder_kernel_size must be a positive odd"),
+        (dict(in_channels=4, out_channels=8), ValueError, "needs tied=False"),
+        (dict(in_channels=4, norm="layer"), ValueError, "norm must be one of"),
+        (dict(in_channels=4, activation="swish"), ValueError, "activation must be one of"),
+        (dict(in_channels=4, activation="relu", negative_slope=0.1), ValueError, "leaky_relu only"),
+        (dict(in_channels=4, activation_scale=0.0), ValueError, "scale must be non-zero"),
+        (dict(in_channels=4, activation="leaky_relu", negative_slope=math.nan), ValueError, "finite number"),
+        (dict(in_channels=4, momentum=2.0), ValueError, "momentum must lie"),
+    ],
+)
+def test_bad_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pk.PNNHConv2d(**kwargs)
+
+
+def test_shared_coder_must_fit():
+    coder = pk.PNNHCoder(8, 8, 1)
+    with pytest.raises(ValueError, match="shared coder maps 8 -> 8"):
+        pk.PNNHConv2d(4, coder=coder)
+
+
+def test_functional_rejects_inconsistent_weights():
+    good = pk.PNNHConv2d(4, norm="none")
+    w = good.block_weights()
+    x = torch.randn(2, 4, 3, 3)
+    config = pk.BlockConfig(norm="none")
+    with pytest.raises(ValueError, match="learner2 reads 3 channels but learner1 makes 4"):
+        pk.pnnh_conv2d(x, w._replace(learner2=torch.randn(4, 3, 3, 3)), config=config)
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        pk.pnnh_conv2d(x, w._replace(encoder=torch.randn(4, 4)), config=config)
+    with pytest.raises(ValueError, match="needs NormParams"):
+        pk.pnnh_conv2d(x, w)  # default config has batch norm
