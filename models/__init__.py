@@ -1,0 +1,34 @@
+"""Model families, constructible by name (installed as ``pnnh_kernels.models``).
+
+    from pnnh_kernels.models import create_model, list_models
+    net = create_model("pnnh_resnet56", num_classes=10, in_chans=1)
+
+Families: ``resnet`` (residual), ``plain`` (shortcuts removed), ``pnnh`` (PNNH blocks),
+``vanilla`` (TAT / DKS / EOC: no shortcuts, no norm), ``vit`` (ViT and PNNH-ViT).
+"""
+from . import resnet, vanilla, vit  # noqa: F401  (registers the models)
+from .kernel_maps import dks_activation, edge_of_chaos, leaky_relu_cmap, tat_leaky_relu
+from .layers import DropPath, PerLocationNormalization, drop_path, scaled_orthogonal_
+from .registry import create_model, list_models, model_family, register_model
+from .resnet import PNNHBottleneck, ResNet
+from .vanilla import VanillaNet
+from .vit import VisionTransformer
+
+__all__ = [
+    "DropPath",
+    "PNNHBottleneck",
+    "PerLocationNormalization",
+    "ResNet",
+    "VanillaNet",
+    "VisionTransformer",
+    "create_model",
+    "dks_activation",
+    "drop_path",
+    "edge_of_chaos",
+    "leaky_relu_cmap",
+    "list_models",
+    "model_family",
+    "register_model",
+    "scaled_orthogonal_",
+    "tat_leaky_relu",
+]

@@ -1,0 +1,238 @@
+"""ResNets, their plain counterparts (shortcuts removed) and their PNNH counterparts.
+
+Three variants share one skeleton:
+- ``residual``: the ResNet as everyone knows it (CIFAR: option-A identity shortcuts, He et al. 2016;
+  ImageNet: projection shortcuts where the shape changes, torchvision's v1.5 layout).
+- ``plain``: the same layers with every shortcut removed.
+- ``pnnh``: every stride-1 block whose input and output shapes agree becomes a PNNH block
+  (``pnnh_kernels.PNNHConv2d`` for basic blocks, :class:`PNNHBottleneck` for bottlenecks); the block
+  that changes the shape (stride 2 or a channel change) stays as the *plain* block, so that nothing is
+  ever added across a block (papers.md, figure 2; our reading in docs/MODELS.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pnnh_kernels import PNNHCoder, PNNHConv2d
+
+from .layers import DropPath, conv_bn, drop_path_rates, global_pool
+from .registry import register_model
+
+VARIANTS = ("residual", "plain", "pnnh")
+
+
+class OptionAShortcut(nn.Module):
+    """CIFAR ResNet's parameter-free shortcut: subsample, then zero-pad the new channels."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.pad = stride, out_ch - in_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+def _shortcut(kind: str, in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    if kind == "A":
+        return OptionAShortcut(in_ch, out_ch, stride)
+    return conv_bn(in_ch, out_ch, 1, stride)
+
+
+class ResidualBlockBase(nn.Module):
+    """``relu(shortcut(x) + branch(x))`` or, without a shortcut, ``relu(branch(x))``.
+
+    ``skip = True`` drops the whole branch for the batch (stochastic depth as Huang et al. define it,
+    used by the feature-reuse trainer); ``drop_path`` is timm's per-sample version.
+    """
+
+    def __init__(self, shortcut: Optional[nn.Module], drop_path: float) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+        self.drop_path = DropPath(drop_path) if shortcut is not None else nn.Identity()
+        self.skip = False
+
+    @property
+    def residual(self) -> bool:
+        return self.shortcut is not None
+
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.shortcut is None:
+            return F.relu(self.branch(x))
+        identity = self.shortcut(x)
+        if self.skip:
+            return F.relu(identity)
+        return F.relu(identity + self.drop_path(self.branch(x)))
+
+
+class BasicBlock(ResidualBlockBase):
+    expansion = 1
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, shortcut: Optional[str] = "A", drop_path: float = 0.0):
+        super().__init__(None if shortcut is None else _shortcut(shortcut, in_ch, out_ch, stride), drop_path)
+        self.layer1 = conv_bn(in_ch, out_ch, 3, stride)
+        self.layer2 = conv_bn(out_ch, out_ch, 3)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.layer2(F.relu(self.layer1(x)))
+
+
+class Bottleneck(ResidualBlockBase):
+    expansion = 4
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, shortcut: Optional[str] = "B", drop_path: float = 0.0):
+        super().__init__(None if shortcut is None else _shortcut(shortcut, in_ch, out_ch, stride), drop_path)
+        width = out_ch // self.expansion
+        self.layer1 = conv_bn(in_ch, width, 1)
+        self.layer2 = conv_bn(width, width, 3, stride)
+        self.layer3 = conv_bn(width, out_ch, 1)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.layer3(F.relu(self.layer2(F.relu(self.layer1(x)))))
+
+
+class PNNHBottleneck(nn.Module):
+    """A stride-1 bottleneck as a PNNH block: the coder rides beside a three-layer learner.
+
+    Literal form: every plain layer carries ``[z_c, -z_c]`` next to the learner's channels (layer 2
+    passes the coder through unchanged), and layer 3 decodes with ``[W_d, -W_d]``. Algebraically
+    (``ReLU(a) - ReLU(-a) = a``) that is
+
+        y = ReLU(BN_3(dec(BN_c(enc(x))) + conv1x1(ReLU(BN_2(conv3x3(ReLU(BN_1(conv1x1(x)))))))))
+
+    which is what runs here (pure PyTorch; the fused kernels cover the two-layer block).
+    """
+
+    def __init__(self, channels: int, coder: Optional[PNNHCoder] = None) -> None:
+        super().__init__()
+        width = channels // Bottleneck.expansion
+        self.coder = coder if coder is not None else PNNHCoder(channels, channels, 1)
+        self.coder_norm = nn.BatchNorm2d(self.coder.coder_channels)
+        self.layer1 = conv_bn(channels, width, 1)
+        self.layer2 = conv_bn(width, width, 3)
+        self.layer3 = nn.Conv2d(width, channels, 1, bias=False)
+        nn.init.kaiming_normal_(self.layer3.weight, mode="fan_out", nonlinearity="relu")
+        self.out_norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z_c = self.coder_norm(F.conv2d(x, self.coder.encoder))
+        decoded = F.conv_transpose2d(z_c, self.coder.encoder)
+        learned = self.layer3(F.relu(self.layer2(F.relu(self.layer1(x)))))
+        return F.relu(self.out_norm(decoded + learned))
+
+
+class ResNet(nn.Module):
+    """A ResNet skeleton: stem, stages of blocks, global pooling, classifier."""
+
+    def __init__(
+        self,
+        block: str,
+        layers: list[int],
+        widths: list[int],
+        *,
+        stem: str,
+        variant: str = "residual",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        share_coder: bool = False,
+        pnnh_options: Optional[dict] = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if drop_path_rate and variant != "residual":
+            raise ValueError("drop_path_rate applies to residual models only (nothing to fall back on otherwise)")
+        block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        self.variant, self.num_classes = variant, num_classes
+        if stem == "cifar":
+            self.stem = nn.Sequential(conv_bn(in_chans, widths[0], 3), nn.ReLU(inplace=True))
+            in_ch, shortcut = widths[0], "A"
+        else:
+            self.stem = nn.Sequential(conv_bn(in_chans, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            in_ch, shortcut = 64, "B"
+
+        rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
+        stages = []
+        for stage_index, (count, width) in enumerate(zip(layers, widths)):
+            out_ch = width * block_cls.expansion
+            coder = None
+            blocks = []
+            for i in range(count):
+                stride = 2 if (i == 0 and stage_index > 0) else 1
+                rate = next(rates)
+                if variant == "pnnh" and stride == 1 and in_ch == out_ch:
+                    if share_coder and coder is None:
+                        coder = PNNHCoder(out_ch, out_ch, 1)
+                    blocks.append(self._pnnh_block(block, out_ch, coder if share_coder else None, pnnh_options, backend))
+                else:
+                    sc = shortcut if variant == "residual" else None
+                    blocks.append(block_cls(in_ch, out_ch, stride, shortcut=sc, drop_path=rate))
+                in_ch = out_ch
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = in_ch
+        self.head = nn.Linear(in_ch, num_classes)
+
+    @staticmethod
+    def _pnnh_block(block: str, channels: int, coder, options, backend) -> nn.Module:
+        if block == "bottleneck":
+            if options:
+                raise ValueError("PNNH bottleneck blocks take no PNNHConv2d options")
+            return PNNHBottleneck(channels, coder)
+        return PNNHConv2d(channels, coder=coder, backend=backend, **(options or {}))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(global_pool(self.forward_features(x)))
+
+
+def _cifar(depth: int, variant: str, **kwargs) -> ResNet:
+    if (depth - 2) % 6 != 0:
+        raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+    n = (depth - 2) // 6
+    kwargs.setdefault("num_classes", 10)
+    return ResNet("basic", [n, n, n], [16, 32, 64], stem="cifar", variant=variant, **kwargs)
+
+
+_IMAGENET = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3])}
+
+
+def _imagenet(depth: int, variant: str, **kwargs) -> ResNet:
+    block, layers = _IMAGENET[depth]
+    kwargs.setdefault("num_classes", 1000)
+    return ResNet(block, layers, [64, 128, 256, 512], stem="imagenet", variant=variant, **kwargs)
+
+
+def _register_family(variant: str, prefix: str) -> None:
+    family = {"residual": "resnet", "plain": "plain", "pnnh": "pnnh"}[variant]
+    for depth in (20, 32, 44, 56, 110):
+        def build(depth=depth, **kwargs):
+            return _cifar(depth, variant, **kwargs)
+        build.__name__ = f"{prefix}resnet{depth}"
+        build.__doc__ = f"CIFAR-style {variant} ResNet-{depth} (3 stages of 16/32/64 channels)."
+        register_model(family)(build)
+    for depth in _IMAGENET:
+        def build(depth=depth, **kwargs):
+            return _imagenet(depth, variant, **kwargs)
+        build.__name__ = f"{prefix}resnet{depth}"
+        build.__doc__ = f"ImageNet-style {variant} ResNet-{depth}."
+        register_model(family)(build)
+
+
+_register_family("residual", "")
+_register_family("plain", "plain_")
+_register_family("pnnh", "pnnh_")
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "PNNHBottleneck", "OptionAShortcut", "VARIANTS"]

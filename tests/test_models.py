@@ -1,0 +1,281 @@
+"""Model families: construction by name, parameter counts, no additions across plain/PNNH blocks,
+literal forms of the PNNH bottleneck and attention, drop path, init statistics, a few training steps."""
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+import pnnh_kernels as pk
+from pnnh_kernels.models import create_model, list_models, model_family
+from pnnh_kernels.models.layers import DropPath, scaled_orthogonal_
+from pnnh_kernels.models.resnet import PNNHBottleneck
+from pnnh_kernels.models.vit import PatchEmbed, PNNHAttention
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def cifar_resnet_params(depth, classes=10):
+    """Independent count for option-A CIFAR ResNets: convs + BN affine + classifier."""
+    n = (depth - 2) // 6
+    total = 3 * 16 * 9 + 2 * 16  # stem
+    in_ch = 16
+    for width in (16, 32, 64):
+        for _ in range(n):
+            total += 9 * in_ch * width + 9 * width * width + 4 * width
+            in_ch = width
+    return total + 64 * classes + classes
+
+
+# Published counts: He et al. 2016 / the torchvision and timm definitions.
+KNOWN_COUNTS = {
+    "resnet20": 269_722,
+    "resnet56": 853_018,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "vit_tiny": 5_717_416,
+    "vit_small": 22_050_664,
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_COUNTS))
+def test_parameter_counts_match_the_standard_definitions(name):
+    assert n_params(create_model(name)) == KNOWN_COUNTS[name]
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_counts_and_plain_counterparts(depth):
+    assert n_params(create_model(f"resnet{depth}")) == cifar_resnet_params(depth)
+    assert n_params(create_model(f"plain_resnet{depth}")) == cifar_resnet_params(depth)  # option A has no params
+
+
+def test_plain_imagenet_drops_the_projection_shortcuts():
+    projections = sum(n_params(m) for m in create_model("resnet18").modules() if getattr(m, "shortcut", None) is not None and not isinstance(m.shortcut, nn.Identity) for m in [m.shortcut])
+    assert n_params(create_model("plain_resnet18")) == KNOWN_COUNTS["resnet18"] - projections
+
+
+def _small_input(name):
+    family = model_family(name)
+    if family == "vit":
+        return dict(img_size=8, patch_size=4, in_chans=1, num_classes=5, depth=2), torch.randn(2, 1, 8, 8)
+    if name.endswith(("18", "34", "50")):
+        return dict(in_chans=1, num_classes=5), torch.randn(2, 1, 64, 64)
+    return dict(in_chans=1, num_classes=5), torch.randn(2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_by_name_and_runs(name):
+    kwargs, x = _small_input(name)
+    model = create_model(name, **kwargs)
+    assert model(x).shape == (2, 5)
+
+
+def test_unknown_model_and_bad_options():
+    with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+        create_model("resnet21")
+    with pytest.raises(ValueError, match="residual models only"):
+        create_model("plain_resnet20", drop_path_rate=0.1)
+    with pytest.raises(ValueError, match="residual models only"):
+        create_model("tat_vanilla20", drop_path_rate=0.1)
+
+
+def test_pnnh_variant_replaces_exactly_the_stride1_blocks():
+    model = create_model("pnnh_resnet20")
+    kinds = [[type(b).__name__ for b in stage] for stage in model.stages]
+    assert kinds == [["PNNHConv2d"] * 3, ["BasicBlock"] + ["PNNHConv2d"] * 2, ["BasicBlock"] + ["PNNHConv2d"] * 2]
+    assert all(not b.residual for stage in model.stages for b in stage if hasattr(b, "residual"))
+    shared = create_model("pnnh_resnet20", share_coder=True)
+    for stage in shared.stages:
+        coders = {id(b.coder) for b in stage if isinstance(b, pk.PNNHConv2d)}
+        assert len(coders) == 1
+    assert n_params(shared) < n_params(model)
+
+
+# --------------------------------------------------------------------------- no addition across a block
+
+_LEAVES = (pk.PNNHConv2d, pk.PNNHLinear, PNNHBottleneck, PNNHAttention, PatchEmbed)
+
+
+class _Tracer(torch.fx.Tracer):
+    """PNNH blocks are leaves: their insides are checked against literal, addition-free forms below."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def tensor_additions(module: nn.Module) -> int:
+    # a PNNH block traced as the root would be opened up; wrapped, it stays the leaf it is elsewhere
+    graph = _Tracer().trace(nn.Sequential(module) if isinstance(module, _LEAVES) else module)
+    adds = 0
+    for node in graph.nodes:
+        is_add = node.target in (torch.add, torch.Tensor.add, torch.Tensor.add_, "add", "add_") or getattr(node.target, "__name__", "") in ("add", "iadd")
+        if is_add and sum(isinstance(a, torch.fx.Node) for a in node.args) == 2:
+            adds += 1
+    return adds
+
+
+def _blocks(model):
+    if hasattr(model, "stages"):
+        return [b for stage in model.stages for b in stage]
+    return list(model.blocks)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "vit_tiny"])
+def test_the_addition_check_sees_residual_blocks(name):
+    model = create_model(name, **({"depth": 2} if "vit" in name else {}))
+    assert all(tensor_additions(b) >= 1 for b in _blocks(model))
+
+
+@pytest.mark.parametrize("name", ["plain_resnet20", "pnnh_resnet20", "pnnh_resnet20_shared", "plain_resnet50", "pnnh_resnet50", "pnnh_vit_tiny", "tat_vanilla20"])
+def test_plain_and_pnnh_models_add_nothing_across_blocks(name):
+    kwargs = {"depth": 2} if "vit" in name else {}
+    if name.endswith("_shared"):
+        name, kwargs = name.removesuffix("_shared"), {"share_coder": True}
+    model = create_model(name, **kwargs)
+    blocks = _blocks(model) if model_family(name) != "vanilla" else [model]
+    assert blocks and all(tensor_additions(b) == 0 for b in blocks)
+
+
+def test_pnnh_bottleneck_equals_its_literal_form():
+    torch.manual_seed(0)
+    block = PNNHBottleneck(16).double().train()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    bn = lambda z: F.batch_norm(z, None, None, training=True)  # noqa: E731  (fresh BNs are affine 1/0)
+    enc, w1, w2, w3 = block.coder.encoder, block.layer1[0].weight, block.layer2[0].weight, block.layer3.weight
+    z_c = bn(F.conv2d(x, enc))
+    h1 = F.relu(torch.cat([z_c, -z_c, bn(F.conv2d(x, w1))], 1))
+    c = z_c.shape[1]
+    passed = h1[:, :c] - h1[:, c : 2 * c]  # layer 2 passes the signed coder pair through as [I, -I]
+    h2 = F.relu(torch.cat([passed, -passed, bn(F.conv2d(h1[:, 2 * c :], w2, padding=1))], 1))
+    w_d = enc.transpose(0, 1).flip(-1, -2)
+    literal = F.relu(bn(F.conv2d(h2, torch.cat([w_d, -w_d, w3], 1))))
+    torch.testing.assert_close(block(x), literal)
+
+
+def test_pnnh_attention_equals_its_literal_form():
+    torch.manual_seed(0)
+    block = PNNHAttention(8, 2).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    enc, attn = block.coder.encoder, block.attn
+    z_c = block.coder_norm(x @ enc.t())
+    b, n, d = x.shape
+    q, k, v = attn.qkv(block.in_norm(x)).reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+    core = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+    h = torch.cat([F.relu(z_c), F.relu(-z_c), core], -1)
+    literal = block.out_norm(F.linear(h, torch.cat([enc.t(), -enc.t(), attn.proj.weight], 1), attn.proj.bias))
+    torch.testing.assert_close(block(x), literal)
+
+
+# --------------------------------------------------------------------------- drop path, init
+
+
+def test_drop_path_is_per_sample_and_unbiased():
+    torch.manual_seed(0)
+    dp = DropPath(0.25).train()
+    x = torch.ones(4000, 3, 2, 2)
+    y = dp(x)
+    per_sample = y.flatten(1)
+    assert torch.all((per_sample == 0).all(1) | torch.isclose(per_sample, torch.tensor(1 / 0.75)).all(1))
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    assert abs(y.mean().item() - 1.0) < 0.05
+    assert torch.equal(dp.eval()(x), x)
+
+
+def test_residual_models_get_linearly_increasing_drop_path():
+    model = create_model("resnet20", drop_path_rate=0.2)
+    rates = [b.drop_path.drop_prob for stage in model.stages for b in stage]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+
+
+def test_scaled_delta_orthogonal_init():
+    conv = torch.empty(32, 16, 3, 3)
+    scaled_orthogonal_(conv)
+    centre = conv[:, :, 1, 1]
+    torch.testing.assert_close(centre.t() @ centre, 2.0 * torch.eye(16), atol=1e-5, rtol=0)  # sqrt(32/16)^2
+    conv[:, :, 1, 1] = 0
+    assert conv.abs().sum() == 0
+    dense = torch.empty(10, 20)
+    scaled_orthogonal_(dense, gain=1.5)
+    torch.testing.assert_close(dense @ dense.t(), 2.25 * torch.eye(10), atol=1e-5, rtol=0)
+
+
+def _orthogonal_pair(channels=32, size=8):
+    """Two inputs, unit q at every location, uncorrelated (c = 0) location by location."""
+    a, b = torch.randn(2, channels, size, size)
+    b = b - (a * b).sum(0, keepdim=True) / (a * a).sum(0, keepdim=True) * a
+    x = torch.stack([a, b])
+    return x / x.pow(2).mean(1, keepdim=True).sqrt()
+
+
+def _wide_vanilla_features(name):
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=32, widths=(128, 128, 128), per_location_norm=False).eval()
+    with torch.no_grad():
+        return model, model.forward_features(_orthogonal_pair(), return_all=True)
+
+
+def _output_correlation(last):
+    a, b = last[0], last[1]  # (C, H, W): correlation over channels, averaged over locations
+    return ((a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))).mean().item()
+
+
+@pytest.mark.parametrize("name", ["tat_vanilla56", "dks_vanilla56"])
+def test_signal_scale_survives_a_deep_vanilla_net_at_init(name):
+    _, features = _wide_vanilla_features(name)
+    q = torch.tensor([f.pow(2).mean().item() for f in features])
+    assert len(q) == 55
+    assert 0.5 < q.log().mean().exp() < 2.0 and 0.25 < q[-1] < 4.0, q
+
+
+def test_tat_net_shapes_the_kernel_as_designed():
+    """At init the network's C map sends c = 0 to about the TAT target 0.9; EOC-ReLU nets degenerate to ~1."""
+    model, features = _wide_vanilla_features("tat_vanilla56")
+    c_tat = _output_correlation(features[-1])
+    assert abs(c_tat - 0.9) < 0.06, c_tat
+    _, eoc_features = _wide_vanilla_features("eoc_vanilla56")
+    assert _output_correlation(eoc_features[-1]) > 0.97
+
+
+def test_vanilla_net_with_wrong_gain_loses_its_signal():
+    """The same check fails for a ReLU net initialised at gain 1 instead of the critical sqrt(2)."""
+    torch.manual_seed(0)
+    model = create_model("eoc_vanilla56", in_chans=3).eval()
+    for conv in model.convs:
+        scaled_orthogonal_(conv.weight, gain=1.0)
+    with torch.no_grad():
+        q_last = model.forward_features(torch.randn(16, 3, 16, 16)).pow(2).mean().item()
+    assert q_last < 1e-4
+
+
+# --------------------------------------------------------------------------- a few optimisation steps
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("resnet20", {}),
+        ("plain_resnet20", {}),
+        ("pnnh_resnet20", {}),
+        ("tat_vanilla20", {}),
+        ("dks_vanilla20", {}),
+        ("eoc_vanilla20", {}),
+        ("vit_tiny", {"img_size": 8, "patch_size": 2, "depth": 2}),
+        ("pnnh_vit_tiny", {"img_size": 8, "patch_size": 2, "depth": 2}),
+    ],
+)
+def test_a_few_steps_reduce_the_loss(name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=1, num_classes=4, **kwargs).train()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
