@@ -217,7 +217,7 @@ def _imagenet(depth: int, variant: str, **kwargs) -> ResNet:
 
 def _register_family(variant: str, prefix: str) -> None:
     family = {"residual": "resnet", "plain": "plain", "pnnh": "pnnh"}[variant]
-    for depth in (20, 32, 44, 56, 110):
+    for depth in (8, 20, 32, 44, 56, 110):
         def build(depth=depth, **kwargs):
             return _cifar(depth, variant, **kwargs)
         build.__name__ = f"{prefix}resnet{depth}"

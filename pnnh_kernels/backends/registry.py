@@ -7,8 +7,12 @@ reason. Naming a backend explicitly never falls back: it runs that backend or ra
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Optional
+
+import torch
 
 from torch import Tensor
 
@@ -46,10 +50,24 @@ def _reason(backend: Backend, op: str, x: Tensor, weights: BlockWeights, config:
     return backend.unavailable_reason() or backend.unsupported_reason(op, x, weights, config)
 
 
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(torch.__file__)),
+)
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first caller outside pnnh_kernels and torch (where the warning belongs)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
 
 def check_backend_name(requested: str) -> str:

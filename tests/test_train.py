@@ -1,0 +1,184 @@
+"""The training tool: end-to-end runs, exact resume, atomic checkpoints, feature reuse, analysis, DDP, sweep."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pnnh_kernels.models import create_model
+from pnnh_kernels.train import TrainConfig, train
+from pnnh_kernels.train.analysis import analyse, linear_cka, reconstruction_r2
+from pnnh_kernels.train.checkpoint import load_checkpoint, save_atomic
+from pnnh_kernels.train.cli import main as cli_main
+from pnnh_kernels.train.feature_reuse import NORMAL, TYPE1, TYPE2, FeatureReuse
+from pnnh_kernels.train.optim import WarmupCosine, parameter_groups
+
+
+def small(tmp_path, **kw):
+    base = dict(model="resnet8", epochs=2, batch_size=128, lr=0.05, out_dir=str(tmp_path / "run"), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli_main(["train", "--model", "pnnh_resnet8", "--epochs", "2", "--out-dir", str(out), "--analyze", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in ("metrics.jsonl", "last.pt", "best.pt", "curves.png", "dissipation.png", "config.json", "dissipation_trained.csv"):
+        assert (out / name).exists(), name
+        if name.endswith((".png", ".pt", ".csv")) and name != "best.pt":
+            assert str(out / name) in printed or name in ("dissipation_trained.csv",)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["test_acc"] > 0.3  # two epochs on digits learn something (chance is 0.1)
+    assert "final test accuracy" in printed
+
+
+def test_cli_reports_errors_cleanly(capsys):
+    assert cli_main(["train", "--dataset", "cifar10", "--no-progress"]) == 2
+    assert "needs --data-root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [dict(drop_path_rate=0.1), dict(feature_reuse=True, reuse_every=2)], ids=["droppath", "feature_reuse"])
+def test_resume_continues_exactly(tmp_path, extra):
+    straight = train(small(tmp_path / "a", epochs=3, **extra))
+    train(small(tmp_path / "b", epochs=3, stop_after=1, **extra))  # interrupted after one epoch
+    resumed = train(small(tmp_path / "b", epochs=3, resume="auto", **extra))
+    a = load_checkpoint(straight["checkpoint"])
+    b = load_checkpoint(resumed["checkpoint"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["train_loss"] for r in straight["history"]] == [r["train_loss"] for r in resumed["history"]]
+    lines = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_resume_refuses_another_model_or_schedule(tmp_path):
+    train(small(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="trained resnet8 on digits, not plain_resnet8"):
+        train(small(tmp_path, model="plain_resnet8", resume="auto"))
+    with pytest.raises(ValueError, match="schedule of 1 epochs"):
+        train(small(tmp_path, epochs=3, resume="auto"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ck.pt")
+    save_atomic({"x": torch.ones(3)}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    result = train(small(tmp_path, epochs=1))
+    state = torch.load(result["checkpoint"], weights_only=True)
+    assert state["epoch"] == 1 and state["config"]["model"] == "resnet8"
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_feature_reuse_freezes_exactly_what_it_must():
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_chans=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # momentum must not leak into frozen params
+    reuse = FeatureReuse(model, drop_rate=0.4, every=1, seed=3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    block_names = {id(b): n for n, b in model.named_modules()}
+
+    def step():
+        kind = reuse.begin_step()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        dropped = [block_names[id(reuse.blocks[i])] for i in (reuse.dropped or [])]
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        reuse.filter_gradients(kind)
+        reuse.end_step(kind)
+        opt.step()
+        return kind, dropped, _changed(before, model)
+
+    for _ in range(3):
+        kind, dropped, changed = step()
+        assert kind == TYPE1 and dropped
+        in_dropped = lambda n: any(n.startswith(d + ".") for d in dropped)  # noqa: E731
+        assert not any(in_dropped(n) for n in changed)  # dropped blocks did not run: unchanged
+        assert any(n.startswith("head") for n in changed)
+        kind, dropped2, changed = step()
+        assert kind == TYPE2 and dropped2 == dropped
+        assert changed and all(in_dropped(n) for n in changed)  # only the dropped blocks learn
+        assert all(not b.skip for b in reuse.blocks)
+
+
+def test_feature_reuse_schedule_and_errors():
+    model = create_model("resnet20", in_chans=1)
+    reuse = FeatureReuse(model, 0.2, every=3)
+    kinds = []
+    for _ in range(8):
+        kind = reuse.begin_step()
+        kinds.append(kind)
+        reuse.end_step(kind)
+    assert kinds == [NORMAL, NORMAL, TYPE1, TYPE2, NORMAL, NORMAL, TYPE1, TYPE2]
+    with pytest.raises(ValueError, match="needs a residual model"):
+        FeatureReuse(create_model("plain_resnet20"), 0.2)
+
+
+def test_weight_decay_rules_and_schedule():
+    model = create_model("vit_tiny", img_size=8, patch_size=4, depth=1)
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() > 1 for p in decay["params"])
+    assert {"cls_token", "pos_embed"} <= {names[id(p)] for p in no_decay["params"]}
+    sched = WarmupCosine(total_steps=100, warmup_steps=10)
+    assert sched(0) == pytest.approx(0.1) and sched(9) == pytest.approx(1.0)
+    assert sched(55) == pytest.approx(0.5) and sched(100) == pytest.approx(0.0)
+
+
+def test_analysis_measures():
+    torch.manual_seed(0)
+    x = torch.randn(64, 20, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    assert linear_cka(x, 3 * x @ q) == pytest.approx(1.0)  # invariant to rotation and scale
+    assert linear_cka(x, torch.randn(64, 20, dtype=torch.float64)) < 0.5
+    assert reconstruction_r2(x @ q, x) > 0.95
+    assert reconstruction_r2(torch.randn(64, 20, dtype=torch.float64), x) < 0.2
+    model = create_model("plain_resnet8", in_chans=1)
+    rows = analyse(model, torch.randn(32, 1, 8, 8))
+    assert len(rows) == 1 + 3 and all(0 <= r["surviving"] <= 1 for r in rows)
+
+
+def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = cli_main(["sweep", "--families", "plain", "pnnh", "--depths", "8", "--epochs", "1", "--out-dir", str(out), "--no-progress"])
+    assert code == 0
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("family,depth,model,parameters") and len(rows) == 3
+    assert (out / "sweep.png").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        "-m", "pnnh_kernels.train.cli", "train", "--model", "resnet8", "--epochs", "1", "--batch-size", "64",
+        "--out-dir", str(tmp_path / "ddp"), "--no-progress",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    sums = sorted(line.split()[-1] for line in done.stdout.splitlines() if "parameter checksum" in line)
+    assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold the same weights
+    assert (tmp_path / "ddp" / "last.pt").exists()

@@ -1,0 +1,114 @@
+"""Data loaders on small archives written here in the real formats, and their errors."""
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pnnh_kernels.train.data import DatasetError, load_dataset, load_digits
+
+
+def _write_cifar(root, name="cifar10", per_batch=6, corrupt=None):
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, files, key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
+    else:
+        folder, files, key, classes = "cifar-100-python", ["train", "test"], b"fine_labels", 100
+    path = os.path.join(root, folder)
+    os.makedirs(path)
+    for f in files:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        batch = {b"data": data, key: rng.integers(0, classes, per_batch).tolist(), b"batch_label": f.encode()}
+        if corrupt == f:
+            batch[b"data"] = data[:, :100]
+        with open(os.path.join(path, f), "wb") as fh:
+            pickle.dump(batch, fh)
+    return path
+
+
+def test_digits_is_a_fixed_stratified_split():
+    a, b = load_digits(), load_digits()
+    assert len(a.train) + len(a.test) == 1797 and len(a.test) == 359  # 20% of each class, rounded
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    counts = torch.bincount(a.test.tensors[1], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # ~20% of each class
+    x = a.train.tensors[0]
+    assert x.shape[1:] == (1, 8, 8) and abs(x.mean().item()) < 1e-5 and abs(x.std().item() - 1) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_folder_and_tarball(tmp_path, name):
+    folder = _write_cifar(str(tmp_path), name)
+    bundle = load_dataset(name, str(tmp_path))
+    train_count = 30 if name == "cifar10" else 6
+    assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (train_count, 6, 10 if name == "cifar10" else 100)
+    assert bundle.train[0][0].shape == (3, 32, 32)
+    tar_path = tmp_path / "archive.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(folder, arcname=os.path.basename(folder))
+    from_tar = load_dataset(name, str(tar_path))
+    assert torch.equal(from_tar.train.tensors[0], bundle.train.tensors[0])
+    g = torch.Generator().manual_seed(0)
+    assert bundle.augment(bundle.train.tensors[0][:4], g).shape == (4, 3, 32, 32)
+
+
+def test_cifar_errors(tmp_path):
+    with pytest.raises(DatasetError, match="needs --data-root"):
+        load_dataset("cifar10")
+    with pytest.raises(DatasetError, match="expected the folder cifar-10-batches-py"):
+        load_dataset("cifar10", str(tmp_path))
+    _write_cifar(str(tmp_path), corrupt="data_batch_3")
+    with pytest.raises(DatasetError, match="data_batch_3.*malformed"):
+        load_dataset("cifar10", str(tmp_path))
+    os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
+    with pytest.raises(DatasetError, match="malformed|missing"):
+        load_dataset("cifar10", str(tmp_path))
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(DatasetError, match="data_batch_3.*malformed"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def _write_imagefolder(root, classes=("cat", "dog"), per_class=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, part, c))
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(root, part, c, f"{i}.png"))
+
+
+def test_imagefolder(tmp_path):
+    _write_imagefolder(str(tmp_path))
+    bundle = load_dataset("imagefolder", str(tmp_path), image_size=16)
+    assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (6, 6, 2)
+    x, y = bundle.train[4]
+    assert x.shape == (3, 16, 16) and y == 1
+    assert torch.equal(bundle.train[4][0], x)  # augmentation is reproducible per (epoch, sample)
+    bundle.train.epoch = 1
+    assert not torch.equal(bundle.train[4][0], x)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="needs .*train"):
+        load_dataset("imagefolder", str(tmp_path))
+    _write_imagefolder(str(tmp_path))
+    os.makedirs(tmp_path / "val" / "bird")
+    with pytest.raises(DatasetError, match="class folders the training set lacks: \\['bird'\\]"):
+        load_dataset("imagefolder", str(tmp_path))
+    os.rmdir(tmp_path / "val" / "bird")
+    with open(tmp_path / "train" / "cat" / "0.png", "wb") as f:
+        f.write(b"broken")
+    bundle = load_dataset("imagefolder", str(tmp_path), image_size=8)
+    with pytest.raises(DatasetError, match="cannot decode image .*0.png"):
+        bundle.train[0]
+
+
+def test_unknown_dataset():
+    with pytest.raises(DatasetError, match="unknown data set 'mnist'"):
+        load_dataset("mnist")

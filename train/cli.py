@@ -1,0 +1,175 @@
+"""``pnnh-train``: train a network, sweep depths, or analyse dissipating inputs.
+
+    pnnh-train train --model pnnh_resnet56 --analyze       # the README's main job (digits, CPU, minutes)
+    pnnh-train sweep --families plain resnet pnnh tat --depths 20 56 110
+    pnnh-train analyze --models plain_resnet56 resnet56 pnnh_resnet56 tat_vanilla56
+    torchrun --nproc_per_node 2 -m pnnh_kernels.train.cli train ...   # DDP
+"""
+from __future__ import annotations
+
+import argparse
+
+import json
+import os
+import sys
+from dataclasses import fields
+from typing import Optional
+
+import torch
+
+from .analysis import analyse, write_table
+from .checkpoint import load_checkpoint
+from .data import DATASETS, DatasetError, load_dataset
+from .plots import plot_analysis, plot_history
+from .sweep import FAMILY_MODELS, run_sweep
+from .trainer import TrainConfig, build_model, seed_everything, train
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    p.add_argument("--data-root", default=None, help="local path of CIFAR archives or an ImageFolder tree")
+    p.add_argument("--image-size", type=int, default=None, help="ImageFolder: resize to this size")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--drop-path-rate", type=float, default=d.drop_path_rate)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--backend", default=d.backend, help="PNNH block backend: auto, eager, reference, ...")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs of this run (resume later)")
+    p.add_argument("--feature-reuse", action="store_true", help="droppath + freeze iterations (residual models)")
+    p.add_argument("--reuse-drop-rate", type=float, default=d.reuse_drop_rate)
+    p.add_argument("--reuse-every", type=int, default=d.reuse_every)
+    p.add_argument("--model-options", type=json.loads, default={}, help='JSON, e.g. \'{"share_coder": true}\'')
+
+
+def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _analysis_batch(dataset: str, data_root: Optional[str], image_size: Optional[int], n: int = 512) -> torch.Tensor:
+    bundle = load_dataset(dataset, data_root, image_size)
+    return torch.stack([bundle.test[i][0] for i in range(min(n, len(bundle.test)))])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out_dir = args.out_dir or os.path.join("runs", f"{args.model}-{args.dataset}")
+    config = _config(args, model=args.model, out_dir=out_dir, resume=args.resume)
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    plot_history(result["history"], os.path.join(out_dir, "curves.png"), f"{args.model} on {args.dataset}")
+    outputs = {"metrics": result["metrics"], "checkpoint": result["checkpoint"], "curves": os.path.abspath(os.path.join(out_dir, "curves.png"))}
+    if args.analyze:
+        x = _analysis_batch(args.dataset, args.data_root, args.image_size)
+        trained = build_model(config, load_dataset(args.dataset, args.data_root, args.image_size))
+        trained.load_state_dict(load_checkpoint(result["checkpoint"])["model"])
+        seed_everything(config.seed)
+        fresh = build_model(config, load_dataset(args.dataset, args.data_root, args.image_size))
+        results = {f"{args.model} at init": analyse(fresh, x), f"{args.model} trained": analyse(trained, x)}
+        for label, rows in results.items():
+            write_table(rows, os.path.join(out_dir, f"dissipation_{label.split()[-1]}.csv"))
+        plot_analysis(results, os.path.join(out_dir, "dissipation.png"), "how much of the input survives each layer")
+        outputs["dissipation"] = os.path.abspath(os.path.join(out_dir, "dissipation.png"))
+    final = result["final"]
+    print(f"\n{args.model}: final test accuracy {final['test_acc']:.4f} (best {result['best_test_acc']:.4f}), "
+          f"{result['parameters']:,} parameters, {final['images_per_s']:.0f} training images/s")
+    print("results:")
+    for name, path in outputs.items():
+        print(f"  {name:12s} {path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    out_dir = args.out_dir or os.path.join("runs", f"sweep-{args.dataset}")
+    base = _config(args, out_dir=out_dir)
+    rows = run_sweep(base, args.families, args.depths, out_dir)
+    print(f"\n{'family':8s} {'depth':>5s} {'params':>10s} {'test acc':>9s} {'img/s':>8s}")
+    for r in rows:
+        print(f"{r['family']:8s} {r['depth']:5d} {r['parameters']:10,d} {r['test_acc']:9.4f} {r['images_per_s']:8.0f}")
+    print(f"results: {os.path.abspath(os.path.join(out_dir, 'sweep.csv'))}\nplot:    {os.path.abspath(os.path.join(out_dir, 'sweep.png'))}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    out_dir = args.out_dir or os.path.join("runs", f"analysis-{args.dataset}")
+    os.makedirs(out_dir, exist_ok=True)
+    x = _analysis_batch(args.dataset, args.data_root, args.image_size)
+    bundle = load_dataset(args.dataset, args.data_root, args.image_size)
+    checkpoints = dict(zip(args.models, args.checkpoints or []))
+    results = {}
+    for name in args.models:
+        seed_everything(args.seed)
+        model = build_model(TrainConfig(model=name, dataset=args.dataset), bundle)
+        label = f"{name} (init)"
+        if name in checkpoints:
+            model.load_state_dict(load_checkpoint(checkpoints[name])["model"])
+            label = f"{name} (trained)"
+        results[label] = analyse(model, x)
+        write_table(results[label], os.path.join(out_dir, f"{name}.csv"))
+    plot_analysis(results, os.path.join(out_dir, "dissipation.png"), "how much of the input survives each layer")
+    print(f"{'model':32s} {'surviving':>10s} {'CKA':>7s} {'R^2':>7s}   (last layer)")
+    for label, rows in results.items():
+        last = rows[-1]
+        print(f"{label:32s} {last['surviving']:10.3f} {last['cka']:7.3f} {last['reconstruction_r2']:7.3f}")
+    print(f"tables and plot: {os.path.abspath(out_dir)}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pnnh-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one model")
+    p.add_argument("--model", default=TrainConfig().model)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for OUT_DIR/last.pt if present")
+    p.add_argument("--analyze", action="store_true", help="also measure dissipating inputs, at init and trained")
+    _add_train_options(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("sweep", help="train several families at several depths")
+    p.add_argument("--families", nargs="+", default=["plain", "resnet", "pnnh", "tat"], choices=sorted(FAMILY_MODELS))
+    p.add_argument("--depths", nargs="+", type=int, default=[20, 56, 110])
+    p.add_argument("--out-dir", default=None)
+    _add_train_options(p)
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("analyze", help="measure dissipating inputs layer by layer")
+    p.add_argument("--models", nargs="+", default=["plain_resnet56", "resnet56", "pnnh_resnet56", "tat_vanilla56"])
+    p.add_argument("--checkpoints", nargs="*", default=None, help="checkpoints for the first models, in order")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None)
+    p.set_defaults(run=cmd_analyze)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"pnnh-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,62 @@
+"""PNG plots (matplotlib, headless)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_history(history: list[dict], path: str, title: str) -> None:
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train")
+    ax_acc.plot(epochs, [r["test_acc"] for r in history], label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_analysis(results: dict[str, list[dict]], path: str, title: str) -> None:
+    """``results``: label -> rows of :func:`train.analysis.analyse`."""
+    keys = [("surviving", "fraction of surviving neurons"), ("cka", "linear CKA to the input"), ("reconstruction_r2", "input reconstruction R^2")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, label) in zip(axes, keys):
+        for name, rows in results.items():
+            ax.plot([r["relative_depth"] for r in rows], [r[key] for r in rows], marker=".", label=name)
+        ax.set(xlabel="relative depth (input -> output)", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    """Accuracy against depth and against parameter count, and throughput, per family (paper's figure 3)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for family in sorted({r["family"] for r in rows}):
+        mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["depth"])
+        axes[0].plot([r["depth"] for r in mine], [r["test_acc"] for r in mine], marker="o", label=family)
+        axes[1].plot([r["parameters"] / 1e6 for r in mine], [r["test_acc"] for r in mine], marker="o", label=family)
+        for r in mine:
+            axes[1].annotate(str(r["depth"]), (r["parameters"] / 1e6, r["test_acc"]), fontsize=7)
+        axes[2].plot([r["depth"] for r in mine], [r["images_per_s"] for r in mine], marker="o", label=family)
+    axes[0].set(xlabel="depth", ylabel="test accuracy", title="accuracy vs depth")
+    axes[1].set(xlabel="parameters (M)", ylabel="test accuracy", title="accuracy vs parameters")
+    axes[2].set(xlabel="depth", ylabel="training images/s", title="training throughput")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

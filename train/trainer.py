@@ -1,0 +1,315 @@
+"""The training loop: one function, :func:`train`, driven by a :class:`TrainConfig`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from pnnh_kernels.models import create_model, list_models, model_family
+
+from .checkpoint import load_checkpoint, save_atomic
+from .data import DataBundle, load_dataset
+from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
+from .feature_reuse import NORMAL, FeatureReuse
+from .optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class TrainConfig:
+    model: str = "pnnh_resnet20"
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    image_size: Optional[int] = None
+    epochs: int = 15
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    drop_path_rate: float = 0.0
+    amp: str = "none"
+    compile: bool = False
+    backend: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: Optional[str] = None
+    feature_reuse: bool = False
+    reuse_drop_rate: float = 0.2
+    reuse_every: int = 1
+    device: str = "auto"
+    workers: int = 0
+    progress: bool = True
+    #: stop this invocation after this many epochs (a planned interruption; resume later with resume="auto")
+    stop_after: Optional[int] = None
+    model_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def _seed_for(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _device(config: TrainConfig, info: DistInfo) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_model(config: TrainConfig, bundle: DataBundle) -> nn.Module:
+    kwargs = dict(num_classes=bundle.num_classes, in_chans=bundle.in_chans, **config.model_options)
+    family = model_family(config.model) if config.model in list_models() else None
+    if config.drop_path_rate:
+        kwargs["drop_path_rate"] = config.drop_path_rate
+    if family in ("resnet", "plain", "pnnh", "vit"):
+        kwargs.setdefault("backend", config.backend)
+    if family == "vit":
+        kwargs.setdefault("img_size", bundle.image_size)
+        kwargs.setdefault("patch_size", max(1, bundle.image_size // 8))
+    return create_model(config.model, **kwargs)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(bundle: DataBundle, order: torch.Tensor, batch_size: int, workers: int, device: torch.device):
+    """Yield (x, y) batches in ``order``; tensors data sets are sliced directly (no worker overhead)."""
+    data = bundle.train
+    if isinstance(data, TensorDataset):
+        images, labels = data.tensors
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+        return
+    loader = DataLoader(Subset(data, order.tolist()), batch_size=batch_size, num_workers=workers, shuffle=False)
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, device: torch.device, batch_size: int = 256, autocast=None) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``dataset`` in eval mode."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast or contextlib.nullcontext():
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += y.numel()
+    return loss_sum / count, correct / count
+
+
+def parameter_checksum(model: nn.Module) -> float:
+    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _Progress:
+    """tqdm on a terminal; silence otherwise (the per-epoch summary line is printed either way)."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(config: TrainConfig) -> dict:
+    """Train ``config.model`` on ``config.dataset``; returns the final metrics and where outputs went."""
+    info = init_distributed()
+    try:
+        return _train(config, info)
+    finally:
+        shutdown(info)
+
+
+def _train(config: TrainConfig, info: DistInfo) -> dict:
+    seed_everything(config.seed)
+    device = _device(config, info)
+    bundle = load_dataset(config.dataset, config.data_root, config.image_size, config.seed)
+    model = build_model(config, bundle).to(device)
+    raw_model = model
+
+    steps_per_epoch = math.ceil(len(bundle.train) / info.world_size / config.batch_size)
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.momentum, config.nesterov)
+    scheduler = make_scheduler(optimizer, config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    reuse = FeatureReuse(raw_model, config.reuse_drop_rate, config.reuse_every, config.seed) if config.feature_reuse else None
+
+    start_epoch, best_acc, history = 0, 0.0, []
+    last_path = os.path.join(config.out_dir, "last.pt")
+    resume_path = last_path if config.resume == "auto" else config.resume
+    if resume_path and (config.resume != "auto" or os.path.isfile(last_path)):
+        state = load_checkpoint(resume_path, map_location=device)
+        saved = TrainConfig.from_dict(state["config"])
+        if (saved.model, saved.dataset) != (config.model, config.dataset):
+            raise ValueError(f"checkpoint {resume_path} trained {saved.model} on {saved.dataset}, not {config.model} on {config.dataset}")
+        if (saved.epochs, saved.batch_size, saved.lr) != (config.epochs, config.batch_size, config.lr):
+            raise ValueError(
+                f"checkpoint {resume_path} follows a schedule of {saved.epochs} epochs, batch {saved.batch_size}, lr {saved.lr}; "
+                "resume with the same --epochs/--batch-size/--lr, or start a new run"
+            )
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_acc, history = state["epoch"], state["best_acc"], list(state["history"])
+
+    if info.enabled:
+        ids = [info.local_rank] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=reuse is not None)
+    step_model = torch.compile(model) if config.compile else model
+    autocast = _autocast(config, device)
+
+    if info.is_main:
+        os.makedirs(config.out_dir, exist_ok=True)
+        with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+            json.dump(asdict(config), f, indent=2)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"training {config.model} ({n_params:,} parameters) on {config.dataset} [{device}, {info.world_size} process(es)]", flush=True)
+
+    metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+    if info.is_main:  # the file always holds exactly the epochs the checkpoint has seen
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+    end_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        # everything random in an epoch derives from (seed, epoch): a resume at an epoch boundary is exact
+        epoch_seed = _seed_for(config.seed, epoch)
+        seed_everything(epoch_seed)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        if reuse is not None:
+            reuse.reseed(epoch_seed)
+        if hasattr(bundle.train, "epoch"):
+            bundle.train.epoch = epoch
+        order = torch.randperm(len(bundle.train), generator=generator)[info.rank :: info.world_size]
+
+        model.train()
+        loss_sum = correct = count = 0.0
+        progress = _Progress(config.progress and info.is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+        start = time.perf_counter()
+        for x, y in _batches(bundle, order, config.batch_size, config.workers, device):
+            if bundle.augment is not None:
+                x = bundle.augment(x, generator)
+            kind = reuse.begin_step() if reuse is not None else NORMAL
+            with autocast:
+                out = step_model(x)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=config.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if reuse is not None:
+                reuse.filter_gradients(kind)
+                reuse.end_step(kind)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * y.numel()
+            correct += (out.argmax(1) == y).sum().item()
+            count += y.numel()
+            progress.update(loss=loss.item(), acc=correct / count, lr=scheduler.get_last_lr()[0])
+        progress.close()
+        elapsed = time.perf_counter() - start
+        loss_sum, correct, count, elapsed_max = all_reduce_sum([loss_sum, correct, count, elapsed], info)
+        test_loss, test_acc = evaluate(raw_model, bundle.test, device, autocast=autocast)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": count / (elapsed_max / info.world_size),
+            "epoch_time_s": elapsed,
+        }
+        history.append(record)
+        best_acc = max(best_acc, test_acc)
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            state = {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "history": history,
+                "config": asdict(config),
+            }
+            save_atomic(state, last_path)
+            if test_acc >= best_acc:
+                save_atomic({"model": raw_model.state_dict(), "config": asdict(config), "epoch": epoch + 1}, os.path.join(config.out_dir, "best.pt"))
+            print(
+                f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
+                f"test loss {test_loss:.4f} acc {test_acc:.4f}  {record['images_per_s']:.0f} img/s",
+                flush=True,
+            )
+    if info.enabled:
+        print(f"rank {info.rank}: parameter checksum {parameter_checksum(raw_model):.10e}", flush=True)
+    final = history[-1] if history else {}
+    return {
+        "model": config.model,
+        "parameters": sum(p.numel() for p in raw_model.parameters()),
+        "final": final,
+        "best_test_acc": best_acc,
+        "out_dir": os.path.abspath(config.out_dir),
+        "checkpoint": os.path.abspath(last_path),
+        "metrics": os.path.abspath(metrics_path),
+        "history": history,
+    }
