@@ -54,7 +54,9 @@ def _extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpu_sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fopenmp-simd, not -fopenmp: a second OpenMP runtime beside torch's would fight it for the cores;
+    # without _OPENMP, at::parallel_for runs on torch's own thread pool
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd"]
     sources = [os.path.join("csrc", "bindings.cpp"), *cpu_sources]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and (
@@ -67,12 +69,9 @@ def _extensions():
             sources + cuda_sources,
             define_macros=[("PNNH_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
-            extra_link_args=["-fopenmp"],
         )
     else:
-        ext = cpp_extension.CppExtension(
-            "pnnh_kernels._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"]
-        )
+        ext = cpp_extension.CppExtension("pnnh_kernels._C", sources, extra_compile_args=cxx_flags)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,5 +1,6 @@
 """Backends of the PNNH block and the dispatch between them."""
 from .base import Backend
+from .cpu import CpuBackend
 from .pytorch import EagerBackend, ReferenceBackend
 from .registry import (
     BackendUnavailableError,
@@ -12,6 +13,7 @@ from .registry import (
 
 register_backend(ReferenceBackend())
 register_backend(EagerBackend())
+register_backend(CpuBackend())
 
 __all__ = [
     "Backend",

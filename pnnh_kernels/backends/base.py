@@ -31,6 +31,11 @@ class Backend(ABC):
             return f"backend {self.name!r} runs on {'/'.join(self.device_types)} tensors, not {x.device.type}"
         return None
 
+    def auto_skip_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
+        """Why ``auto`` should prefer another backend for this call although this one could serve it
+        (a measured performance choice, not a limitation: ``auto`` skips it without a warning)."""
+        return None
+
     @abstractmethod
     def conv2d(
         self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool

@@ -97,8 +97,12 @@ def select_backend(requested: str, op: str, x: Tensor, weights: BlockWeights, co
     for backend in candidates:
         reason = _reason(backend, op, x, weights, config)
         if reason is None:
-            return backend
+            if backend.auto_skip_reason(op, x, weights, config) is None:
+                return backend
+            continue  # it could serve, but measured slower here: no fallback to warn about
         reasons.append(f"{backend.name}: {reason}")
+    if candidates and not reasons:
+        return _registry[FALLBACK]
     why = "; ".join(reasons) if reasons else f"no fused backend serves {x.device.type} tensors"
     _warn_once(f"pnnh_kernels: falling back to the pure-PyTorch '{FALLBACK}' backend for {op} ({why})")
     return _registry[FALLBACK]

@@ -1,0 +1,237 @@
+// Fused batch-norm + activation passes for the PNNH block on the CPU.
+//
+// Tensors are viewed as planar [outer, channels, inner] (NCHW: outer = N, inner = H*W), contiguous.
+// Channel ranges [c0, c0 + cn) of a wider tensor let one pass read or write the coder and the learner
+// halves of the concatenated layer-1 output in place. Work is split over channels with
+// at::parallel_for; each channel's plane is walked row by row, contiguously.
+//
+// The activation is the scaled leaky family: act(a) = scale * (a > 0 ? a : slope * a)
+// (relu: slope 0; identity: slope 1). `use_act = false` skips it (the coder half, the last layer
+// without a final activation).
+#include "pnnh_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace pnnh {
+namespace {
+
+template <typename T>
+struct Planar {
+  T* data;
+  int64_t outer, channels, inner, c0;
+  T* row(int64_t o, int64_t c) const { return data + (o * channels + c0 + c) * inner; }
+};
+
+template <typename T>
+Planar<T> planar(const at::Tensor& t, int64_t c0) {
+  return {t.data_ptr<T>(), t.size(0), t.size(1), t.size(2), c0};
+}
+
+void check_planar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be viewed as [outer, channels, inner], got ", t.dim(), " dims");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+void check_params(const at::Tensor& p, int64_t n, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == n && p.is_contiguous() && p.scalar_type() == dtype, name,
+              " must be a contiguous vector of ", n, " channels in the data's dtype");
+}
+
+constexpr int64_t kGrain = 1;  // channels are coarse units of work already
+
+// The innermost loops live in plain functions: OpenMP pragmas cannot sit inside AT_DISPATCH's macro.
+// target_clones builds AVX-512 / AVX2 / baseline versions of each and picks one when the module loads,
+// so a portable build still runs wide vectors where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PNNH_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PNNH_VECTOR_CLONES
+#endif
+template <typename T>
+PNNH_VECTOR_CLONES void row_sums(const T* r, int64_t n, T& s, T& ss) {
+  T rs = 0, rss = 0;  // a row (one image plane) is short enough for T partials
+#pragma omp simd reduction(+ : rs, rss)
+  for (int64_t i = 0; i < n; ++i) {
+    rs += r[i];
+    rss += r[i] * r[i];
+  }
+  s = rs;
+  ss = rss;
+}
+
+template <typename T>
+PNNH_VECTOR_CLONES void row_apply(const T* r, T* w, int64_t n, T a, T shift, T pos, T neg) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T y = r[i] * a + shift;
+    w[i] = y > 0 ? y * pos : y * neg;
+  }
+}
+
+template <typename T>
+PNNH_VECTOR_CLONES void row_backward_sums(const T* r, const T* d, int64_t n, T a, T shift, T pos, T neg, T mu, T inv, T& s,
+                              T& sx) {
+  T rs = 0, rsx = 0;
+#pragma omp simd reduction(+ : rs, rsx)
+  for (int64_t i = 0; i < n; ++i) {
+    const T y = r[i] * a + shift;
+    const T gi = d[i] * (y > 0 ? pos : neg);
+    rs += gi;
+    rsx += gi * (r[i] - mu) * inv;
+  }
+  s = rs;
+  sx = rsx;
+}
+
+template <typename T>
+PNNH_VECTOR_CLONES void row_backward_apply(const T* r, const T* d, T* w, int64_t n, T a, T shift, T pos, T neg, T mu, T inv,
+                               T mean_g, T mean_gx) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T y = r[i] * a + shift;
+    const T gi = d[i] * (y > 0 ? pos : neg);
+    w[i] = a * (gi - mean_g - (r[i] - mu) * inv * mean_gx);
+  }
+}
+
+}  // namespace
+
+// Per-channel sum and sum of squares (float64 accumulation) of channels [c0, c0 + cn).
+at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn) {
+  check_planar(z, "z");
+  TORCH_CHECK(c0 >= 0 && cn >= 0 && c0 + cn <= z.size(1), "channel range out of bounds");
+  auto out = at::zeros({2, cn}, z.options().dtype(at::kDouble));
+  double* sum = out.data_ptr<double>();
+  double* sumsq = sum + cn;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "channel_sums", [&] {
+    auto v = planar<scalar_t>(z, c0);
+    at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double s = 0.0, ss = 0.0;
+        for (int64_t o = 0; o < v.outer; ++o) {
+          scalar_t rs, rss;
+          row_sums(v.row(o, c), v.inner, rs, rss);
+          s += rs;
+          ss += rss;
+        }
+        sum[c] = s;
+        sumsq[c] = ss;
+      }
+    });
+  });
+  return out;
+}
+
+// y[:, c] = act(gamma * (z[:, c0 + c] - mean) * invstd + beta), written to out (its own [outer, cn, inner]).
+void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
+                  const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
+                  double slope, double scale) {
+  check_planar(z, "z");
+  check_planar(out, "out");
+  const int64_t cn = out.size(1);
+  const auto z_dtype = z.scalar_type();
+  TORCH_CHECK(out.scalar_type() == z_dtype, "out must have z's dtype");
+  TORCH_CHECK(out.size(0) == z.size(0) && out.size(2) == z.size(2) && c0 + cn <= z.size(1), "shape mismatch");
+  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_params(*p, cn, z_dtype, "norm parameter");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_act_apply", [&] {
+    const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
+    const scalar_t *g = gamma.data_ptr<scalar_t>(), *b = beta.data_ptr<scalar_t>();
+    auto src = planar<scalar_t>(z, c0);
+    auto dst = planar<scalar_t>(out, 0);
+    const scalar_t pos = use_act ? scalar_t(scale) : scalar_t(1), neg = use_act ? scalar_t(scale * slope) : scalar_t(1);
+    at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const scalar_t a = scalar_t(g[c]) * scalar_t(is[c]);
+        const scalar_t shift = scalar_t(b[c]) - scalar_t(m[c]) * a;
+        for (int64_t o = 0; o < src.outer; ++o) {
+          row_apply(src.row(o, c), dst.row(o, c), src.inner, a, shift, pos, neg);
+        }
+      }
+    });
+  });
+}
+
+// Backward of y = act(BN(x)) for channels [c0, c0 + cn) of x, given dy ([outer, cn, inner]).
+// Returns [2, cn] float64: sum(g) and sum(g * xhat), g = dy * act'(BN(x)) -- which are also
+// d(beta) and d(gamma).
+at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
+                                const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                                bool use_act, double slope, double scale) {
+  check_planar(dy, "dy");
+  check_planar(x, "x");
+  const int64_t cn = dy.size(1);
+  const auto z_dtype = x.scalar_type();
+  TORCH_CHECK(dy.scalar_type() == z_dtype, "dy must have x's dtype");
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && c0 + cn <= x.size(1), "shape mismatch");
+  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_params(*p, cn, z_dtype, "norm parameter");
+  auto out = at::zeros({2, cn}, x.options().dtype(at::kDouble));
+  double* sum_g = out.data_ptr<double>();
+  double* sum_gx = sum_g + cn;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_sums", [&] {
+    const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
+    const scalar_t *gm = gamma.data_ptr<scalar_t>(), *bt = beta.data_ptr<scalar_t>();
+    auto vx = planar<scalar_t>(x, c0);
+    auto vdy = planar<scalar_t>(dy, 0);
+    const scalar_t pos = use_act ? scalar_t(scale) : scalar_t(1), neg = use_act ? scalar_t(scale * slope) : scalar_t(1);
+    at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const scalar_t mu = m[c], inv = is[c], a = scalar_t(gm[c]) * inv, shift = scalar_t(bt[c]) - mu * a;
+        double s = 0.0, sx = 0.0;
+        for (int64_t o = 0; o < vx.outer; ++o) {
+          scalar_t rs, rsx;
+          row_backward_sums(vx.row(o, c), vdy.row(o, c), vx.inner, a, shift, pos, neg, mu, inv, rs, rsx);
+          s += rs;
+          sx += rsx;
+        }
+        sum_g[c] = s;
+        sum_gx[c] = sx;
+      }
+    });
+  });
+  return out;
+}
+
+// dx for channels [c0, c0 + cn) of x, written into dx (same layout as x) at the same channels.
+// training: dx = gamma * invstd * (g - sum_g / count - xhat * sum_gx / count); eval: gamma * invstd * g.
+void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
+                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+                           const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
+                           double slope, double scale) {
+  check_planar(dy, "dy");
+  check_planar(x, "x");
+  check_planar(dx, "dx");
+  const int64_t cn = dy.size(1);
+  const auto z_dtype = x.scalar_type();
+  TORCH_CHECK(dy.scalar_type() == z_dtype && dx.scalar_type() == z_dtype, "dy and dx must have x's dtype");
+  TORCH_CHECK(dx.sizes() == x.sizes(), "dx must have x's shape");
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == cn && sums.scalar_type() == at::kDouble,
+              "sums must be [2, cn] float64");
+  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_params(*p, cn, z_dtype, "norm parameter");
+  const double* sum_g = sums.data_ptr<double>();
+  const double* sum_gx = sum_g + cn;
+  const double count = double(x.size(0) * x.size(2));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_apply", [&] {
+    const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
+    const scalar_t *gm = gamma.data_ptr<scalar_t>(), *bt = beta.data_ptr<scalar_t>();
+    auto vx = planar<scalar_t>(x, c0);
+    auto vdx = planar<scalar_t>(dx, c0);
+    auto vdy = planar<scalar_t>(dy, 0);
+    const scalar_t pos = use_act ? scalar_t(scale) : scalar_t(1), neg = use_act ? scalar_t(scale * slope) : scalar_t(1);
+    at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const scalar_t mu = m[c], inv = is[c], a = scalar_t(gm[c]) * inv, shift = scalar_t(bt[c]) - mu * a;
+        const scalar_t mean_g = training ? scalar_t(sum_g[c] / count) : scalar_t(0);
+        const scalar_t mean_gx = training ? scalar_t(sum_gx[c] / count) : scalar_t(0);
+        for (int64_t o = 0; o < vx.outer; ++o) {
+          row_backward_apply(vx.row(o, c), vdy.row(o, c), vdx.row(o, c), vx.inner, a, shift, pos, neg, mu, inv,
+                             mean_g, mean_gx);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace pnnh
