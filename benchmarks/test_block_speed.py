@@ -1,0 +1,82 @@
+"""Forward and forward+backward of the PNNH conv and linear blocks: every backend against the baselines."""
+import pytest
+import torch
+
+from bench_utils import ConvShape, LinearShape, conv_block_flops, linear_block_flops
+from timing import measure
+from variants import BASELINES, conv_variant, fused_backends, linear_variant
+
+CIFAR = [ConvShape("cifar-stage1", 128, 16, 32), ConvShape("cifar-stage2", 128, 32, 16), ConvShape("cifar-stage3", 128, 64, 8)]
+RESNET34 = [ConvShape("r34-stage1", 64, 64, 56), ConvShape("r34-stage2", 64, 128, 28), ConvShape("r34-stage3", 64, 256, 14), ConvShape("r34-stage4", 64, 512, 7)]
+VIT_CPU = [LinearShape("vit-s-mlp", 8 * 197, 384)]
+VIT_FULL = [LinearShape("vit-s-mlp", 64 * 197, 384), LinearShape("vit-b-mlp", 64 * 197, 768)]
+
+
+def _dtypes(device):
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _variants():
+    return list(BASELINES) + fused_backends()
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
+    if "conv_shape" in metafunc.fixturenames:
+        if mode == "smoke":
+            shapes = [ConvShape("smoke", 4, 8, 8)]
+        elif mode == "full" or device == "cuda":
+            shapes = CIFAR + RESNET34
+        else:
+            shapes = CIFAR
+        metafunc.parametrize("conv_shape", shapes, ids=[s.label for s in shapes])
+    if "linear_shape" in metafunc.fixturenames:
+        shapes = [LinearShape("smoke", 16, 32)] if mode == "smoke" else VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
+        metafunc.parametrize("linear_shape", shapes, ids=[s.label for s in shapes])
+    if "dtype" in metafunc.fixturenames:
+        dtypes = _dtypes(device)
+        metafunc.parametrize("dtype", dtypes, ids=[str(d).replace("torch.", "") for d in dtypes])
+    if "variant" in metafunc.fixturenames:
+        metafunc.parametrize("variant", _variants())
+    if "pass_name" in metafunc.fixturenames:
+        metafunc.parametrize("pass_name", ["fwd", "fwd+bwd"])
+
+
+def _compile_allowed(mode, device, label):
+    # inductor on a 2-core CPU takes about a minute per shape: quick runs compile the middle CIFAR stage
+    # only; the smoke run skips it (tests/ check that torch.compile traces the block)
+    if mode == "smoke":
+        return False
+    return mode != "quick" or device == "cuda" or label == "cifar-stage2"
+
+
+def test_conv_block(benchmark, collector, conv_shape, dtype, variant, pass_name):
+    if variant == "compile" and not _compile_allowed(collector.mode, collector.device, conv_shape.label):
+        pytest.skip("torch.compile runs on cifar-stage2 only in the quick CPU set (--bench-full for all)")
+    torch.manual_seed(0)
+    x = conv_shape.input(dtype, collector.device)
+    fn, reason = conv_variant(variant, conv_shape.channels, x)
+    if fn is None:
+        pytest.skip(reason)
+    benchmark.group = f"conv {conv_shape.label} {dtype} {pass_name}"
+    record = dict(kind="conv", shape=conv_shape.label, dims=[conv_shape.batch, conv_shape.channels, conv_shape.size, conv_shape.size], dtype=str(dtype).replace("torch.", ""), variant=variant)
+    flops = conv_block_flops(conv_shape)
+    if variant == "residual":
+        flops = conv_block_flops(conv_shape, coder_kernel=0)
+    measure(benchmark, collector, fn, x, pass_name, record, flops)
+
+
+def test_linear_block(benchmark, collector, linear_shape, dtype, variant, pass_name):
+    if variant == "compile" and (collector.mode == "smoke" or (collector.mode == "quick" and collector.device == "cpu")):
+        pytest.skip("torch.compile of the linear block is in the full set only on CPU")
+    torch.manual_seed(0)
+    x = linear_shape.input(dtype, collector.device)
+    fn, reason = linear_variant(variant, linear_shape.dim, x)
+    if fn is None:
+        pytest.skip(reason)
+    benchmark.group = f"linear {linear_shape.label} {dtype} {pass_name}"
+    record = dict(kind="linear", shape=linear_shape.label, dims=[linear_shape.tokens, linear_shape.dim], dtype=str(dtype).replace("torch.", ""), variant=variant)
+    flops = linear_block_flops(linear_shape)
+    measure(benchmark, collector, fn, x, pass_name, record, flops)

@@ -1,0 +1,49 @@
+// CUDA kernels of the PNNH block's fused passes, callable with raw pointers and a stream.
+// They need only the CUDA toolkit (no torch headers), so `nvcc -c` checks them on any machine with nvcc;
+// the torch glue that calls them is built only against a CUDA torch.
+//
+// Layout: planar [outer, channels, inner] contiguous (NCHW: outer = N, inner = H*W); a pass covers the
+// channel range [c0, c0 + cn) of a tensor with `channels` channels. Activation: scale * leaky_relu(slope),
+// or none (use_act = false). Accumulation is in float (half/bf16/float data) or double (double data);
+// per-channel sums are float64 and reduced with atomics.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pnnh {
+namespace cuda {
+
+struct PlanarDims {
+  int64_t outer, channels, inner, c0, cn;
+};
+
+struct ActParams {
+  bool use_act;
+  float slope, scale;
+};
+
+// sums: [2, cn] float64, zeroed by the kernel launcher.
+template <typename T>
+cudaError_t channel_sums(const T* z, PlanarDims dims, double* sums, cudaStream_t stream);
+
+// out: [outer, cn, inner]; params: per-channel mean, invstd, gamma, beta (float, cn each).
+template <typename T>
+cudaError_t bn_act_apply(const T* z, PlanarDims dims, T* out, const float* mean, const float* invstd,
+                         const float* gamma, const float* beta, ActParams act, cudaStream_t stream);
+
+// dy: [outer, cn, inner]; sums: [2, cn] float64 (sum g, sum g * xhat), zeroed by the launcher.
+template <typename T>
+cudaError_t bn_act_backward_sums(const T* dy, const T* x, PlanarDims dims, const float* mean,
+                                 const float* invstd, const float* gamma, const float* beta, ActParams act,
+                                 double* sums, cudaStream_t stream);
+
+// dx: x's layout, written at x's channels [c0, c0 + cn).
+template <typename T>
+cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dims, const float* mean,
+                                  const float* invstd, const float* gamma, const float* beta, const double* sums,
+                                  bool training, ActParams act, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pnnh
