@@ -52,31 +52,27 @@ def _compile_allowed(mode, device, label):
     return mode != "quick" or device == "cuda" or label == "cifar-stage2"
 
 
+def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops):
+    torch.manual_seed(0)
+    x = shape.input(dtype, collector.device)
+    fn, reason = make_variant(variant, width, x)
+    if fn is None:
+        pytest.skip(reason)
+    benchmark.group = f"{kind} {shape.label} {dtype} {pass_name}"
+    record = dict(kind=kind, shape=shape.label, dims=dims, dtype=str(dtype).replace("torch.", ""), variant=variant)
+    measure(benchmark, collector, fn, x, pass_name, record, flops)
+
+
 def test_conv_block(benchmark, collector, conv_shape, dtype, variant, pass_name):
     if variant == "compile" and not _compile_allowed(collector.mode, collector.device, conv_shape.label):
         pytest.skip("torch.compile runs on cifar-stage2 only in the quick CPU set (--bench-full for all)")
-    torch.manual_seed(0)
-    x = conv_shape.input(dtype, collector.device)
-    fn, reason = conv_variant(variant, conv_shape.channels, x)
-    if fn is None:
-        pytest.skip(reason)
-    benchmark.group = f"conv {conv_shape.label} {dtype} {pass_name}"
-    record = dict(kind="conv", shape=conv_shape.label, dims=[conv_shape.batch, conv_shape.channels, conv_shape.size, conv_shape.size], dtype=str(dtype).replace("torch.", ""), variant=variant)
-    flops = conv_block_flops(conv_shape)
-    if variant == "residual":
-        flops = conv_block_flops(conv_shape, coder_kernel=0)
-    measure(benchmark, collector, fn, x, pass_name, record, flops)
+    s = conv_shape
+    flops = conv_block_flops(s, coder_kernel=0) if variant == "residual" else conv_block_flops(s)
+    _run(benchmark, collector, "conv", s, [s.batch, s.channels, s.size, s.size], s.channels, dtype, variant, pass_name, conv_variant, flops)
 
 
 def test_linear_block(benchmark, collector, linear_shape, dtype, variant, pass_name):
     if variant == "compile" and (collector.mode == "smoke" or (collector.mode == "quick" and collector.device == "cpu")):
         pytest.skip("torch.compile of the linear block is in the full set only on CPU")
-    torch.manual_seed(0)
-    x = linear_shape.input(dtype, collector.device)
-    fn, reason = linear_variant(variant, linear_shape.dim, x)
-    if fn is None:
-        pytest.skip(reason)
-    benchmark.group = f"linear {linear_shape.label} {dtype} {pass_name}"
-    record = dict(kind="linear", shape=linear_shape.label, dims=[linear_shape.tokens, linear_shape.dim], dtype=str(dtype).replace("torch.", ""), variant=variant)
-    flops = linear_block_flops(linear_shape)
-    measure(benchmark, collector, fn, x, pass_name, record, flops)
+    s = linear_shape
+    _run(benchmark, collector, "linear", s, [s.tokens, s.dim], s.dim, dtype, variant, pass_name, linear_variant, linear_block_flops(s))

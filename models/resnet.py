@@ -106,13 +106,15 @@ class PNNHBottleneck(nn.Module):
     passes the coder through unchanged), and layer 3 decodes with ``[W_d, -W_d]``. Algebraically
     (``ReLU(a) - ReLU(-a) = a``) that is
 
-        y = ReLU(BN_3(dec(BN_c(enc(x))) + conv1x1(ReLU(BN_2(conv3x3(ReLU(BN_1(conv1x1(x)))))))))
+        y = [ReLU](BN_3(dec(BN_c(enc(x))) + conv1x1(ReLU(BN_2(conv3x3(ReLU(BN_1(conv1x1(x)))))))))
 
-    which is what runs here (pure PyTorch; the fused kernels cover the two-layer block).
+    which is what runs here (pure PyTorch; the fused kernels cover the two-layer block). The final ReLU
+    is off by default, as in the PNNH models' basic blocks (docs/MODELS.md says why).
     """
 
-    def __init__(self, channels: int, coder: Optional[PNNHCoder] = None) -> None:
+    def __init__(self, channels: int, coder: Optional[PNNHCoder] = None, final_activation: bool = False) -> None:
         super().__init__()
+        self.final_activation = final_activation
         width = channels // Bottleneck.expansion
         self.coder = coder if coder is not None else PNNHCoder(channels, channels, 1)
         self.coder_norm = nn.BatchNorm2d(self.coder.coder_channels)
@@ -126,7 +128,8 @@ class PNNHBottleneck(nn.Module):
         z_c = self.coder_norm(F.conv2d(x, self.coder.encoder))
         decoded = F.conv_transpose2d(z_c, self.coder.encoder)
         learned = self.layer3(F.relu(self.layer2(F.relu(self.layer1(x)))))
-        return F.relu(self.out_norm(decoded + learned))
+        y = self.out_norm(decoded + learned)
+        return F.relu(y) if self.final_activation else y
 
 
 class ResNet(nn.Module):
@@ -185,11 +188,15 @@ class ResNet(nn.Module):
 
     @staticmethod
     def _pnnh_block(block: str, channels: int, coder, options, backend) -> nn.Module:
+        # No ReLU after the block's last norm by default: batch norm centres the coder path, and a ReLU
+        # there would drop half of what it carries at every block (docs/MODELS.md, docs/RESULTS.md).
+        options = {"final_activation": False, **(options or {})}
         if block == "bottleneck":
-            if options:
-                raise ValueError("PNNH bottleneck blocks take no PNNHConv2d options")
-            return PNNHBottleneck(channels, coder)
-        return PNNHConv2d(channels, coder=coder, backend=backend, **(options or {}))
+            extra = set(options) - {"final_activation"}
+            if extra:
+                raise ValueError(f"PNNH bottleneck blocks take only final_activation, not {sorted(extra)}")
+            return PNNHBottleneck(channels, coder, options["final_activation"])
+        return PNNHConv2d(channels, coder=coder, backend=backend, **options)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.stages(self.stem(x))

@@ -30,7 +30,7 @@ def _jit_build() -> ModuleType:
     if src is None:
         raise ImportError("the C++ sources are not installed (no pnnh_kernels/_csrc)")
     sources = [os.path.join(src, "bindings.cpp"), *sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))]
-    print("pnnh_kernels: compiling the C++ kernels on first use (cached for next time)...", file=sys.stderr, flush=True)
+    print("pnnh_kernels: loading the C++ kernels (compiled on first use, about a minute, then cached)", file=sys.stderr, flush=True)
     return load(
         name="pnnh_kernels_C",
         sources=sources,

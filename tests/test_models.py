@@ -141,7 +141,7 @@ def test_plain_and_pnnh_models_add_nothing_across_blocks(name):
 
 def test_pnnh_bottleneck_equals_its_literal_form():
     torch.manual_seed(0)
-    block = PNNHBottleneck(16).double().train()
+    block = PNNHBottleneck(16, final_activation=True).double().train()
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
     bn = lambda z: F.batch_norm(z, None, None, training=True)  # noqa: E731  (fresh BNs are affine 1/0)
     enc, w1, w2, w3 = block.coder.encoder, block.layer1[0].weight, block.layer2[0].weight, block.layer3.weight
@@ -153,6 +153,15 @@ def test_pnnh_bottleneck_equals_its_literal_form():
     w_d = enc.transpose(0, 1).flip(-1, -2)
     literal = F.relu(bn(F.conv2d(h2, torch.cat([w_d, -w_d, w3], 1))))
     torch.testing.assert_close(block(x), literal)
+
+
+def test_pnnh_models_default_to_no_final_activation():
+    model = create_model("pnnh_resnet20")
+    blocks = [b for stage in model.stages for b in stage if isinstance(b, pk.PNNHConv2d)]
+    assert blocks and all(not b.config.final_activation for b in blocks)
+    on = create_model("pnnh_resnet20", pnnh_options={"final_activation": True})
+    assert all(b.config.final_activation for stage in on.stages for b in stage if isinstance(b, pk.PNNHConv2d))
+    assert not any(b.final_activation for b in create_model("pnnh_resnet50").modules() if isinstance(b, PNNHBottleneck))
 
 
 def test_pnnh_attention_equals_its_literal_form():

@@ -1,5 +1,6 @@
 """The training tool: end-to-end runs, exact resume, atomic checkpoints, feature reuse, analysis, DDP, sweep."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -182,3 +183,9 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     sums = sorted(line.split()[-1] for line in done.stdout.splitlines() if "parameter checksum" in line)
     assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold the same weights
     assert (tmp_path / "ddp" / "last.pt").exists()
+
+
+def test_mixed_precision_bf16_trains(tmp_path):
+    """--amp bf16 runs under autocast (on the CPU here; the same code path serves CUDA)."""
+    result = train(small(tmp_path, model="pnnh_resnet8", epochs=1, amp="bf16"))
+    assert math.isfinite(result["final"]["train_loss"]) and result["final"]["test_acc"] > 0.1
