@@ -265,7 +265,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
             progress.update(loss=loss.item(), acc=correct / count, lr=scheduler.get_last_lr()[0])
         progress.close()
         elapsed = time.perf_counter() - start
-        loss_sum, correct, count, elapsed_max = all_reduce_sum([loss_sum, correct, count, elapsed], info)
+        loss_sum, correct, count, elapsed_sum = all_reduce_sum([loss_sum, correct, count, elapsed], info)
         test_loss, test_acc = evaluate(raw_model, bundle.test, device, autocast=autocast)
         record = {
             "epoch": epoch + 1,
@@ -274,7 +274,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": scheduler.get_last_lr()[0],
-            "images_per_s": count / (elapsed_max / info.world_size),
+            "images_per_s": count / (elapsed_sum / info.world_size),  # all images over the mean epoch time
             "epoch_time_s": elapsed,
         }
         history.append(record)
