@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_apply", &pnnh::bn_act_apply, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &pnnh::bn_act_backward_sums, "fused dReLU + dBN reductions");
   m.def("bn_act_backward_apply", &pnnh::bn_act_backward_apply, "fused dReLU + dBN input gradient");
+  m.def("ln_act_forward", &pnnh::ln_act_forward, "fused layer-norm apply + activation over rows");
+  m.def("ln_act_backward", &pnnh::ln_act_backward, "fused dActivation + dLayerNorm over rows");
 #ifdef PNNH_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

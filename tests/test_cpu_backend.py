@@ -120,13 +120,48 @@ def test_auto_uses_cpu_for_inference_and_eager_for_training():
     [
         (lambda: (pk.PNNHConv2d(4, backend="cpu", dtype=torch.bfloat16), torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)), "float32/float64"),
         (lambda: (pk.PNNHConv2d(4, backend="cpu", norm="none"), torch.randn(2, 4, 3, 3)), "fuses batch norm"),
-        (lambda: (pk.PNNHLinear(4, backend="cpu"), torch.randn(2, 4)), "serves PNNHConv2d"),
+        (lambda: (pk.PNNHLinear(4, backend="cpu", norm="batch"), torch.randn(2, 4)), "fuses layer norm for PNNHLinear"),
+        (lambda: (pk.PNNHLinear(4, backend="cpu", bias=True), torch.randn(2, 4)), "takes no linear biases"),
     ],
 )
 def test_cpu_backend_refuses_clearly(make, match):
     block, x = make()
     with pytest.raises(pk.BackendUnavailableError, match=match):
         block(x)
+
+
+LINEAR_CASES = {
+    "relu": dict(),
+    "gelu_no_final": dict(activation="gelu", final_activation=False),
+    "leaky_scaled": dict(activation="leaky_relu", negative_slope=0.2, activation_scale=1.4),
+    "untied_out_ne_in": dict(tied=False, out_features=5),
+    "narrow_coder": dict(coder_features=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_linear_matches_reference(case, dtype):
+    ref = pk.PNNHLinear(6, hidden_features=10, backend="reference", **LINEAR_CASES[case]).to(dtype)
+    randomize_norms(ref)
+    for shape in [(3, 4, 6), (1, 6), (6,)]:
+        assert_modules_agree(ref, twin(ref, "cpu"), torch.randn(shape, dtype=dtype), *TOLERANCES[dtype])
+
+
+def test_cpu_linear_gradcheck_and_opcheck():
+    block = pk.PNNHLinear(4, hidden_features=5, activation="gelu", backend="cpu").double()
+    randomize_norms(block)
+    names = [n for n, _ in block.named_parameters()]
+
+    def fn(x, *params):
+        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, *block.parameters()))
+    w, n = block.block_weights(), block.block_norms()
+    args = (x, w.encoder, w.learner1, w.learner2, w.decoder, n.coder.weight, n.coder.bias, n.learner.weight,
+            n.learner.bias, n.out.weight, n.out.bias, 1e-5, 1, 0.0, 1.0, 1.0, True)
+    torch.library.opcheck(torch.ops.pnnh.linear_block_cpu.default, args)
 
 
 def test_kernels_reject_bad_arguments():

@@ -21,4 +21,13 @@ void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0
                            const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
                            double slope, double scale);
 
+// PNNHLinear: layer norm + activation over a column range of each row (kind 0: scaled leaky, 1: GELU).
+at::Tensor ln_act_forward(const at::Tensor& z, int64_t c0, int64_t cn, const at::Tensor& out, int64_t out_c0,
+                          const at::Tensor& gamma, const at::Tensor& beta, double eps, bool use_act, int64_t kind,
+                          double slope, double scale);
+
+at::Tensor ln_act_backward(const at::Tensor& dy, int64_t dy_c0, const at::Tensor& z, int64_t c0, int64_t cn,
+                           const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
+                           const at::Tensor& dz, bool use_act, int64_t kind, double slope, double scale);
+
 }  // namespace pnnh

@@ -23,6 +23,7 @@ from .._extension import extension, extension_error
 from ..block import BlockConfig, BlockNorms, BlockWeights
 from ..norm import uses_batch_statistics
 from .base import Backend
+from .cpu_linear import activation_kind, linear_block_cpu
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -362,20 +363,27 @@ class CpuBackend(Backend):
         reason = super().unsupported_reason(op, x, weights, config)
         if reason:
             return reason
-        if op != "conv2d":
-            return "the cpu backend serves PNNHConv2d; PNNHLinear runs on 'eager' here"
         if x.dtype not in _SUPPORTED_DTYPES:
             return f"the cpu backend computes in float32/float64, not {x.dtype}"
-        if config.norm != "batch":
-            return f"the cpu backend fuses batch norm; norm={config.norm!r} runs on 'eager'"
-        if not config.activation.is_leaky_family:
-            return f"the cpu backend fuses the relu/leaky_relu/identity family, not {config.activation.kind}"
+        if op == "linear":
+            if config.norm != "layer":
+                return f"the cpu backend fuses layer norm for PNNHLinear; norm={config.norm!r} runs on 'eager'"
+            if any(b is not None for b in (weights.encoder_bias, weights.learner1_bias, weights.learner2_bias)):
+                return "the cpu backend's PNNHLinear takes no linear biases (a norm follows every linear map)"
+        else:
+            if config.norm != "batch":
+                return f"the cpu backend fuses batch norm for PNNHConv2d; norm={config.norm!r} runs on 'eager'"
+            if not config.activation.is_leaky_family:
+                return f"the cpu backend fuses the relu/leaky_relu/identity family, not {config.activation.kind}"
         if any(t is not None and t.dtype != x.dtype for t in (weights.encoder, weights.learner1, weights.learner2, weights.decoder)):
             return "the cpu backend needs the weights in the input's dtype (no autocast)"
         return None
 
     def auto_skip_reason(self, op, x, weights, config) -> Optional[str]:
-        # benchmarks/RESULTS.md: forward alone beats eager, forward + backward does not (yet) on this CPU
+        # benchmarks/RESULTS.md: for PNNHConv2d the forward alone beats eager, forward + backward does not
+        # (yet) on this CPU; the PNNHLinear row kernels are scalar and slower than eager's GEMM + layer norm
+        if op == "linear":
+            return "the linear row kernels are slower than 'eager' (not vectorised yet)"
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.encoder.requires_grad)
         return "slower than 'eager' when a backward pass follows" if needs_grad else None
 
@@ -416,5 +424,13 @@ class CpuBackend(Backend):
             params.running_var.lerp_(var[start : start + width].to(params.running_var.dtype), momentum)
             start += width
 
-    def linear(self, x, weights, norms, config, training):  # pragma: no cover - refused in unsupported_reason
-        raise NotImplementedError
+    def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
+        act = config.activation
+        widths = (weights.encoder.shape[0], weights.learner1.shape[0], weights.learner2.shape[0])
+        affine = [t for p, c in zip((norms.coder, norms.learner, norms.out), widths) for t in self._affine(p, c, x)]
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = linear_block_cpu(
+            rows, weights.encoder, weights.learner1, weights.learner2, weights.decoder, *(t.contiguous() for t in affine),
+            config.eps, activation_kind(act.kind), act.slope, act.scale, act.coder_gain, config.final_activation,
+        )[0]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
