@@ -189,3 +189,12 @@ def test_mixed_precision_bf16_trains(tmp_path):
     """--amp bf16 runs under autocast (on the CPU here; the same code path serves CUDA)."""
     result = train(small(tmp_path, model="pnnh_resnet8", epochs=1, amp="bf16"))
     assert math.isfinite(result["final"]["train_loss"]) and result["final"]["test_acc"] > 0.1
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training(tmp_path):
+    """--compile trains through torch.compile (inductor) and learns like the eager run of the same seed."""
+    eager = train(small(tmp_path / "eager", epochs=1))
+    compiled = train(small(tmp_path / "compiled", epochs=1, compile=True))
+    a, b = eager["final"], compiled["final"]
+    assert math.isfinite(b["train_loss"]) and abs(a["train_loss"] - b["train_loss"]) < 0.05 * a["train_loss"]
