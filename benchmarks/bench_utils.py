@@ -38,14 +38,6 @@ def conv_block_flops(shape: ConvShape, kernel: int = 3, coder_kernel: int = 1) -
     return 2.0 * per_layer
 
 
-def conv_block_bytes(shape: ConvShape, dtype: torch.dtype) -> float:
-    """Minimal forward traffic: read x, write y, read the weights (everything else could stay on chip)."""
-    elem = torch.finfo(dtype).bits // 8
-    act = shape.batch * shape.channels * shape.size * shape.size
-    weights = 2 * shape.channels * shape.channels * (9 + 1)
-    return float(elem * (2 * act + weights))
-
-
 def linear_block_flops(shape: LinearShape, hidden_ratio: int = 4) -> float:
     d, h = shape.dim, hidden_ratio * shape.dim
     return 2.0 * shape.tokens * (d * (d + h) + (d + h) * d)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_utils import saved_activation_bytes, synchronize
+from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
 from variants import fused_backends
 
@@ -40,13 +41,9 @@ def test_training_throughput(collector, model_set, prefix, backend):
     kwargs = {"backend": backend} if prefix == "pnnh_" else {}
     model = create_model(name, num_classes=10, **kwargs).to(device).train()
     if prefix == "pnnh_" and backend != "eager":
-        blocks = [m for m in model.modules() if hasattr(m, "backend")]
-        reason = None
-        from pnnh_kernels.backends import registered_backends
-
-        b = registered_backends()[backend]
-        x0 = torch.randn(2, blocks[0].in_channels, 4, 4, device=device)
-        reason = b.unavailable_reason() or b.unsupported_reason("conv2d", x0, blocks[0].block_weights(), blocks[0].config)
+        block = next(m for m in model.modules() if hasattr(m, "backend"))
+        x0 = torch.randn(2, block.in_channels, 4, 4, device=device)
+        reason = refusal_reason(registered_backends()[backend], "conv2d", x0, block.block_weights(), block.config)
         if reason:
             pytest.skip(reason)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

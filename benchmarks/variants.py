@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import pnnh_kernels as pk
-from pnnh_kernels.backends import registered_backends
+from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.eager import conv_block_eager, linear_block_eager
 from pnnh_kernels.models.resnet import BasicBlock
 from pnnh_kernels.reference import conv_block_reference, linear_block_reference
@@ -37,8 +37,7 @@ def conv_variant(name: str, channels: int, x: torch.Tensor) -> tuple[Optional[Ca
     if name == "residual":  # a ResNet basic block of the same width: what the PNNH block replaces
         resnet = BasicBlock(channels, channels, 1, shortcut="A").to(device=x.device, dtype=x.dtype).train()
         return resnet, None
-    backend = registered_backends()[name]
-    reason = backend.unavailable_reason() or backend.unsupported_reason("conv2d", x, w, cfg)
+    reason = refusal_reason(registered_backends()[name], "conv2d", x, w, cfg)
     if reason:
         return None, reason
     return (lambda t: pk.pnnh_conv2d(t, w, n, cfg, training=True, backend=name)), None
@@ -65,8 +64,7 @@ def linear_variant(name: str, dim: int, x: torch.Tensor) -> tuple[Optional[Calla
         return (lambda t: linear_block_reference(t, w, n, cfg, True)), None
     if name == "residual":  # the ViT MLP (fc1-GELU-fc2) of the same width
         return _TransformerMlp(dim).to(device=x.device, dtype=x.dtype), None
-    backend = registered_backends()[name]
-    reason = backend.unavailable_reason() or backend.unsupported_reason("linear", x, w, cfg)
+    reason = refusal_reason(registered_backends()[name], "linear", x, w, cfg)
     if reason:
         return None, reason
     return (lambda t: pk.pnnh_linear(t, w, n, cfg, training=True, backend=name)), None

@@ -84,9 +84,5 @@ class PerLocationNormalization(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
 
 
-def classifier_head(features: int, num_classes: int) -> nn.Linear:
-    return nn.Linear(features, num_classes)
-
-
 def global_pool(x: Tensor) -> Tensor:
     return F.adaptive_avg_pool2d(x, 1).flatten(1)

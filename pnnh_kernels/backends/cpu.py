@@ -28,17 +28,13 @@ from .cpu_linear import activation_kind, linear_block_cpu
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _C():
-    return extension()
-
-
 # --------------------------------------------------------------------------- helpers
 
 
 def _stats(z3: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, invstd, unbiased var) of channels [c0, c0 + cn) from one fused reduction pass (float64 sums)."""
     count = z3.shape[0] * z3.shape[2]
-    sums = _C().channel_sums(z3, c0, cn)
+    sums = extension().channel_sums(z3, c0, cn)
     mean = sums[0] / count
     var = (sums[1] / count - mean * mean).clamp_min(0.0)
     invstd = torch.rsqrt(var + eps)
@@ -79,8 +75,8 @@ def _layer1_apply(halves, widths, mean: Tensor, invstd: Tensor, gammas: tuple, s
     zc = tc.new_empty((n, cc, hw))
     al = tc.new_empty((n, hid, hw))
     gc, bc, g1, b1 = gammas
-    _C().bn_act_apply(tc, oc, zc, mean[:cc], invstd[:cc], gc, bc, False, slope, scale)
-    _C().bn_act_apply(tl, ol, al, mean[cc:], invstd[cc:], g1, b1, True, slope, scale)
+    extension().bn_act_apply(tc, oc, zc, mean[:cc], invstd[:cc], gc, bc, False, slope, scale)
+    extension().bn_act_apply(tl, ol, al, mean[cc:], invstd[cc:], g1, b1, True, slope, scale)
     return zc, al
 
 
@@ -162,7 +158,7 @@ def conv_block_cpu(
         var2 = running_var[cc + hid :].to(x.dtype, copy=True)
     y = torch.empty_like(u3)
     g2f, b2f = _as(x.dtype, g2, b2)
-    _C().bn_act_apply(u3, 0, y, mean2, inv2, g2f, b2f, final_act, slope, scale)
+    extension().bn_act_apply(u3, 0, y, mean2, inv2, g2f, b2f, final_act, slope, scale)
     return (
         y.view(n, out_ch, h, w),
         zc_pre,
@@ -227,7 +223,7 @@ def conv_block_cpu_backward(
     c1 = cc + hid
     gammas = _as(x.dtype, gc, bc, g1, b1)
     g2f, b2f = _as(x.dtype, g2, b2)
-    C = _C()
+    C = extension()
 
     # layer 2: dReLU + dBN_2 in two fused passes; the sums are also d(beta_2) and d(gamma_2)
     dy3 = dy.contiguous().view(n, out_ch, h * w)
@@ -394,8 +390,7 @@ class CpuBackend(Backend):
         if not use_batch:
             running_mean = torch.cat([norms.coder.running_mean, norms.learner.running_mean, norms.out.running_mean])
             running_var = torch.cat([norms.coder.running_var, norms.learner.running_var, norms.out.running_var])
-        widths = (weights.encoder.shape[0], weights.learner1.shape[0], weights.learner2.shape[0])
-        affine = [t for p, c in zip((norms.coder, norms.learner, norms.out), widths) for t in self._affine(p, c, x)]
+        affine = self._affine_params(weights, norms, x)
         y, _zc, _zl, _u, mean, _invstd, var = conv_block_cpu(
             x, weights.encoder, weights.learner1, weights.learner2, weights.decoder,
             *affine, running_mean, running_var,
@@ -408,11 +403,16 @@ class CpuBackend(Backend):
         return y
 
     @staticmethod
-    def _affine(params, width: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """gamma and beta; a norm without affine parameters behaves as gamma = 1, beta = 0."""
-        if params.weight is not None:
-            return params.weight, params.bias
-        return x.new_ones(width), x.new_zeros(width)
+    def _affine_params(weights: BlockWeights, norms: BlockNorms, x: Tensor) -> list[Tensor]:
+        """gamma, beta of the coder, learner and output norms (a norm without affine ones: 1 and 0)."""
+        widths = (weights.encoder.shape[0], weights.learner1.shape[0], weights.learner2.shape[0])
+        out = []
+        for params, width in zip((norms.coder, norms.learner, norms.out), widths):
+            if params.weight is not None:
+                out += [params.weight, params.bias]
+            else:
+                out += [x.new_ones(width), x.new_zeros(width)]
+        return out
 
     @staticmethod
     @torch.no_grad()
@@ -426,8 +426,7 @@ class CpuBackend(Backend):
 
     def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
         act = config.activation
-        widths = (weights.encoder.shape[0], weights.learner1.shape[0], weights.learner2.shape[0])
-        affine = [t for p, c in zip((norms.coder, norms.learner, norms.out), widths) for t in self._affine(p, c, x)]
+        affine = self._affine_params(weights, norms, x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         y = linear_block_cpu(
             rows, weights.encoder, weights.learner1, weights.learner2, weights.decoder, *(t.contiguous() for t in affine),

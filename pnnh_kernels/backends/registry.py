@@ -46,7 +46,8 @@ def available_backends() -> list[str]:
     return [name for name, b in _registry.items() if b.unavailable_reason() is None]
 
 
-def _reason(backend: Backend, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
+def refusal_reason(backend: Backend, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
+    """Why ``backend`` cannot compute this call (not available here, or not applicable), or None."""
     return backend.unavailable_reason() or backend.unsupported_reason(op, x, weights, config)
 
 
@@ -84,7 +85,7 @@ def select_backend(requested: str, op: str, x: Tensor, weights: BlockWeights, co
         raise ValueError(f"unknown op {op!r}")
     if check_backend_name(requested) != "auto":
         backend = _registry[requested]
-        reason = _reason(backend, op, x, weights, config)
+        reason = refusal_reason(backend, op, x, weights, config)
         if reason is not None:
             raise BackendUnavailableError(f"backend {requested!r} cannot compute this {op} call: {reason}")
         return backend
@@ -95,7 +96,7 @@ def select_backend(requested: str, op: str, x: Tensor, weights: BlockWeights, co
     )
     reasons = []
     for backend in candidates:
-        reason = _reason(backend, op, x, weights, config)
+        reason = refusal_reason(backend, op, x, weights, config)
         if reason is None:
             if backend.auto_skip_reason(op, x, weights, config) is None:
                 return backend
