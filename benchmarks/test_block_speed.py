@@ -20,6 +20,11 @@ def _variants():
     return list(BASELINES) + fused_backends()
 
 
+def _chosen(config, option, names):
+    wanted = config.getoption(option)
+    return [n for n in names if not wanted or any(n.startswith(w) for w in wanted)]
+
+
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,12 +36,15 @@ def pytest_generate_tests(metafunc):
             shapes = CIFAR + RESNET34
         else:
             shapes = CIFAR
+        shapes = [s for s in shapes if s.label in _chosen(config, "--bench-shape", [s.label for s in shapes])]
         metafunc.parametrize("conv_shape", shapes, ids=[s.label for s in shapes])
     if "linear_shape" in metafunc.fixturenames:
         shapes = [LinearShape("smoke", 16, 32)] if mode == "smoke" else VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
+        shapes = [s for s in shapes if s.label in _chosen(config, "--bench-shape", [s.label for s in shapes])]
         metafunc.parametrize("linear_shape", shapes, ids=[s.label for s in shapes])
     if "dtype" in metafunc.fixturenames:
-        dtypes = _dtypes(device)
+        names = _chosen(config, "--bench-dtype", [str(d).replace("torch.", "") for d in _dtypes(device)])
+        dtypes = [getattr(torch, n) for n in names]
         metafunc.parametrize("dtype", dtypes, ids=[str(d).replace("torch.", "") for d in dtypes])
     if "variant" in metafunc.fixturenames:
         metafunc.parametrize("variant", _variants())

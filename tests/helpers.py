@@ -41,7 +41,7 @@ def run_step(module: nn.Module, x: torch.Tensor, grad_out_seed: int = 1):
     x = x.detach().clone().requires_grad_(True)
     y = module(x)
     g = torch.Generator().manual_seed(grad_out_seed)
-    cotangent = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    cotangent = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
     (y * cotangent).sum().backward()
     # torch.compile wraps the module: strip its prefix so names compare across the twins
     grads = {name.removeprefix("_orig_mod."): p.grad.detach().clone() for name, p in module.named_parameters()}
@@ -64,3 +64,41 @@ def assert_modules_agree(a: nn.Module, b: nn.Module, x: torch.Tensor, rtol: floa
     assert buffers_a.keys() == buffers_b.keys()
     for name in buffers_a:
         torch.testing.assert_close(buffers_b[name], buffers_a[name], rtol=rtol, atol=atol, msg=lambda m: f"buffer {name}: {m}")
+
+
+# Block configurations every fused backend is checked on (odd widths, both coder kernel sizes, untied...).
+BLOCK_CASES = {
+    "default": dict(),
+    "leaky_scaled": dict(activation="leaky_relu", negative_slope=0.2, activation_scale=1.3),
+    "identity": dict(activation="identity"),
+    "no_final_act": dict(final_activation=False),
+    "untied": dict(tied=False),
+    "untied_in_ne_out": dict(tied=False, out_channels=4),
+    "coder_3x3": dict(coder_kernel_size=3),
+    "untied_coder_3x3": dict(tied=False, coder_kernel_size=3),
+    "learner_1x1_coder_3x3": dict(kernel_size=1, coder_kernel_size=3),
+    "same_kernels_1x1": dict(kernel_size=1),
+    "narrow_coder_wide_learner": dict(coder_channels=3, hidden_channels=11),
+}
+
+
+def gpu_exact_math():
+    """fp32 on a GPU compared at fp32 tolerance: no TF32 in cuDNN / cuBLAS (the default lets convs use it)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def low_precision_errors(block64: nn.Module, backend: str, x64: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
+    """Largest error, over the output, the input gradient and every parameter gradient, of ``backend``
+    and of 'eager' run in ``dtype``, against ``block64`` (float64). One training step each."""
+    expected = run_step(block64, x64)
+    errors = {}
+    for name in ("eager", backend):
+        m = twin(block64, name).to(dtype)
+        y, dx, grads = run_step(m, x64.to(dtype))
+        worst = max((y.double() - expected[0]).abs().max().item(), (dx.double() - expected[1]).abs().max().item())
+        for key, g in grads.items():
+            ref = expected[2][key]
+            worst = max(worst, (g.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1.0))
+        errors[name] = worst
+    return errors

@@ -68,7 +68,20 @@ def test_finite_check_can_be_disabled(backend):
     try:
         assert torch.isnan(block(x)).any()
     finally:
-        pk.set_finite_check(True)
+        pk.set_finite_check(None)
+
+
+def test_finite_check_defaults_to_cpu_tensors_only():
+    """On a GPU the check would cost a host sync per call: off there unless asked for."""
+    from pnnh_kernels.validation import _finite_check_applies
+
+    cpu, gpu_like = torch.empty(1), torch.empty(1, device="meta")
+    assert _finite_check_applies(cpu) and not _finite_check_applies(gpu_like)
+    pk.set_finite_check(True)
+    try:
+        assert _finite_check_applies(gpu_like)
+    finally:
+        pk.set_finite_check(None)
 
 
 def test_non_finite_input_in_eval_propagates(backend):

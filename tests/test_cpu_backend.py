@@ -6,26 +6,14 @@ import pytest
 import torch
 
 import pnnh_kernels as pk
-from helpers import TOLERANCES, assert_modules_agree, randomize_norms, twin
+from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, randomize_norms, twin
 from pnnh_kernels._extension import extension, extension_error
-from pnnh_kernels.backends import cpu as cpu_backend
+from pnnh_kernels.backends import fused_conv_op
 from pnnh_kernels.backends.registry import select_backend
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
 
-CASES = {
-    "default": dict(),
-    "leaky_scaled": dict(activation="leaky_relu", negative_slope=0.2, activation_scale=1.3),
-    "identity": dict(activation="identity"),
-    "no_final_act": dict(final_activation=False),
-    "untied": dict(tied=False),
-    "untied_in_ne_out": dict(tied=False, out_channels=4),
-    "coder_3x3": dict(coder_kernel_size=3),
-    "untied_coder_3x3": dict(tied=False, coder_kernel_size=3),
-    "learner_1x1_coder_3x3": dict(kernel_size=1, coder_kernel_size=3),
-    "same_kernels_1x1": dict(kernel_size=1),
-    "narrow_coder_wide_learner": dict(coder_channels=3, hidden_channels=11),
-}
+CASES = BLOCK_CASES
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -94,7 +82,7 @@ def _op_args(block, x, use_batch=True):
 def test_custom_ops_pass_opcheck(options):
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(cpu_backend.conv_block_cpu, _op_args(block, x))
+    torch.library.opcheck(fused_conv_op.conv_block_fused, _op_args(block, x))
 
 
 @pytest.mark.slow

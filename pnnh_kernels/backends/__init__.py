@@ -1,6 +1,8 @@
 """Backends of the PNNH block and the dispatch between them."""
 from .base import Backend
 from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .triton import TritonBackend
 from .pytorch import EagerBackend, ReferenceBackend
 from .registry import (
     BackendUnavailableError,
@@ -15,6 +17,8 @@ from .registry import (
 register_backend(ReferenceBackend())
 register_backend(EagerBackend())
 register_backend(CpuBackend())
+register_backend(CudaBackend())
+register_backend(TritonBackend())
 
 __all__ = [
     "Backend",

@@ -1,0 +1,161 @@
+// Torch glue for the CUDA batch-norm + activation passes (bn_act_kernels.cu): checks, device guard,
+// current stream, dtype dispatch. Parameters (mean, invstd, gamma, beta) travel as float32 whatever the
+// data's dtype, so half/bf16 data are normalised with float statistics.
+#include "pnnh_cuda.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "bn_act_kernels.h"
+
+namespace pnnh {
+namespace cuda {
+namespace {
+
+void check_planar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be viewed as [outer, channels, inner], got ", t.dim(), " dims");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16 on CUDA, got ", dtype);
+}
+
+at::Tensor param(const at::Tensor& p, int64_t n, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == n, name, " must be a vector of ", n, " channels");
+  TORCH_CHECK(p.device() == like.device(), name, " must be on the data's device");
+  return p.to(at::kFloat).contiguous();
+}
+
+PlanarDims dims_of(const at::Tensor& t, int64_t c0, int64_t cn) {
+  return {t.size(0), t.size(1), t.size(2), c0, cn};
+}
+
+ActParams act_of(bool use_act, double slope, double scale) {
+  return {use_act, float(slope), float(scale)};
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// Calls fn with the kernel's element type for t's dtype (at::Half -> __half, at::BFloat16 -> __nv_bfloat16).
+template <typename Fn>
+void dispatch(const at::Tensor& t, Fn&& fn) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      fn(static_cast<float*>(nullptr));
+      break;
+    case at::kHalf:
+      fn(static_cast<__half*>(nullptr));
+      break;
+    case at::kBFloat16:
+      fn(static_cast<__nv_bfloat16*>(nullptr));
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mut_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+}  // namespace
+
+at::Tensor channel_sums_torch(const at::Tensor& z, int64_t c0, int64_t cn) {
+  check_planar(z, "z");
+  TORCH_CHECK(c0 >= 0 && cn >= 0 && c0 + cn <= z.size(1), "channel range out of bounds");
+  const c10::cuda::CUDAGuard guard(z.device());
+  auto out = at::empty({2, cn}, z.options().dtype(at::kDouble));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(z, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(channel_sums<T>(ptr<T>(z), dims_of(z, c0, cn), out.data_ptr<double>(), stream), "channel_sums");
+  });
+  return out;
+}
+
+void bn_act_apply_torch(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
+                        double slope, double scale) {
+  check_planar(z, "z");
+  check_planar(out, "out");
+  const int64_t cn = out.size(1);
+  TORCH_CHECK(out.scalar_type() == z.scalar_type(), "out must have z's dtype");
+  TORCH_CHECK(out.size(0) == z.size(0) && out.size(2) == z.size(2) && c0 >= 0 && c0 + cn <= z.size(1),
+              "shape mismatch");
+  const c10::cuda::CUDAGuard guard(z.device());
+  auto m = param(mean, cn, z, "mean"), is = param(invstd, cn, z, "invstd");
+  auto g = param(gamma, cn, z, "gamma"), b = param(beta, cn, z, "beta");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(z, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(bn_act_apply<T>(ptr<T>(z), dims_of(z, c0, cn), mut_ptr<T>(out), m.data_ptr<float>(), is.data_ptr<float>(),
+                          g.data_ptr<float>(), b.data_ptr<float>(), act_of(use_act, slope, scale), stream),
+          "bn_act_apply");
+  });
+}
+
+at::Tensor bn_act_backward_sums_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                                      bool use_act, double slope, double scale) {
+  check_planar(dy, "dy");
+  check_planar(x, "x");
+  const int64_t cn = dy.size(1);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy must have x's dtype");
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && c0 >= 0 && c0 + cn <= x.size(1),
+              "shape mismatch");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto m = param(mean, cn, x, "mean"), is = param(invstd, cn, x, "invstd");
+  auto g = param(gamma, cn, x, "gamma"), b = param(beta, cn, x, "beta");
+  auto out = at::empty({2, cn}, x.options().dtype(at::kDouble));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(bn_act_backward_sums<T>(ptr<T>(dy), ptr<T>(x), dims_of(x, c0, cn), m.data_ptr<float>(), is.data_ptr<float>(),
+                                  g.data_ptr<float>(), b.data_ptr<float>(), act_of(use_act, slope, scale),
+                                  out.data_ptr<double>(), stream),
+          "bn_act_backward_sums");
+  });
+  return out;
+}
+
+void bn_act_backward_apply_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
+                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+                                 const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
+                                 double slope, double scale) {
+  check_planar(dy, "dy");
+  check_planar(x, "x");
+  check_planar(dx, "dx");
+  const int64_t cn = dy.size(1);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dx.scalar_type() == x.scalar_type(),
+              "dy and dx must have x's dtype");
+  TORCH_CHECK(dx.sizes() == x.sizes(), "dx must have x's shape");
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && c0 >= 0 && c0 + cn <= x.size(1),
+              "shape mismatch");
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == cn && sums.scalar_type() == at::kDouble &&
+                  sums.is_contiguous() && sums.device() == x.device(),
+              "sums must be [2, cn] float64 on x's device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto m = param(mean, cn, x, "mean"), is = param(invstd, cn, x, "invstd");
+  auto g = param(gamma, cn, x, "gamma"), b = param(beta, cn, x, "beta");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(bn_act_backward_apply<T>(ptr<T>(dy), ptr<T>(x), mut_ptr<T>(dx), dims_of(x, c0, cn), m.data_ptr<float>(),
+                                   is.data_ptr<float>(), g.data_ptr<float>(), b.data_ptr<float>(),
+                                   sums.data_ptr<double>(), training, act_of(use_act, slope, scale), stream),
+          "bn_act_backward_apply");
+  });
+}
+
+}  // namespace cuda
+}  // namespace pnnh

@@ -1,0 +1,27 @@
+// Torch glue of the CUDA kernels: the same four passes as the CPU ones (pnnh_cpu.h), for CUDA tensors.
+// Compiled only against a CUDA build of torch (setup.py adds csrc/cuda/*.cpp then); bindings.cpp sends a
+// CUDA tensor here and a CPU tensor to the CPU kernels, so Python calls one function for both devices.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace pnnh {
+namespace cuda {
+
+at::Tensor channel_sums_torch(const at::Tensor& z, int64_t c0, int64_t cn);
+
+void bn_act_apply_torch(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
+                        const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
+                        double slope, double scale);
+
+at::Tensor bn_act_backward_sums_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                                      bool use_act, double slope, double scale);
+
+void bn_act_backward_apply_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
+                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+                                 const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
+                                 double slope, double scale);
+
+}  // namespace cuda
+}  // namespace pnnh

@@ -1,0 +1,97 @@
+"""The 'cuda' backend (the extension's CUDA kernels around cuDNN / cuBLAS) against the reference.
+
+The block tests run where torch has CUDA and a GPU is present, and skip elsewhere; the refusal tests run
+everywhere. (tests/test_cuda_sources.py compiles every kernel with nvcc wherever nvcc exists.)
+"""
+import pytest
+import torch
+
+import pnnh_kernels as pk
+from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, gpu_exact_math, low_precision_errors, randomize_norms, twin
+from pnnh_kernels.backends.registry import BackendUnavailableError, registered_backends, select_backend
+
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and registered_backends()["cuda"].unavailable_reason() is None
+
+
+gpu = pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and the extension built with CUDA")
+
+
+@pytest.fixture
+def exact():
+    gpu_exact_math()
+
+
+@gpu
+@pytest.mark.parametrize("case", sorted(BLOCK_CASES))
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_block_matches_reference(exact, case, training):
+    ref = pk.PNNHConv2d(5, backend="reference", **BLOCK_CASES[case]).to(device="cuda").train(training)
+    randomize_norms(ref)
+    x = torch.randn(3, 5, 7, 6, device="cuda")
+    assert_modules_agree(ref, twin(ref, "cuda"), x, *TOLERANCES[torch.float32])
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 6, 7, 7), (2, 6, 1, 1), (1, 6, 13, 1), (2, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"])
+def test_cuda_block_odd_shapes(exact, shape):
+    ref = pk.PNNHConv2d(6, backend="reference").cuda()
+    assert_modules_agree(ref, twin(ref, "cuda"), torch.randn(shape, device="cuda"), *TOLERANCES[torch.float32])
+
+
+@gpu
+def test_cuda_block_channels_last_and_strided_input(exact):
+    ref = pk.PNNHConv2d(6, backend="reference").cuda()
+    randomize_norms(ref)
+    fused = twin(ref, "cuda")
+    strided = torch.randn(2, 12, 9, 10, device="cuda")[:, ::2, :, 1:]
+    channels_last = torch.randn(2, 6, 9, 9, device="cuda").to(memory_format=torch.channels_last)
+    for x in (strided, channels_last):
+        assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float32])
+    assert fused(channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision_error_within_twice_eager(dtype):
+    ref64 = pk.PNNHConv2d(16, backend="reference").to(device="cuda", dtype=torch.float64)
+    randomize_norms(ref64)
+    x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64, device="cuda")
+    errors = low_precision_errors(ref64, "cuda", x64, dtype)
+    assert errors["cuda"] <= 2 * errors["eager"] + 1e-3, errors
+
+
+@gpu
+def test_cuda_custom_op_passes_opcheck():
+    from pnnh_kernels.backends.fused_conv_op import conv_block_fused
+
+    block = pk.PNNHConv2d(4).cuda()
+    w, n = block.block_weights(), block.block_norms()
+    act = block.config.activation
+    x = torch.randn(2, 4, 5, 5, device="cuda", requires_grad=True)
+    torch.library.opcheck(
+        conv_block_fused,
+        (x, w.encoder, w.learner1, w.learner2, w.decoder, n.coder.weight, n.coder.bias, n.learner.weight,
+         n.learner.bias, n.out.weight, n.out.bias, None, None, True, 1e-5, act.slope, act.scale, act.coder_gain, True),
+    )
+
+
+def test_cuda_backend_refuses_cpu_tensors_and_linear_with_a_reason():
+    block = pk.PNNHConv2d(4)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        select_backend("cuda", "conv2d", torch.randn(1, 4, 3, 3), block.block_weights(), block.config)
+    lin = pk.PNNHLinear(4)
+    with pytest.raises(BackendUnavailableError):
+        select_backend("cuda", "linear", torch.randn(2, 4), lin.block_weights(), lin.config)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only build")
+def test_cpu_only_build_says_it_has_no_cuda():
+    from pnnh_kernels._extension import extension
+
+    if extension() is None:
+        pytest.skip("extension not built")
+    assert extension().with_cuda is False
+    assert "without CUDA" in (registered_backends()["cuda"].unavailable_reason() or "")

@@ -1,0 +1,28 @@
+"""Triton kernels of the PNNH block (installed as ``pnnh_kernels.triton_kernels``).
+
+- :mod:`.conv_implicit_gemm`: convolution as an implicit GEMM over any input strides (NCHW or
+  channels_last), with an optional BN-apply + activation prologue on the loaded input, per-channel
+  batch-statistics partials in the epilogue, and centre-tap-only channel ranges (a 1x1 coder beside
+  a 3x3 learner in one GEMM without 9x the coder's work).
+- :mod:`.conv_weight_grad`: the weight gradient of that convolution, with the same prologue (so the
+  normalised / activated input is recomputed from the saved pre-norm tensor, never stored).
+- :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
+  and fused dActivation + dBN (a reduction pass and an apply pass).
+
+Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
+The autograd glue lives in :mod:`pnnh_kernels.backends.triton_conv_op`.
+"""
+from .bn_act_rows import bn_act_backward_apply, bn_act_backward_sums, bn_act_forward
+from .common import Prologue, interpreting
+from .conv_implicit_gemm import conv2d_implicit_gemm
+from .conv_weight_grad import conv2d_weight_grad
+
+__all__ = [
+    "Prologue",
+    "bn_act_backward_apply",
+    "bn_act_backward_sums",
+    "bn_act_forward",
+    "conv2d_implicit_gemm",
+    "conv2d_weight_grad",
+    "interpreting",
+]

@@ -1,0 +1,186 @@
+"""Convolution as an implicit GEMM, with the PNNH block's fusions.
+
+out[m, o] = sum over taps t and input channels c of  P(x)[pixel(m) + offset(t), c] * w[t, c, o]
+
+- rows m are output pixels (n, oh, ow); the output is written as [rows, out channels] (NHWC);
+- the input is read through its four strides, so NCHW, channels_last and sliced tensors all work;
+- P is an optional prologue (:class:`Prologue`): BN-apply + activation of the previous layer, applied
+  while loading, so the normalised / activated tensor never exists in memory;
+- the epilogue writes per-tile partial sums and sums of squares of every output channel (the batch
+  statistics, reduced without atomics, hence deterministic);
+- centre-only channel ranges: input channels [skip_lo, skip_hi) are read at the centre tap only, and
+  output tiles inside [cen_lo, cen_hi) compute the centre tap only. That is how a 1x1 coder shares one
+  GEMM with a 3x3 learner without doing nine times the coder's work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import Prologue, acc_dtype, apply_prologue, dot_dtype, dot_precision, prologue_args, tl_dtype
+from .tuning import gemm_configs, prune_by_width
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU
+_GPU_CONFIGS = [
+    (128, 64, 32, 4, 3),
+    (128, 128, 32, 8, 3),
+    (64, 64, 32, 4, 4),
+    (128, 32, 16, 4, 4),
+    (64, 32, 16, 4, 4),
+    (128, 128, 64, 8, 3),
+    (256, 64, 32, 8, 3),
+    (128, 64, 64, 4, 3),
+]
+
+
+@triton.jit
+def _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, c_start, c_end, sxc, offs_n, n_mask, COUT,
+                         scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+                         PROLOGUE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    for c0 in range(c_start, c_end, BLOCK_K):
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < c_end
+        mask2d = valid[:, None] & k_mask[None, :]
+        a = tl.load(row_ptr[:, None] + offs_k[None, :] * sxc, mask=mask2d, other=0.0)
+        if PROLOGUE:
+            a = apply_prologue(a, offs_k, mask2d, scale_ptr, shift_ptr, k_mask, act_lo, act_hi, pos, neg, ACC)
+        b = tl.load(w_tap_ptr + offs_k[:, None] * COUT + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(
+    configs=gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", _GPU_CONFIGS),
+    key=["CIN", "COUT", "KH", "KW", "PROLOGUE", "STATS"],
+    prune_configs_by={"early_config_prune": prune_by_width("COUT", "BLOCK_N", "CIN", "BLOCK_K")},
+    reset_to_zero=["part_ptr"],
+)
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr,
+    N, H, W, CIN, OH, OW, COUT,
+    sxn, sxc, sxh, sxw,
+    conv_stride, pad,
+    skip_lo, skip_hi, cen_lo, cen_hi,
+    act_lo, act_hi, act_ptr,
+    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    M = N * OH * OW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    img = (offs_m // (OH * OW)).to(tl.int64)
+    pix = offs_m % (OH * OW)
+    oh = pix // OW
+    ow = pix % OW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < COUT
+    n_lo = pid_n * BLOCK_N
+    centre_only = (n_lo >= cen_lo) & (n_lo + BLOCK_N <= cen_hi)
+
+    pos = tl.load(act_ptr)
+    neg = tl.load(act_ptr + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for tap in tl.static_range(KH * KW):
+        ih = oh * conv_stride - pad + tap // KW
+        iw = ow * conv_stride - pad + tap % KW
+        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row_ptr = x_ptr + img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        w_tap_ptr = w_ptr + tap * CIN * COUT
+        if tap == (KH // 2) * KW + KW // 2:
+            acc = _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, 0, CIN, sxc, offs_n, n_mask, COUT,
+                                       scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+                                       PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
+        else:
+            if centre_only == 0:
+                acc = _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, 0, skip_lo, sxc, offs_n, n_mask, COUT,
+                                           scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+                                           PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
+                acc = _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, skip_hi, CIN, sxc, offs_n, n_mask, COUT,
+                                           scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+                                           PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if STATS:
+        v = tl.where(out_mask, acc, 0.0)
+        part_row = part_ptr + pid_m.to(tl.int64) * 2 * COUT
+        tl.store(part_row + offs_n, tl.sum(v, axis=0), mask=n_mask)
+        tl.store(part_row + COUT + offs_n, tl.sum(v * v, axis=0), mask=n_mask)
+
+
+def _min_block_m() -> int:
+    return min(c.kwargs["BLOCK_M"] for c in _conv_fwd_kernel.configs)
+
+
+def conv2d_implicit_gemm(
+    x: Tensor,
+    w_packed: Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    prologue: Optional[Prologue] = None,
+    skip_range: tuple[int, int] = (0, 0),
+    centre_range: tuple[int, int] = (0, 0),
+    stats: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``out`` as [N*OH*OW, COUT] and, with ``stats``, the per-channel (sum, sum of squares) [2, COUT]
+    in the accumulation dtype (float64 for float64 data, else float32; reduced over tiles in float64).
+
+    x: [N, CIN, H, W] with any strides. w_packed: [k*k, CIN, COUT] contiguous (see :func:`pack_weight`).
+    """
+    n, cin, h, w = x.shape
+    taps, wcin, cout = w_packed.shape
+    if taps != kernel_size * kernel_size or wcin != cin:
+        raise ValueError(f"packed weight {tuple(w_packed.shape)} does not fit {cin} channels and kernel {kernel_size}")
+    oh = (h + 2 * padding - kernel_size) // stride + 1
+    ow = (w + 2 * padding - kernel_size) // stride + 1
+    m = n * oh * ow
+    acc = acc_dtype(x.dtype)
+    out = torch.empty((m, cout), device=x.device, dtype=out_dtype or x.dtype)
+    rows = triton.cdiv(m, _min_block_m()) if stats else 1
+    part = torch.zeros((rows, 2, cout), device=x.device, dtype=acc)
+    scale, shift, act_lo, act_hi, acts = prologue_args(prologue, x, acc)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+    if m > 0 and cout > 0:
+        _conv_fwd_kernel[grid](
+            x, w_packed, out, part, scale, shift,
+            n, h, w, cin, oh, ow, cout,
+            *x.stride(),
+            stride, padding,
+            *skip_range, *centre_range,
+            act_lo, act_hi, acts,
+            KH=kernel_size, KW=kernel_size, PROLOGUE=prologue is not None, STATS=stats,
+            ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+        )
+    sums = part.sum(0, dtype=torch.float64) if stats else None
+    return out, sums
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """[out, in, k, k] (torch's conv layout) -> [k*k, in, out], the layout the kernels read."""
+    o, i, kh, kw = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(kh * kw, i, o).contiguous()
+
+
+def unpack_weight(packed: Tensor, kernel_size: int) -> Tensor:
+    """Inverse of :func:`pack_weight`."""
+    taps, i, o = packed.shape
+    return packed.reshape(kernel_size, kernel_size, i, o).permute(3, 2, 0, 1)
+
+
+def pack_input_grad_weight(weight: Tensor) -> Tensor:
+    """The packed weight whose stride-1 'same' convolution is the input gradient of ``weight``'s:
+    swap in/out and flip the taps."""
+    return pack_weight(weight.transpose(0, 1).flip(-1, -2))

@@ -1,0 +1,135 @@
+"""Weight gradient of :func:`conv2d_implicit_gemm`'s convolution, with the same input prologue.
+
+dw[t, c, o] = sum over output pixels m of  P(x)[pixel(m) + offset(t), c] * dy[m, o]
+
+A GEMM per tap, reduced over the (long) pixel axis in splits whose partial results are summed after.
+The prologue recomputes the normalised / activated input from the saved pre-norm tensor, so backward
+never needs it stored. Tiles that only hold weights a centre-only range makes structurally zero
+(see :mod:`.conv_implicit_gemm`) are skipped.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import Prologue, acc_dtype, apply_prologue, dot_dtype, dot_precision, prologue_args, tl_dtype
+from .tuning import gemm_configs, prune_by_width
+
+# (BLOCK_M = pixels per step, BLOCK_C, BLOCK_O, warps, stages) tried on a GPU
+_GPU_CONFIGS = [
+    (64, 64, 64, 4, 3),
+    (128, 64, 64, 8, 3),
+    (64, 32, 32, 4, 4),
+    (64, 128, 64, 8, 3),
+    (32, 16, 16, 4, 4),
+    (128, 32, 64, 4, 3),
+]
+_ROWS_PER_SPLIT = 4096  # pixels each program reduces over (a multiple of every BLOCK_M)
+
+
+@triton.autotune(
+    configs=gemm_configs("BLOCK_M", "BLOCK_O", "BLOCK_C", _GPU_CONFIGS),
+    key=["CIN", "COUT", "KH", "KW", "PROLOGUE"],
+    prune_configs_by={"early_config_prune": prune_by_width("COUT", "BLOCK_O", "CIN", "BLOCK_C")},
+)
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, dw_ptr, scale_ptr, shift_ptr,
+    N, H, W, CIN, OH, OW, COUT,
+    sxn, sxc, sxh, sxw,
+    conv_stride, pad,
+    skip_lo, skip_hi, cen_lo, cen_hi,
+    act_lo, act_hi, act_ptr,
+    rows_per_split,
+    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    pid_tc = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    c_blocks = tl.cdiv(CIN, BLOCK_C)
+    tap = pid_tc // c_blocks
+    c_lo = (pid_tc % c_blocks) * BLOCK_C
+    o_lo = pid_o * BLOCK_O
+    offs_c = c_lo + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < CIN
+    offs_o = o_lo + tl.arange(0, BLOCK_O)
+    o_mask = offs_o < COUT
+    kr = tap // KW
+    ks = tap % KW
+    is_centre = tap == (KH // 2) * KW + KW // 2
+    structurally_zero = ((c_lo >= skip_lo) & (c_lo + BLOCK_C <= skip_hi)) | ((o_lo >= cen_lo) & (o_lo + BLOCK_O <= cen_hi))
+
+    pos = tl.load(act_ptr)
+    neg = tl.load(act_ptr + 1)
+    acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
+    if is_centre | (structurally_zero == 0):
+        M = N * OH * OW
+        m_start = pid_s * rows_per_split
+        m_end = tl.minimum(m_start + rows_per_split, M)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < m_end
+            img = (offs_m // (OH * OW)).to(tl.int64)
+            pix = offs_m % (OH * OW)
+            ih = (pix // OW) * conv_stride - pad + kr
+            iw = (pix % OW) * conv_stride - pad + ks
+            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            mask_a = valid[:, None] & c_mask[None, :]
+            row_ptr = x_ptr + img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            a = tl.load(row_ptr[:, None] + offs_c[None, :] * sxc, mask=mask_a, other=0.0)
+            if PROLOGUE:
+                a = apply_prologue(a, offs_c, mask_a, scale_ptr, shift_ptr, c_mask, act_lo, act_hi, pos, neg, ACC)
+            b = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_o[None, :],
+                        mask=m_mask[:, None] & o_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(a.to(DOT)), b.to(DOT), acc, input_precision=PRECISION)
+
+    dw_ptrs = dw_ptr + ((pid_s * KH * KW + tap) * CIN + offs_c[:, None]).to(tl.int64) * COUT + offs_o[None, :]
+    tl.store(dw_ptrs, acc, mask=c_mask[:, None] & o_mask[None, :])
+
+
+def conv2d_weight_grad(
+    x: Tensor,
+    dy: Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    prologue: Optional[Prologue] = None,
+    skip_range: tuple[int, int] = (0, 0),
+    centre_range: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """The packed weight gradient [k*k, CIN, COUT] (accumulation dtype) of the convolution of ``x``
+    (any strides, prologue applied) whose output gradient is ``dy`` as [N*OH*OW, COUT] contiguous."""
+    n, cin, h, w = x.shape
+    oh = (h + 2 * padding - kernel_size) // stride + 1
+    ow = (w + 2 * padding - kernel_size) // stride + 1
+    m, cout = dy.shape
+    if m != n * oh * ow:
+        raise ValueError(f"dy has {m} rows, the convolution has {n * oh * ow} output pixels")
+    dy = dy.contiguous()
+    acc = acc_dtype(x.dtype)
+    taps = kernel_size * kernel_size
+    splits = max(1, triton.cdiv(m, _ROWS_PER_SPLIT))
+    dw = torch.empty((splits, taps, cin, cout), device=x.device, dtype=acc)
+    if m == 0:
+        return dw.zero_().sum(0)
+    scale, shift, act_lo, act_hi, acts = prologue_args(prologue, x, acc)
+    grid = lambda meta: (taps * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)  # noqa: E731
+    _conv_wgrad_kernel[grid](
+        x, dy, dw, scale, shift,
+        n, h, w, cin, oh, ow, cout,
+        *x.stride(),
+        stride, padding,
+        *skip_range, *centre_range,
+        act_lo, act_hi, acts,
+        _ROWS_PER_SPLIT,
+        KH=kernel_size, KW=kernel_size, PROLOGUE=prologue is not None,
+        ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+    )
+    return dw.sum(0) if splits > 1 else dw[0]

@@ -1,0 +1,34 @@
+"""Block-size configurations for autotuning: a handful on a GPU (tuned for H100 in benchmarks/), one
+small one under the interpreter (which cannot autotune over several and is slow on big tiles)."""
+from __future__ import annotations
+
+import triton
+
+from .common import interpreting
+
+
+def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def gemm_configs(m: str, n: str, k: str, gpu: list[tuple]) -> list[triton.Config]:
+    """Configs over block names (m, n, k); ``gpu`` rows are (BM, BN, BK, warps, stages)."""
+    if interpreting():
+        return [_cfg(1, 1, **{m: 32, n: 16, k: 16})]
+    return [_cfg(w, s, **{m: bm, n: bn, k: bk}) for bm, bn, bk, w, s in gpu]
+
+
+def prune_by_width(n_arg: str, n_block: str, k_arg: str, k_block: str):
+    """Drop configs whose N or K block is wider than the (power-of-two rounded) problem needs."""
+
+    def prune(configs, named_args, **kwargs):
+        def limit(arg):
+            return max(16, triton.next_power_of_2(int(named_args[arg])))
+
+        kept = [c for c in configs if c.kwargs[n_block] <= limit(n_arg) and c.kwargs[k_block] <= limit(k_arg)]
+        if kept:
+            return kept
+        smallest = min(configs, key=lambda c: (c.kwargs[n_block], c.kwargs[k_block]))
+        return [smallest]
+
+    return prune
