@@ -159,7 +159,9 @@ def test_row_passes_match_autograd_of_bn_and_activation(device, training):
     torch.testing.assert_close(out, y.detach(), **close)
     stats = (mean.detach(), invstd.detach(), gamma, beta)
     sums = bn_act_backward_sums(dy, z.detach(), *stats, (lo, hi), slope, act_scale)
-    g = dy * torch.where((channel >= lo) & (channel < hi) , torch.where(v > 0, act_scale, act_scale * slope), 1.0)
+    # slopes as tensors of the data's dtype: Python scalars in torch.where would round them to float32
+    slopes = act_scale * torch.where(v > 0, torch.ones_like(v), torch.full_like(v, slope))
+    g = dy * torch.where((channel >= lo) & (channel < hi), slopes, torch.ones_like(v))
     torch.testing.assert_close(sums[0], g.sum(0).detach().double(), **close)  # = d(beta)
     torch.testing.assert_close(sums[1], (g * xhat).sum(0).detach().double(), **close)  # = d(gamma)
     dz = bn_act_backward_apply(dy, z.detach(), *stats, sums, training, (lo, hi), slope, act_scale)
