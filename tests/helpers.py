@@ -102,3 +102,29 @@ def low_precision_errors(block64: nn.Module, backend: str, x64: torch.Tensor, dt
             worst = max(worst, (g.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1.0))
         errors[name] = worst
     return errors
+
+
+def block_gradcheck(block: nn.Module, x: torch.Tensor, *, fast_mode: bool = False) -> bool:
+    """gradcheck of a conv block over its input and every parameter (float64). In training, the running
+    statistics are dropped first: their updates would make repeated evaluations differ."""
+    if block.training:
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    names = [n for n, _ in block.named_parameters()]
+
+    def fn(inp, *params):
+        return torch.func.functional_call(block, dict(zip(names, params)), (inp,))
+
+    return torch.autograd.gradcheck(fn, (x, *block.parameters()), fast_mode=fast_mode)
+
+
+def conv_op_args(block: nn.Module, x: torch.Tensor, use_batch: bool = True) -> tuple:
+    """The arguments of a fused conv-block custom op (pnnh::conv_block_fused / _triton) for ``block``."""
+    w, n = block.block_weights(), block.block_norms()
+    act = block.config.activation
+    return (
+        x, w.encoder, w.learner1, w.learner2, w.decoder,
+        n.coder.weight, n.coder.bias, n.learner.weight, n.learner.bias, n.out.weight, n.out.bias,
+        None, None, use_batch, 1e-5, act.slope, act.scale, act.coder_gain, True,
+    )

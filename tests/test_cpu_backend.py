@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pnnh_kernels as pk
-from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, randomize_norms, twin
+from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, conv_op_args, randomize_norms, twin
 from pnnh_kernels._extension import extension, extension_error
 from pnnh_kernels.backends import fused_conv_op
 from pnnh_kernels.backends.registry import select_backend
@@ -55,34 +55,14 @@ def test_cpu_backend_batch1_eval_uses_running_statistics():
 def test_cpu_backend_gradcheck(options, training):
     block = pk.PNNHConv2d(3, hidden_channels=4, backend="cpu", **options).double().train(training)
     randomize_norms(block)
-    names = [n for n, _ in block.named_parameters()]
-    if training:  # running-statistics updates would make repeated evaluations differ
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.track_running_stats, m.running_mean, m.running_var = False, None, None
-
-    def fn(x, *params):
-        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
-
-    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fn, (x, *block.parameters()))
-
-
-def _op_args(block, x, use_batch=True):
-    w, n = block.block_weights(), block.block_norms()
-    act = block.config.activation
-    return (
-        x, w.encoder, w.learner1, w.learner2, w.decoder,
-        n.coder.weight, n.coder.bias, n.learner.weight, n.learner.bias, n.out.weight, n.out.bias,
-        None, None, use_batch, 1e-5, act.slope, act.scale, act.coder_gain, True,
-    )
+    assert block_gradcheck(block, torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True))
 
 
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False)])
 def test_custom_ops_pass_opcheck(options):
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(fused_conv_op.conv_block_fused, _op_args(block, x))
+    torch.library.opcheck(fused_conv_op.conv_block_fused, conv_op_args(block, x))
 
 
 @pytest.mark.slow

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 import pnnh_kernels as pk
-from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, gpu_exact_math, low_precision_errors, randomize_norms, twin
+from helpers import (
+    BLOCK_CASES,
+    TOLERANCES,
+    assert_modules_agree,
+    conv_op_args,
+    gpu_exact_math,
+    low_precision_errors,
+    randomize_norms,
+    twin,
+)
 from pnnh_kernels.backends.registry import BackendUnavailableError, registered_backends, select_backend
 
 
@@ -68,14 +77,8 @@ def test_cuda_custom_op_passes_opcheck():
     from pnnh_kernels.backends.fused_conv_op import conv_block_fused
 
     block = pk.PNNHConv2d(4).cuda()
-    w, n = block.block_weights(), block.block_norms()
-    act = block.config.activation
     x = torch.randn(2, 4, 5, 5, device="cuda", requires_grad=True)
-    torch.library.opcheck(
-        conv_block_fused,
-        (x, w.encoder, w.learner1, w.learner2, w.decoder, n.coder.weight, n.coder.bias, n.learner.weight,
-         n.learner.bias, n.out.weight, n.out.bias, None, None, True, 1e-5, act.slope, act.scale, act.coder_gain, True),
-    )
+    torch.library.opcheck(conv_block_fused, conv_op_args(block, x))
 
 
 def test_cuda_backend_refuses_cpu_tensors_and_linear_with_a_reason():

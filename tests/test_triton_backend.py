@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 
 import pnnh_kernels as pk
-from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, gpu_exact_math, low_precision_errors, randomize_norms, twin
+from helpers import (
+    BLOCK_CASES,
+    TOLERANCES,
+    assert_modules_agree,
+    block_gradcheck,
+    conv_op_args,
+    gpu_exact_math,
+    low_precision_errors,
+    randomize_norms,
+    twin,
+)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -228,32 +238,16 @@ def test_triton_block_gradcheck(device, training):
     block = pk.PNNHConv2d(3, hidden_channels=4, backend="triton", coder_kernel_size=3, tied=False)
     block = block.to(device=device, dtype=torch.float64).train(training)
     randomize_norms(block)
-    names = [n for n, _ in block.named_parameters()]
-    if training:  # running-statistics updates would make repeated evaluations differ
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.track_running_stats, m.running_mean, m.running_var = False, None, None
-
-    def fn(x, *params):
-        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
-
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(fn, (x, *block.parameters()), fast_mode=True)
+    assert block_gradcheck(block, x, fast_mode=True)
 
 
 def test_triton_custom_op_passes_opcheck(device):
     from pnnh_kernels.backends.triton_conv_op import conv_block_triton
 
     block = pk.PNNHConv2d(4).to(device=device, dtype=exact_dtype(device))
-    w, n = block.block_weights(), block.block_norms()
-    act = block.config.activation
     x = torch.randn(2, 4, 5, 5, dtype=exact_dtype(device), device=device, requires_grad=True)
-    args = (
-        x, w.encoder, w.learner1, w.learner2, w.decoder,
-        n.coder.weight, n.coder.bias, n.learner.weight, n.learner.bias, n.out.weight, n.out.bias,
-        None, None, True, 1e-5, act.slope, act.scale, act.coder_gain, True,
-    )
-    torch.library.opcheck(conv_block_triton, args)
+    torch.library.opcheck(conv_block_triton, conv_op_args(block, x))
 
 
 def test_torch_compile_traces_the_triton_backend_without_graph_breaks(device):

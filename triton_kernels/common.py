@@ -36,8 +36,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def next_pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+def conv_output_size(h: int, w: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1
 
 
 class Prologue(NamedTuple):

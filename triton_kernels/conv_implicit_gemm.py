@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Prologue, acc_dtype, apply_prologue, dot_dtype, dot_precision, prologue_args, tl_dtype
+from .common import Prologue, acc_dtype, apply_prologue, conv_output_size, dot_dtype, dot_precision, prologue_args, tl_dtype
 from .tuning import gemm_configs, prune_by_width
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU
@@ -144,8 +144,7 @@ def conv2d_implicit_gemm(
     taps, wcin, cout = w_packed.shape
     if taps != kernel_size * kernel_size or wcin != cin:
         raise ValueError(f"packed weight {tuple(w_packed.shape)} does not fit {cin} channels and kernel {kernel_size}")
-    oh = (h + 2 * padding - kernel_size) // stride + 1
-    ow = (w + 2 * padding - kernel_size) // stride + 1
+    oh, ow = conv_output_size(h, w, kernel_size, stride, padding)
     m = n * oh * ow
     acc = acc_dtype(x.dtype)
     out = torch.empty((m, cout), device=x.device, dtype=out_dtype or x.dtype)

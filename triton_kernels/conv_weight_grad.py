@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Prologue, acc_dtype, apply_prologue, dot_dtype, dot_precision, prologue_args, tl_dtype
+from .common import Prologue, acc_dtype, apply_prologue, conv_output_size, dot_dtype, dot_precision, prologue_args, tl_dtype
 from .tuning import gemm_configs, prune_by_width
 
 # (BLOCK_M = pixels per step, BLOCK_C, BLOCK_O, warps, stages) tried on a GPU
@@ -107,8 +107,7 @@ def conv2d_weight_grad(
     """The packed weight gradient [k*k, CIN, COUT] (accumulation dtype) of the convolution of ``x``
     (any strides, prologue applied) whose output gradient is ``dy`` as [N*OH*OW, COUT] contiguous."""
     n, cin, h, w = x.shape
-    oh = (h + 2 * padding - kernel_size) // stride + 1
-    ow = (w + 2 * padding - kernel_size) // stride + 1
+    oh, ow = conv_output_size(h, w, kernel_size, stride, padding)
     m, cout = dy.shape
     if m != n * oh * ow:
         raise ValueError(f"dy has {m} rows, the convolution has {n * oh * ow} output pixels")

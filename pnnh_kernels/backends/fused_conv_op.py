@@ -31,20 +31,24 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _stats(z3: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, invstd, unbiased var) of channels [c0, c0 + cn) from one fused reduction pass (float64 sums)."""
-    count = z3.shape[0] * z3.shape[2]
-    sums = extension().channel_sums(z3, c0, cn)
+def stats_from_sums(sums: Tensor, count: int, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, unbiased var) from per-channel [sum, sum of squares] (float64) over ``count`` values."""
     mean = sums[0] / count
     var = (sums[1] / count - mean * mean).clamp_min(0.0)
     invstd = torch.rsqrt(var + eps)
     unbiased = var * (count / max(count - 1, 1))
-    pd = param_dtype(z3.dtype)
-    return mean.to(pd), invstd.to(pd), unbiased.to(pd)
+    return mean.to(dtype), invstd.to(dtype), unbiased.to(dtype)
 
 
-def _running(mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return mean.to(dtype).contiguous(), torch.rsqrt(var.double() + eps).to(dtype)
+def running_stats(mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, var) from running statistics (eval mode), in ``dtype``."""
+    return mean.to(dtype).contiguous(), torch.rsqrt(var.double() + eps).to(dtype), var.to(dtype, copy=True)
+
+
+def _stats(z3: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, unbiased var) of channels [c0, c0 + cn) from one fused reduction pass (float64 sums)."""
+    count = z3.shape[0] * z3.shape[2]
+    return stats_from_sums(extension().channel_sums(z3, c0, cn), count, eps, param_dtype(z3.dtype))
 
 
 def _layer1_conv(x: Tensor, enc: Tensor, learn1: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,8 +141,7 @@ def _conv_block_fused(
         stats = [_stats(t, c0, cn, eps) for (t, c0), cn in zip(halves, (cc, hid))]
         mean1, inv1, var1 = (torch.cat(parts) for parts in zip(*stats))
     else:
-        mean1, inv1 = _running(running_mean[: cc + hid], running_var[: cc + hid], eps, param_dtype(x.dtype))
-        var1 = running_var[: cc + hid].to(param_dtype(x.dtype), copy=True)
+        mean1, inv1, var1 = running_stats(running_mean[: cc + hid], running_var[: cc + hid], eps, param_dtype(x.dtype))
     zc, al = _layer1_apply(halves, (cc, hid), mean1, inv1, gammas, slope, scale)
 
     u = F.conv2d(al.view(n, hid, h, w), learn2, padding=k // 2).contiguous()
@@ -154,8 +157,7 @@ def _conv_block_fused(
     if use_batch:
         mean2, inv2, var2 = _stats(u3, 0, out_ch, eps)
     else:
-        mean2, inv2 = _running(running_mean[cc + hid :], running_var[cc + hid :], eps, param_dtype(x.dtype))
-        var2 = running_var[cc + hid :].to(param_dtype(x.dtype), copy=True)
+        mean2, inv2, var2 = running_stats(running_mean[cc + hid :], running_var[cc + hid :], eps, param_dtype(x.dtype))
     y = torch.empty_like(u3)
     g2f, b2f = _as(param_dtype(x.dtype), g2, b2)
     extension().bn_act_apply(u3, 0, y, mean2, inv2, g2f, b2f, final_act, slope, scale)

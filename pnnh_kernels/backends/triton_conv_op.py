@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..block import BlockWeights, decoder_conv_weight, pad_kernel
-from .fused_conv_op import param_dtype, register_block_autograd
+from .fused_conv_op import param_dtype, register_block_autograd, running_stats, stats_from_sums
 
 from pnnh_kernels.triton_kernels import (  # noqa: E402  (the package needs triton: imported by the backend lazily)
     Prologue,
@@ -83,25 +83,15 @@ def _fresh(t: Tensor, like: Tensor) -> Tensor:
     return t.to(dtype=like.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def _batch_stats(sums: Tensor, count: int, eps: float, dtype: torch.dtype):
-    mean = sums[0] / count
-    var = (sums[1] / count - mean * mean).clamp_min(0.0)
-    unbiased = var * (count / max(count - 1, 1))
-    return mean.to(dtype), torch.rsqrt(var + eps).to(dtype), unbiased.to(dtype)
-
-
-def _running_stats(running_mean: Tensor, running_var: Tensor, eps: float, dtype: torch.dtype):
-    return running_mean.to(dtype), torch.rsqrt(running_var.double() + eps).to(dtype), running_var.to(dtype, copy=True)
-
-
 def _scale_shift(mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     scale = gamma.to(mean.dtype) * invstd
     return scale, beta.to(mean.dtype) - mean * scale
 
 
-def _layer1_prologue(g: _Geometry, mean, invstd, gc, bc, g1, b1, slope, scale) -> Prologue:
-    """BN_c on the coder channels of z, BN_1 + activation on the learner channels."""
-    sc, sh = _scale_shift(mean[: g.c1], invstd[: g.c1], torch.cat([gc, g1]), torch.cat([bc, b1]))
+def _layer1_prologue(g: _Geometry, mean, invstd, gamma1, beta1, slope, scale) -> Prologue:
+    """BN_c on the coder channels of z, BN_1 + activation on the learner channels (gamma1/beta1: the
+    coder's and the learner's affine parameters, concatenated)."""
+    sc, sh = _scale_shift(mean[: g.c1], invstd[: g.c1], gamma1, beta1)
     return Prologue(sc, sh, g.cc, g.c1, slope, scale)
 
 
@@ -122,16 +112,16 @@ def _conv_block_triton(
 
     z, sums1 = conv2d_implicit_gemm(x, pack_weight(w1), g.K, 1, g.pad, centre_range=g.narrow, stats=use_batch)
     if use_batch:
-        mean1, inv1, var1 = _batch_stats(sums1, g.rows, eps, pd)
+        mean1, inv1, var1 = stats_from_sums(sums1, g.rows, eps, pd)
     else:
-        mean1, inv1, var1 = _running_stats(running_mean[: g.c1], running_var[: g.c1], eps, pd)
-    prologue = _layer1_prologue(g, mean1, inv1, gc, bc, g1, b1, slope, scale)
+        mean1, inv1, var1 = running_stats(running_mean[: g.c1], running_var[: g.c1], eps, pd)
+    prologue = _layer1_prologue(g, mean1, inv1, torch.cat([gc, g1]), torch.cat([bc, b1]), slope, scale)
 
     u, sums2 = conv2d_implicit_gemm(g.nhwc(z), pack_weight(w2), g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow, stats=use_batch)
     if use_batch:
-        mean2, inv2, var2 = _batch_stats(sums2, g.rows, eps, pd)
+        mean2, inv2, var2 = stats_from_sums(sums2, g.rows, eps, pd)
     else:
-        mean2, inv2, var2 = _running_stats(running_mean[g.c1 :], running_var[g.c1 :], eps, pd)
+        mean2, inv2, var2 = running_stats(running_mean[g.c1 :], running_var[g.c1 :], eps, pd)
     sc2, sh2 = _scale_shift(mean2, inv2, g2, b2)
     y = bn_act_forward(u, sc2, sh2, (0, g.out if final_act else 0), slope, scale)
     return (
@@ -180,12 +170,13 @@ def _conv_block_triton_backward(
     du = bn_act_backward_apply(dy_rows, u, *stats2, sums2, use_batch, out_act, slope, scale)
 
     # layer 2's gradients: the input one as a conv, the weight one recomputing BN_1 + act from z
-    prologue = _layer1_prologue(g, mean[:c1], invstd[:c1], gc, bc, g1, b1, slope, scale)
+    gamma1, beta1 = torch.cat([gc, g1]), torch.cat([bc, b1])
+    prologue = _layer1_prologue(g, mean[:c1], invstd[:c1], gamma1, beta1, slope, scale)
     dh, _ = conv2d_implicit_gemm(g.nhwc(du), pack_input_grad_weight(w2), g.K, 1, g.pad, centre_range=g.narrow)
     dw2 = unpack_weight(conv2d_weight_grad(g.nhwc(z), du, g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow), g.K)
 
     # layer 1: dBN_c on the coder channels, dAct + dBN_1 on the learner channels, one pair of passes
-    stats1 = (mean[:c1], invstd[:c1], torch.cat([gc, g1]), torch.cat([bc, b1]))
+    stats1 = (mean[:c1], invstd[:c1], gamma1, beta1)
     sums1 = bn_act_backward_sums(dh, z, *stats1, (g.cc, c1), slope, scale)
     dz = bn_act_backward_apply(dh, z, *stats1, sums1, use_batch, (g.cc, c1), slope, scale)
     dx = torch.empty((0,), device=x.device, dtype=x.dtype)
