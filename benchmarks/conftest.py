@@ -31,6 +31,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-smoke", action="store_true", help="one tiny shape, one round")
     group.addoption("--bench-results", default=None, help="folder for the JSON and RESULTS.md (default: benchmarks/)")
     group.addoption("--bench-dtype", action="append", default=None, help="only these dtypes (float32, bfloat16, ...); repeatable")
+    group.addoption("--bench-layout", action="append", default=None, help="only these conv input layouts (nchw, channels_last); repeatable")
     group.addoption("--bench-shape", action="append", default=None, help="only shapes whose label starts with this; repeatable")
 
 

@@ -15,22 +15,33 @@ def _fmt(v, spec=".2f"):
     return "" if v is None else format(v, spec)
 
 
+def _layout(r) -> str:
+    return r.get("layout", "nchw") if r["kind"] == "conv" else "rows"
+
+
 def _index(records):
     table = defaultdict(dict)
     for r in records:
         if r["kind"] in ("conv", "linear"):
-            table[(r["kind"], r["shape"], r["dtype"], r["pass_"])][r["variant"]] = r
+            table[(r["kind"], r["shape"], r["dtype"], _layout(r), r["pass_"])][r["variant"]] = r
     return table
+
+
+def _best_layout(records, kind, shape, dtype, pass_, variant):
+    """The fastest record of a variant over the input layouts measured (None if it has none)."""
+    rows = [r for r in records if (r["kind"], r["shape"], r["dtype"], r["pass_"], r["variant"]) == (kind, shape, dtype, pass_, variant)]
+    return min(rows, key=lambda r: r["median_ms"], default=None)
 
 
 def _block_tables(payload) -> list[str]:
     lines = []
     table = _index(payload["records"])
-    for (kind, shape, dtype, pass_), variants in sorted(table.items()):
+    for (kind, shape, dtype, layout, pass_), variants in sorted(table.items()):
         base = variants.get("eager")
         comp = variants.get("compile")
         dims = "x".join(map(str, next(iter(variants.values()))["dims"]))
-        lines += [f"#### {kind} block, {shape} ({dims}), {dtype}, {pass_}", ""]
+        where = f"{dtype}, {layout}" if kind == "conv" else dtype
+        lines += [f"#### {kind} block, {shape} ({dims}), {where}, {pass_}", ""]
         lines += ["| variant | median ms | vs eager | vs compile | saved act. MB | mem vs eager | GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|"]
         for name, r in sorted(variants.items(), key=lambda kv: kv[1]["median_ms"]):
             speed = base["median_ms"] / r["median_ms"] if base else None
@@ -50,9 +61,11 @@ def _targets(payload) -> list[str]:
     gpu = payload["device"].find("CUDA") >= 0
     lines = ["### Targets", ""]
     rows = []
-    for (kind, shape, dtype, pass_), variants in sorted(table.items()):
+    best_rows = set()
+    for (kind, shape, dtype, layout, pass_), variants in sorted(table.items()):
         if pass_ != "fwd+bwd" or "eager" not in variants:
             continue
+        label = f"{kind} {shape} {dtype}" + (f" {layout}" if kind == "conv" else "")
         for name, r in variants.items():
             if name in ("eager", "compile", "reference", "residual"):
                 continue
@@ -60,14 +73,23 @@ def _targets(payload) -> list[str]:
                 for base, goal in TARGETS_GPU.items():
                     if base in variants:
                         ratio = variants[base]["median_ms"] / r["median_ms"]
-                        rows.append(f"| {kind} {shape} {dtype} | {name} vs {base} | {ratio:.2f}x | >= {goal}x | {'met' if ratio >= goal else 'MISSED'} |")
+                        rows.append(f"| {label} | {name} vs {base} | {ratio:.2f}x | >= {goal}x | {'met' if ratio >= goal else 'MISSED'} |")
             if not gpu and dtype == "float32" and kind == "conv":
                 ratio = variants["eager"]["median_ms"] / r["median_ms"]
-                rows.append(f"| {kind} {shape} {dtype} | {name} vs eager | {ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |")
+                rows.append(f"| {label} | {name} vs eager | {ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |")
+                best_rows.add((kind, shape, dtype, pass_, name))
             mem, base_mem = r.get("saved_activation_mb"), variants["eager"].get("saved_activation_mb")
             if mem is not None and base_mem:
                 ratio = mem / base_mem
-                rows.append(f"| {kind} {shape} {dtype} | {name} saved activations vs eager | {ratio:.2f}x | <= {TARGET_MEMORY}x | {'met' if ratio <= TARGET_MEMORY else 'MISSED'} |")
+                rows.append(f"| {label} | {name} saved activations vs eager | {ratio:.2f}x | <= {TARGET_MEMORY}x | {'met' if ratio <= TARGET_MEMORY else 'MISSED'} |")
+    for kind, shape, dtype, pass_, name in sorted(best_rows):  # the strict reading: each at its faster layout
+        mine = _best_layout(payload["records"], kind, shape, dtype, pass_, name)
+        base = _best_layout(payload["records"], kind, shape, dtype, pass_, "eager")
+        ratio = base["median_ms"] / mine["median_ms"]
+        rows.append(
+            f"| {kind} {shape} {dtype}, each at its faster layout | {name} ({_layout(mine)}) vs eager ({_layout(base)}) | "
+            f"{ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |"
+        )
     if not rows:
         return lines + ["No fused backend was measured in this run.", ""]
     return lines + ["| shape | comparison | measured | target | |", "|---|---|---|---|---|", *rows, ""]

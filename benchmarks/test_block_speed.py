@@ -9,6 +9,10 @@ from variants import BASELINES, conv_variant, fused_backends, linear_variant
 CIFAR = [ConvShape("cifar-stage1", 128, 16, 32), ConvShape("cifar-stage2", 128, 32, 16), ConvShape("cifar-stage3", 128, 64, 8)]
 RESNET34 = [ConvShape("r34-stage1", 64, 64, 56), ConvShape("r34-stage2", 64, 128, 28), ConvShape("r34-stage3", 64, 256, 14), ConvShape("r34-stage4", 64, 512, 7)]
 VIT_CPU = [LinearShape("vit-s-mlp", 8 * 197, 384)]
+# channels_last is measured beside NCHW because it is the faster layout for plain PyTorch on some devices
+# (oneDNN on this project's CPU: up to 1.7x for the eager block), so "the fastest plain-PyTorch form"
+# of the baseline is the faster of the two rows
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 VIT_FULL = [LinearShape("vit-s-mlp", 64 * 197, 384), LinearShape("vit-b-mlp", 64 * 197, 768)]
 
 
@@ -48,6 +52,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", dtypes, ids=[str(d).replace("torch.", "") for d in dtypes])
     if "variant" in metafunc.fixturenames:
         metafunc.parametrize("variant", _variants())
+    if "layout" in metafunc.fixturenames:
+        layouts = _chosen(config, "--bench-layout", list(LAYOUTS))
+        metafunc.parametrize("layout", layouts)
     if "pass_name" in metafunc.fixturenames:
         metafunc.parametrize("pass_name", ["fwd", "fwd+bwd"])
 
@@ -60,23 +67,25 @@ def _compile_allowed(mode, device, label):
     return mode != "quick" or device == "cuda" or label == "cifar-stage2"
 
 
-def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops):
+def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops, layout="nchw"):
     torch.manual_seed(0)
     x = shape.input(dtype, collector.device)
+    if layout != "nchw":
+        x = x.detach().contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
     fn, reason = make_variant(variant, width, x)
     if fn is None:
         pytest.skip(reason)
-    benchmark.group = f"{kind} {shape.label} {dtype} {pass_name}"
-    record = dict(kind=kind, shape=shape.label, dims=dims, dtype=str(dtype).replace("torch.", ""), variant=variant)
+    benchmark.group = f"{kind} {shape.label} {dtype} {layout} {pass_name}"
+    record = dict(kind=kind, shape=shape.label, dims=dims, dtype=str(dtype).replace("torch.", ""), variant=variant, layout=layout)
     measure(benchmark, collector, fn, x, pass_name, record, flops)
 
 
-def test_conv_block(benchmark, collector, conv_shape, dtype, variant, pass_name):
+def test_conv_block(benchmark, collector, conv_shape, dtype, layout, variant, pass_name):
     if variant == "compile" and not _compile_allowed(collector.mode, collector.device, conv_shape.label):
         pytest.skip("torch.compile runs on cifar-stage2 only in the quick CPU set (--bench-full for all)")
     s = conv_shape
     flops = conv_block_flops(s, coder_kernel=0) if variant == "residual" else conv_block_flops(s)
-    _run(benchmark, collector, "conv", s, [s.batch, s.channels, s.size, s.size], s.channels, dtype, variant, pass_name, conv_variant, flops)
+    _run(benchmark, collector, "conv", s, [s.batch, s.channels, s.size, s.size], s.channels, dtype, variant, pass_name, conv_variant, flops, layout)
 
 
 def test_linear_block(benchmark, collector, linear_shape, dtype, variant, pass_name):

@@ -36,6 +36,8 @@ def conv_variant(name: str, channels: int, x: torch.Tensor) -> tuple[Optional[Ca
         return (lambda t: conv_block_reference(t, w, n, cfg, True)), None
     if name == "residual":  # a ResNet basic block of the same width: what the PNNH block replaces
         resnet = BasicBlock(channels, channels, 1, shortcut="A").to(device=x.device, dtype=x.dtype).train()
+        if x.is_contiguous(memory_format=torch.channels_last):
+            resnet = resnet.to(memory_format=torch.channels_last)
         return resnet, None
     reason = refusal_reason(registered_backends()[name], "conv2d", x, w, cfg)
     if reason:

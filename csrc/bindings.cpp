@@ -49,6 +49,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_apply", &bn_act_apply, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &bn_act_backward_sums, "fused dReLU + dBN reductions");
   m.def("bn_act_backward_apply", &bn_act_backward_apply, "fused dReLU + dBN input gradient");
+  // channels-last rows: the CPU backend's layout (CPU tensors only)
+  m.def("rows_channel_sums", &pnnh::rows_channel_sums, "per-channel sum and sum of squares over rows (float64)");
+  m.def("rows_bn_act_apply", &pnnh::rows_bn_act_apply, "fused batch-norm apply + activation over rows");
+  m.def("rows_bn_act_backward_sums", &pnnh::rows_bn_act_backward_sums, "fused dAct + dBN reductions over rows");
+  m.def("rows_bn_act_backward_apply", &pnnh::rows_bn_act_backward_apply, "fused dAct + dBN input gradient over rows");
   m.def("ln_act_forward", &pnnh::ln_act_forward, "fused layer-norm apply + activation over rows");
   m.def("ln_act_backward", &pnnh::ln_act_backward, "fused dActivation + dLayerNorm over rows");
 #ifdef PNNH_WITH_CUDA

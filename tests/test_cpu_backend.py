@@ -8,7 +8,8 @@ import torch
 import pnnh_kernels as pk
 from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, conv_op_args, randomize_norms, twin
 from pnnh_kernels._extension import extension, extension_error
-from pnnh_kernels.backends import fused_conv_op
+from pnnh_kernels.backends import cpu_conv_op, fused_conv_op
+from pnnh_kernels.backends.cpu import CpuBackend
 from pnnh_kernels.backends.registry import select_backend
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
@@ -16,10 +17,19 @@ pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ exte
 CASES = BLOCK_CASES
 
 
+@pytest.fixture(params=["rows", "planar"])
+def cpu_op(request, monkeypatch):
+    """The 'cpu' backend runs the channels-last rows op; the planar (NCHW) op is the one the 'cuda'
+    backend runs, so its Python half is checked here on the CPU kernels too."""
+    if request.param == "planar":
+        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: (fused_conv_op.conv_block_fused, fused_conv_op.ConvBlockFusedFunction))
+    return request.param
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpu_backend_matches_reference(case, training, dtype):
+def test_cpu_backend_matches_reference(case, training, dtype, cpu_op):
     ref = pk.PNNHConv2d(5, backend="reference", **CASES[case]).to(dtype).train(training)
     randomize_norms(ref)
     fused = twin(ref, "cpu")
@@ -27,12 +37,17 @@ def test_cpu_backend_matches_reference(case, training, dtype):
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 7, 7), (2, 6, 1, 1), (3, 6, 13, 1), (1, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"])
-def test_cpu_backend_odd_shapes(shape):
+def test_cpu_backend_odd_shapes(shape, cpu_op):
     ref = pk.PNNHConv2d(6, backend="reference").double()
-    assert_modules_agree(ref, twin(ref, "cpu"), torch.randn(shape, dtype=torch.float64), *TOLERANCES[torch.float64])
+    rtol, atol = TOLERANCES[torch.float64]
+    if shape[0] * shape[2] * shape[3] <= 2:
+        # batch norm over two values per channel: y is +-1 and every gradient a difference of O(1) terms,
+        # so two correct orders of evaluation (the cpu op folds BN_c into the decoder) differ by ~1e-10
+        atol = 1e-8
+    assert_modules_agree(ref, twin(ref, "cpu"), torch.randn(shape, dtype=torch.float64), rtol, atol)
 
 
-def test_cpu_backend_channels_last_and_strided_input():
+def test_cpu_backend_channels_last_and_strided_input(cpu_op):
     ref = pk.PNNHConv2d(6, backend="reference").double()
     randomize_norms(ref)
     fused = twin(ref, "cpu")
@@ -58,11 +73,13 @@ def test_cpu_backend_gradcheck(options, training):
     assert block_gradcheck(block, torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True))
 
 
-@pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False)])
-def test_custom_ops_pass_opcheck(options):
+@pytest.mark.parametrize("op", [cpu_conv_op.conv_block_rows, fused_conv_op.conv_block_fused], ids=["rows", "planar"])
+@pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False), dict(kernel_size=1)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_custom_ops_pass_opcheck(op, options, layout):
     block = pk.PNNHConv2d(4, **options).double()
-    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(fused_conv_op.conv_block_fused, conv_op_args(block, x))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    torch.library.opcheck(op, conv_op_args(block, x))
 
 
 @pytest.mark.slow
@@ -141,6 +158,72 @@ def test_kernels_reject_bad_arguments():
         C.channel_sums(z.transpose(0, 2), 0, 1)
     with pytest.raises(RuntimeError, match="data's dtype"):
         C.bn_act_apply(z, 0, torch.empty(2, 4, 5), torch.zeros(4, dtype=torch.float64), torch.ones(4), torch.ones(4), torch.zeros(4), True, 0.0, 1.0)
+
+
+def _norm_params(cn, dtype=torch.float64):
+    g = torch.Generator().manual_seed(cn)
+    mean, invstd = torch.randn(cn, generator=g, dtype=dtype), 0.5 + torch.rand(cn, generator=g, dtype=dtype)
+    gamma, beta = 0.5 + torch.rand(cn, generator=g, dtype=dtype), torch.randn(cn, generator=g, dtype=dtype)
+    return mean, invstd, gamma, beta
+
+
+# (rows, width, c0, cn): whole rows walked in groups (with leftover rows), a column range, one channel
+ROW_CASES = [(131, 16, 0, 16), (300, 48, 0, 48), (257, 24, 5, 11), (7, 3, 2, 1), (1, 8, 0, 8)]
+
+
+@pytest.mark.parametrize("rows, width, c0, cn", ROW_CASES)
+def test_rows_kernels_match_torch(rows, width, c0, cn):
+    C = extension()
+    z = torch.randn(rows, width, dtype=torch.float64)
+    dy = torch.randn(rows, cn, dtype=torch.float64)
+    mean, invstd, gamma, beta = _norm_params(cn)
+    col = z[:, c0 : c0 + cn]
+    sums = C.rows_channel_sums(z, c0, cn)
+    torch.testing.assert_close(sums, torch.stack([col.sum(0), col.pow(2).sum(0)]))
+
+    slope, scale = 0.2, 1.3
+    act = lambda t: scale * torch.where(t > 0, t, slope * t)  # noqa: E731
+    out = torch.full((rows, cn + 2), 7.0, dtype=torch.float64)
+    C.rows_bn_act_apply(z, c0, out, 1, mean, invstd, gamma, beta, True, slope, scale)
+    xhat = (col - mean) * invstd
+    torch.testing.assert_close(out[:, 1 : 1 + cn], act(xhat * gamma + beta))
+    assert (out[:, 0] == 7).all() and (out[:, -1] == 7).all()  # nothing written outside the range
+
+    for training in (True, False):
+        zz = col.detach().clone().requires_grad_()
+        if training:  # batch statistics: the gradient flows through mean and invstd too
+            m, v = zz.mean(0), zz.var(0, unbiased=False)
+            y = act((zz - m) * torch.rsqrt(v + 1e-5) * gamma + beta)
+            b_mean, b_inv = m.detach(), torch.rsqrt(v.detach() + 1e-5)
+        else:
+            y = act((zz - mean) * invstd * gamma + beta)
+            b_mean, b_inv = mean, invstd
+        (expected,) = torch.autograd.grad(y, zz, dy)
+        sums_g = C.rows_bn_act_backward_sums(dy, z, c0, b_mean, b_inv, gamma, beta, True, slope, scale)
+        dz = torch.zeros_like(z)
+        C.rows_bn_act_backward_apply(dy, z, c0, dz, b_mean, b_inv, gamma, beta, sums_g, training, True, slope, scale)
+        torch.testing.assert_close(dz[:, c0 : c0 + cn], expected)
+        assert dz[:, :c0].abs().sum() == 0 and dz[:, c0 + cn :].abs().sum() == 0
+
+
+def test_rows_kernels_reject_bad_arguments():
+    C = extension()
+    z = torch.randn(6, 4)
+    params = _norm_params(3, torch.float32)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        C.rows_channel_sums(z, 2, 3)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        C.rows_channel_sums(z.t(), 0, 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        C.rows_channel_sums(torch.randn(2, 3, 4), 0, 1)
+    with pytest.raises(RuntimeError, match="data's dtype"):
+        C.rows_bn_act_apply(z, 0, torch.empty(6, 3), 0, *_norm_params(3), True, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="row counts differ"):
+        C.rows_bn_act_apply(z, 0, torch.empty(5, 3), 0, *params, True, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="must have the range's"):
+        C.rows_bn_act_backward_sums(torch.randn(6, 4), z, 0, *params, True, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="float64"):
+        C.rows_bn_act_backward_apply(torch.randn(6, 3), z, 0, torch.empty_like(z), *params, torch.zeros(2, 3), True, True, 0.0, 1.0)
 
 
 def test_channel_sums_match_torch():

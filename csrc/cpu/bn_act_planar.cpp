@@ -9,6 +9,7 @@
 // (relu: slope 0; identity: slope 1). `use_act = false` skips it (the coder half, the last layer
 // without a final activation).
 #include "pnnh_cpu.h"
+#include "vector_clones.h"
 
 #include <ATen/Parallel.h>
 
@@ -42,14 +43,6 @@ void check_params(const at::Tensor& p, int64_t n, at::ScalarType dtype, const ch
 
 constexpr int64_t kGrain = 1;  // channels are coarse units of work already
 
-// The innermost loops live in plain functions: OpenMP pragmas cannot sit inside AT_DISPATCH's macro.
-// target_clones builds AVX-512 / AVX2 / baseline versions of each and picks one when the module loads,
-// so a portable build still runs wide vectors where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PNNH_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PNNH_VECTOR_CLONES
-#endif
 template <typename T>
 PNNH_VECTOR_CLONES void row_sums(const T* r, int64_t n, T& s, T& ss) {
   T rs = 0, rss = 0;  // a row (one image plane) is short enough for T partials

@@ -21,6 +21,22 @@ void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0
                            const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
                            double slope, double scale);
 
+// The same passes over channels-last rows: [rows, channels] matrices, a column range [c0, c0 + cn) each.
+at::Tensor rows_channel_sums(const at::Tensor& z, int64_t c0, int64_t cn);
+
+void rows_bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, int64_t out_c0, const at::Tensor& mean,
+                       const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
+                       double slope, double scale);
+
+at::Tensor rows_bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
+                                     const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                                     bool use_act, double slope, double scale);
+
+void rows_bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
+                                const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+                                const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
+                                double slope, double scale);
+
 // PNNHLinear: layer norm + activation over a column range of each row (kind 0: scaled leaky, 1: GELU).
 at::Tensor ln_act_forward(const at::Tensor& z, int64_t c0, int64_t cn, const at::Tensor& out, int64_t out_c0,
                           const at::Tensor& gamma, const at::Tensor& beta, double eps, bool use_act, int64_t kind,

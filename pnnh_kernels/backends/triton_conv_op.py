@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..block import BlockWeights, decoder_conv_weight, pad_kernel
 from .fused_conv_op import param_dtype, register_block_autograd, running_stats, stats_from_sums
+from .rows_layout import RowsLayout
 
 from pnnh_kernels.triton_kernels import (  # noqa: E402  (the package needs triton: imported by the backend lazily)
     Prologue,
@@ -40,11 +41,12 @@ from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_input_grad_weigh
 # --------------------------------------------------------------------------- the block's geometry
 
 
-class _Geometry:
+class _Geometry(RowsLayout):
     """Widths, the shared kernel size K, and the channel ranges whose weights are centre-only."""
 
     def __init__(self, x: Tensor, enc: Tensor, learn1: Tensor, learn2: Tensor) -> None:
-        self.n, self.cin, self.h, self.w = x.shape
+        super().__init__(x)
+        self.cin = x.shape[1]
         self.cc, self.hid, self.out = enc.shape[0], learn1.shape[0], learn2.shape[0]
         self.c1 = self.cc + self.hid
         self.kc, self.k = enc.shape[-1], learn1.shape[-1]
@@ -56,11 +58,6 @@ class _Geometry:
             self.narrow = (self.cc, self.c1)
         else:
             self.narrow = (0, 0)
-        self.rows = self.n * self.h * self.w
-
-    def nhwc(self, rows: Tensor) -> Tensor:
-        """A [N*H*W, C] tensor as an NCHW-shaped channels_last view."""
-        return rows.view(self.n, self.h, self.w, rows.shape[1]).permute(0, 3, 1, 2)
 
 
 def _layer_weights(g: _Geometry, enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor], gain: float):
@@ -117,7 +114,7 @@ def _conv_block_triton(
         mean1, inv1, var1 = running_stats(running_mean[: g.c1], running_var[: g.c1], eps, pd)
     prologue = _layer1_prologue(g, mean1, inv1, torch.cat([gc, g1]), torch.cat([bc, b1]), slope, scale)
 
-    u, sums2 = conv2d_implicit_gemm(g.nhwc(z), pack_weight(w2), g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow, stats=use_batch)
+    u, sums2 = conv2d_implicit_gemm(g.nchw(z), pack_weight(w2), g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow, stats=use_batch)
     if use_batch:
         mean2, inv2, var2 = stats_from_sums(sums2, g.rows, eps, pd)
     else:
@@ -125,7 +122,7 @@ def _conv_block_triton(
     sc2, sh2 = _scale_shift(mean2, inv2, g2, b2)
     y = bn_act_forward(u, sc2, sh2, (0, g.out if final_act else 0), slope, scale)
     return (
-        g.nhwc(y), z, x.new_empty((0,)), u,
+        g.nchw(y), z, x.new_empty((0,)), u,
         torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]),
     )
 
@@ -163,7 +160,7 @@ def _conv_block_triton_backward(
     c1 = g.c1
 
     # layer 2: dAct + dBN_2 -> du (the sums are also d(beta_2), d(gamma_2))
-    dy_rows = dy.permute(0, 2, 3, 1).reshape(g.rows, g.out).contiguous()
+    dy_rows = g.rows_of(dy)
     out_act = (0, g.out if final_act else 0)
     stats2 = (mean[c1:], invstd[c1:], g2, b2)
     sums2 = bn_act_backward_sums(dy_rows, u, *stats2, out_act, slope, scale)
@@ -172,8 +169,8 @@ def _conv_block_triton_backward(
     # layer 2's gradients: the input one as a conv, the weight one recomputing BN_1 + act from z
     gamma1, beta1 = torch.cat([gc, g1]), torch.cat([bc, b1])
     prologue = _layer1_prologue(g, mean[:c1], invstd[:c1], gamma1, beta1, slope, scale)
-    dh, _ = conv2d_implicit_gemm(g.nhwc(du), pack_input_grad_weight(w2), g.K, 1, g.pad, centre_range=g.narrow)
-    dw2 = unpack_weight(conv2d_weight_grad(g.nhwc(z), du, g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow), g.K)
+    dh, _ = conv2d_implicit_gemm(g.nchw(du), pack_input_grad_weight(w2), g.K, 1, g.pad, centre_range=g.narrow)
+    dw2 = unpack_weight(conv2d_weight_grad(g.nchw(z), du, g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow), g.K)
 
     # layer 1: dBN_c on the coder channels, dAct + dBN_1 on the learner channels, one pair of passes
     stats1 = (mean[:c1], invstd[:c1], gamma1, beta1)
@@ -181,8 +178,8 @@ def _conv_block_triton_backward(
     dz = bn_act_backward_apply(dh, z, *stats1, sums1, use_batch, (g.cc, c1), slope, scale)
     dx = torch.empty((0,), device=x.device, dtype=x.dtype)
     if need_dx:
-        dx_rows, _ = conv2d_implicit_gemm(g.nhwc(dz), pack_input_grad_weight(w1), g.K, 1, g.pad, skip_range=g.narrow)
-        dx = g.nhwc(dx_rows)
+        dx_rows, _ = conv2d_implicit_gemm(g.nchw(dz), pack_input_grad_weight(w1), g.K, 1, g.pad, skip_range=g.narrow)
+        dx = g.nchw(dx_rows)
     dw1 = unpack_weight(conv2d_weight_grad(x, dz, g.K, 1, g.pad, centre_range=g.narrow), g.K)
 
     d_enc = _crop(dw1[: g.cc], g.kc)
