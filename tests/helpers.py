@@ -13,6 +13,16 @@ TOLERANCES = {
 }
 
 
+# PNNHLinear configurations every fused linear backend is checked on
+LINEAR_CASES = {
+    "relu": dict(),
+    "gelu_no_final": dict(activation="gelu", final_activation=False),
+    "leaky_scaled": dict(activation="leaky_relu", negative_slope=0.2, activation_scale=1.4),
+    "untied_out_ne_in": dict(tied=False, out_features=5),
+    "narrow_coder": dict(coder_features=3),
+}
+
+
 def twin(module: nn.Module, backend: str) -> nn.Module:
     """A deep copy of ``module`` (same parameters and buffers) on another backend."""
     other = copy.deepcopy(module)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pnnh_kernels as pk
-from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, conv_op_args, randomize_norms, twin
+from helpers import BLOCK_CASES, LINEAR_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, conv_op_args, randomize_norms, twin
 from pnnh_kernels._extension import extension, extension_error
 from pnnh_kernels.backends import cpu_conv_op, fused_conv_op
 from pnnh_kernels.backends.cpu import CpuBackend
@@ -113,15 +113,6 @@ def test_cpu_backend_refuses_clearly(make, match):
     block, x = make()
     with pytest.raises(pk.BackendUnavailableError, match=match):
         block(x)
-
-
-LINEAR_CASES = {
-    "relu": dict(),
-    "gelu_no_final": dict(activation="gelu", final_activation=False),
-    "leaky_scaled": dict(activation="leaky_relu", negative_slope=0.2, activation_scale=1.4),
-    "untied_out_ne_in": dict(tied=False, out_features=5),
-    "narrow_coder": dict(coder_features=3),
-}
 
 
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))

@@ -272,9 +272,9 @@ def test_auto_never_picks_the_interpreter():
 
 
 def test_triton_refuses_what_it_does_not_fuse():
-    lin = pk.PNNHLinear(4)
-    with pytest.raises(BackendUnavailableError, match="PNNHConv2d only"):
-        select_backend("triton", "linear", torch.randn(2, 4), lin.block_weights(), lin.config)
+    for lin, match in ((pk.PNNHLinear(4, norm="batch"), "fuses layer norm"), (pk.PNNHLinear(4, bias=True), "no linear biases")):
+        with pytest.raises(BackendUnavailableError, match=match):
+            select_backend("triton", "linear", torch.randn(2, 4), lin.block_weights(), lin.config)
     gelu = pk.PNNHConv2d(4, activation="gelu")
     with pytest.raises(BackendUnavailableError, match="leaky_relu/identity family"):
         select_backend("triton", "conv2d", torch.randn(1, 4, 3, 3), gelu.block_weights(), gelu.config)

@@ -8,16 +8,22 @@
   normalised / activated input is recomputed from the saved pre-norm tensor, never stored).
 - :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
   and fused dActivation + dBN (a reduction pass and an apply pass).
+- :mod:`.linear_gemm`: PNNHLinear's matrix products, with a layer-norm + activation prologue on either
+  operand (coder and learner columns normalised separately) and row-statistics epilogues.
+- :mod:`.ln_act_rows`: PNNHLinear's layer-norm + activation pass and the fused dActivation + dLayerNorm.
 
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
-The autograd glue lives in :mod:`pnnh_kernels.backends.triton_conv_op`.
+The autograd glue lives in :mod:`pnnh_kernels.backends.triton_conv_op` and ``.triton_linear_op``.
 """
 from .bn_act_rows import bn_act_backward_apply, bn_act_backward_sums, bn_act_forward
 from .common import Prologue, interpreting
 from .conv_implicit_gemm import conv2d_implicit_gemm
 from .conv_weight_grad import conv2d_weight_grad
+from .linear_gemm import LnPrologue, ln_gemm, row_statistics
+from .ln_act_rows import ln_act_backward, ln_act_forward
 
 __all__ = [
+    "LnPrologue",
     "Prologue",
     "bn_act_backward_apply",
     "bn_act_backward_sums",
@@ -25,4 +31,8 @@ __all__ = [
     "conv2d_implicit_gemm",
     "conv2d_weight_grad",
     "interpreting",
+    "ln_act_backward",
+    "ln_act_forward",
+    "ln_gemm",
+    "row_statistics",
 ]

@@ -25,16 +25,6 @@ class CpuBackend(ExtensionConvBackend):
 
         return conv_block_rows, ConvBlockRowsFunction
 
-    def unsupported_reason(self, op, x, weights, config) -> Optional[str]:
-        reason = super().unsupported_reason(op, x, weights, config)
-        if reason or op != "linear":
-            return reason
-        if config.norm != "layer":
-            return f"the cpu backend fuses layer norm for PNNHLinear; norm={config.norm!r} runs on 'eager'"
-        if any(b is not None for b in (weights.encoder_bias, weights.learner1_bias, weights.learner2_bias)):
-            return "the cpu backend's PNNHLinear takes no linear biases (a norm follows every linear map)"
-        return None
-
     def auto_skip_reason(self, op, x, weights, config) -> Optional[str]:
         # benchmarks/RESULTS.md: for PNNHConv2d the forward alone beats eager, forward + backward does not
         # (yet) on this CPU; the PNNHLinear row kernels are scalar and slower than eager's GEMM + layer norm

@@ -36,6 +36,11 @@ class FusedConvBackend(Backend):
             return f"the {self.name} backend computes in {names}, not {x.dtype}"
         if any(t is not None and t.dtype != x.dtype for t in (weights.encoder, weights.learner1, weights.learner2, weights.decoder)):
             return f"the {self.name} backend needs the weights in the input's dtype (no autocast)"
+        if op == "linear":
+            if config.norm != "layer":
+                return f"the {self.name} backend fuses layer norm for PNNHLinear; norm={config.norm!r} runs on 'eager'"
+            if any(b is not None for b in (weights.encoder_bias, weights.learner1_bias, weights.learner2_bias)):
+                return f"the {self.name} backend's PNNHLinear takes no linear biases (a norm follows every linear map)"
         if op == "conv2d":
             if config.norm != "batch":
                 return f"the {self.name} backend fuses batch norm for PNNHConv2d; norm={config.norm!r} runs on 'eager'"
