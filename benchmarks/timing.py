@@ -31,6 +31,7 @@ def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: fl
     rounds = rounds_for(collector.mode, once)
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     median_s = benchmark.stats.stats.median
+    min_s = benchmark.stats.stats.min
 
     saved = peak = None
     if pass_name == "fwd+bwd":
@@ -44,6 +45,7 @@ def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: fl
         **record,
         pass_=pass_name,
         median_ms=median_s * 1e3,
+        min_ms=min_s * 1e3,
         rounds=rounds,
         first_call_s=first,
         saved_activation_mb=None if saved is None else saved / 2**20,
