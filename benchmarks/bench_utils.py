@@ -43,6 +43,47 @@ def linear_block_flops(shape: LinearShape, hidden_ratio: int = 4) -> float:
     return 2.0 * shape.tokens * (d * (d + h) + (d + h) * d)
 
 
+def _block_traffic(pixels: int, cin: int, c1: int, cout: int, backward: bool) -> int:
+    """Elements the fused dataflow of design.md must move (every tensor once per pass that reads or writes
+    it; the statistics, the weights and the scalars are small and left out):
+
+    forward   conv1 x -> z | conv2 with the norm prologue z -> u | norm + act u -> y
+    backward  dNorm2 sums (dy, u) | dNorm2 apply (dy, u -> du) | dh = conv(du) | dW2 (z, du)
+              dNorm1 sums (dh, z) | dNorm1 apply (dh, z -> dz) | dx = conv(dz) | dW1 (x, dz)
+    """
+    forward = cin + 2 * c1 + 3 * cout
+    backward_only = 7 * cout + 9 * c1 + 2 * cin
+    return pixels * (forward + (backward_only if backward else 0))
+
+
+def conv_block_bytes(shape: ConvShape, element_size: int, backward: bool, coder: bool = True) -> float:
+    """The PNNH conv block's compulsory memory traffic in bytes (coder = learner = C; without the coder,
+    a plain two-layer block of the same width: the ResNet basic block's)."""
+    c = shape.channels
+    pixels = shape.batch * shape.size * shape.size
+    return float(_block_traffic(pixels, c, 2 * c if coder else c, c, backward) * element_size)
+
+
+def linear_block_bytes(shape: LinearShape, element_size: int, backward: bool, hidden_ratio: int = 4) -> float:
+    d = shape.dim
+    return float(_block_traffic(shape.tokens, d, d + hidden_ratio * d, d, backward) * element_size)
+
+
+def copy_bandwidth(device: str, megabytes: int = 256, repeats: int = 5) -> float:
+    """The device's practical memory bandwidth in bytes/s: a large tensor copy (read + write), measured now."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * src.numel() * 4 / best
+
+
 def saved_activation_bytes(fn) -> int:
     """Bytes of the tensors autograd keeps between forward and backward (each storage counted once)."""
     seen: dict[int, int] = {}

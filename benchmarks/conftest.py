@@ -11,6 +11,7 @@ another stay side by side, each with its own date, device and command.
 from __future__ import annotations
 
 import datetime
+from typing import Optional
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_utils import cpu_model, device_description, matmul_peak_flops  # noqa: E402
+from bench_utils import copy_bandwidth, cpu_model, device_description, matmul_peak_flops  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,12 +42,18 @@ class Collector:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.records: list[dict] = []
         self._peaks: dict[str, float] = {}
+        self._bandwidth: Optional[float] = None
 
     def peak(self, dtype: torch.dtype) -> float:
         key = str(dtype)
         if key not in self._peaks:
             self._peaks[key] = matmul_peak_flops(dtype, self.device, n=256 if self.mode == "smoke" else 2048)
         return self._peaks[key]
+
+    def bandwidth(self) -> float:
+        if self._bandwidth is None:
+            self._bandwidth = copy_bandwidth(self.device, megabytes=16 if self.mode == "smoke" else 256)
+        return self._bandwidth
 
     def add(self, **record) -> None:
         self.records.append(record)
@@ -97,6 +104,7 @@ def pytest_sessionfinish(session, exitstatus):
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": {k: v / 1e9 for k, v in collector._peaks.items()},
+        "copy_bandwidth_gbs": None if collector._bandwidth is None else collector._bandwidth / 1e9,
         "records": collector.records,
     }
     with open(os.path.join(folder, "results", f"{slug}.json"), "w") as f:

@@ -17,6 +17,10 @@ def _ms(r) -> float:
     return r.get("min_ms", r["median_ms"])
 
 
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.1f}%"
+
+
 def _fmt(v, spec=".2f"):
     return "" if v is None else format(v, spec)
 
@@ -48,7 +52,10 @@ def _block_tables(payload) -> list[str]:
         dims = "x".join(map(str, next(iter(variants.values()))["dims"]))
         where = f"{dtype}, {layout}" if kind == "conv" else dtype
         lines += [f"#### {kind} block, {shape} ({dims}), {where}, {pass_}", ""]
-        lines += ["| variant | median ms | min ms | vs eager | vs compile | saved act. MB | mem vs eager | GFLOP/s | of matmul peak |", "|---|---|---|---|---|---|---|---|---|"]
+        first = variants.get("eager") or next(iter(variants.values()))
+        if first.get("traffic_mb") is not None:
+            lines += [f"Roofline: {first['traffic_mb']:.1f} MB of compulsory traffic, {first['flop_per_byte']:.1f} FLOP/byte (the PNNH block's; `bench_utils._block_traffic`).", ""]
+        lines += ["| variant | median ms | min ms | vs eager | vs compile | saved act. MB | mem vs eager | GFLOP/s | of matmul peak | of roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in sorted(variants.items(), key=lambda kv: _ms(kv[1])):
             speed = _ms(base) / _ms(r) if base else None
             vs_comp = _ms(comp) / _ms(r) if comp else None
@@ -56,7 +63,8 @@ def _block_tables(payload) -> list[str]:
             mem_ratio = mem / base["saved_activation_mb"] if (mem is not None and base and base.get("saved_activation_mb")) else None
             lines.append(
                 f"| {name} | {r['median_ms']:.2f} | {_fmt(r.get('min_ms'))} | {_fmt(speed)}x | {_fmt(vs_comp)}{'x' if vs_comp else ''} | "
-                f"{_fmt(mem, '.1f')} | {_fmt(mem_ratio)}{'x' if mem_ratio else ''} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% |"
+                f"{_fmt(mem, '.1f')} | {_fmt(mem_ratio)}{'x' if mem_ratio else ''} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | "
+                f"{_pct(r.get('roofline_fraction'))} |"
             )
         lines.append("")
     return lines
@@ -124,7 +132,9 @@ def render_results(results_dir: str, out_path: str) -> None:
         "batch norm + ReLU), `compile` is `torch.compile` of it, `reference` the literal block, `residual` a",
         "ResNet basic block (or ViT MLP) of the same width. Saved activations: bytes autograd keeps between",
         "forward and backward. FLOP rates count the block's GEMMs (backward = 2x forward); the peak is a",
-        "square matmul measured in the same run.",
+        "square matmul measured in the same run. Roofline: the attainable rate is min(matmul peak, FLOP/byte x",
+        "copy bandwidth), with the bytes the fused dataflow must move and a large copy's bandwidth measured in",
+        "the same run; `of roofline` is the achieved rate (best round) over it.",
         "",
     ]
     notes = os.path.join(results_dir, "NOTES.md")
@@ -139,7 +149,8 @@ def render_results(results_dir: str, out_path: str) -> None:
             "",
             f"- date: {payload['date']}; command: `{payload['command']}` ({payload['mode']} set)",
             f"- torch {payload['torch']}, {payload['threads']} threads; matmul peak: "
-            + ", ".join(f"{k.replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in payload["matmul_peak_gflops"].items()),
+            + ", ".join(f"{k.replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in payload["matmul_peak_gflops"].items())
+            + (f"; copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s" if payload.get("copy_bandwidth_gbs") else ""),
             "",
         ]
         parts += _targets(payload) + _models(payload) + ["### Blocks", ""] + _block_tables(payload)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench_utils import ConvShape, LinearShape, conv_block_flops, linear_block_flops
+from bench_utils import ConvShape, LinearShape, conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
 from variants import BASELINES, conv_variant, fused_backends, linear_variant
 
@@ -67,7 +67,7 @@ def _compile_allowed(mode, device, label):
     return mode != "quick" or device == "cuda" or label == "cifar-stage2"
 
 
-def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops, layout="nchw"):
+def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops, traffic, layout="nchw"):
     torch.manual_seed(0)
     x = shape.input(dtype, collector.device)
     if layout != "nchw":
@@ -77,19 +77,24 @@ def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_na
         pytest.skip(reason)
     benchmark.group = f"{kind} {shape.label} {dtype} {layout} {pass_name}"
     record = dict(kind=kind, shape=shape.label, dims=dims, dtype=str(dtype).replace("torch.", ""), variant=variant, layout=layout)
-    measure(benchmark, collector, fn, x, pass_name, record, flops)
+    measure(benchmark, collector, fn, x, pass_name, record, flops, traffic)
 
 
 def test_conv_block(benchmark, collector, conv_shape, dtype, layout, variant, pass_name):
     if variant == "compile" and not _compile_allowed(collector.mode, collector.device, conv_shape.label):
         pytest.skip("torch.compile runs on cifar-stage2 only in the quick CPU set (--bench-full for all)")
     s = conv_shape
-    flops = conv_block_flops(s, coder_kernel=0) if variant == "residual" else conv_block_flops(s)
-    _run(benchmark, collector, "conv", s, [s.batch, s.channels, s.size, s.size], s.channels, dtype, variant, pass_name, conv_variant, flops, layout)
+    coder = variant != "residual"
+    flops = conv_block_flops(s, coder_kernel=1 if coder else 0)
+    size = torch.empty((), dtype=dtype).element_size()
+    traffic = {p: conv_block_bytes(s, size, p == "fwd+bwd", coder) for p in ("fwd", "fwd+bwd")}
+    _run(benchmark, collector, "conv", s, [s.batch, s.channels, s.size, s.size], s.channels, dtype, variant, pass_name, conv_variant, flops, traffic, layout)
 
 
 def test_linear_block(benchmark, collector, linear_shape, dtype, variant, pass_name):
     if variant == "compile" and (collector.mode == "smoke" or (collector.mode == "quick" and collector.device == "cpu")):
         pytest.skip("torch.compile of the linear block is in the full set only on CPU")
     s = linear_shape
-    _run(benchmark, collector, "linear", s, [s.tokens, s.dim], s.dim, dtype, variant, pass_name, linear_variant, linear_block_flops(s))
+    size = torch.empty((), dtype=dtype).element_size()
+    traffic = {p: linear_block_bytes(s, size, p == "fwd+bwd") for p in ("fwd", "fwd+bwd")}
+    _run(benchmark, collector, "linear", s, [s.tokens, s.dim], s.dim, dtype, variant, pass_name, linear_variant, linear_block_flops(s), traffic)

@@ -9,7 +9,9 @@ from bench_utils import saved_activation_bytes, synchronize
 from conftest import rounds_for
 
 
-def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: float) -> None:
+def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: float, traffic: dict) -> None:
+    """Time ``fn`` and record it. ``traffic`` maps the pass name to the block's compulsory bytes (the
+    roofline's denominator: attainable FLOP/s = min(matmul peak, FLOPs / bytes * copy bandwidth))."""
     device = collector.device
     grad = torch.randn_like(fn(x).detach()) if pass_name == "fwd+bwd" else None
 
@@ -41,6 +43,8 @@ def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: fl
             run()
             peak = torch.cuda.max_memory_allocated()
     total_flops = flops * (3.0 if pass_name == "fwd+bwd" else 1.0)  # backward ~ twice the forward GEMMs
+    moved = traffic[pass_name]
+    attainable = min(collector.peak(x.dtype), total_flops / moved * collector.bandwidth())
     collector.add(
         **record,
         pass_=pass_name,
@@ -52,4 +56,7 @@ def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: fl
         peak_memory_mb=None if peak is None else peak / 2**20,
         gflops=total_flops / median_s / 1e9,
         peak_fraction=total_flops / median_s / collector.peak(x.dtype),
+        traffic_mb=moved / 2**20,
+        flop_per_byte=total_flops / moved,
+        roofline_fraction=total_flops / min_s / attainable,
     )
