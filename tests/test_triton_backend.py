@@ -7,7 +7,6 @@ the fused prologue, the statistics epilogue, the row passes); block tests check 
 and the running statistics of the whole block against the literal reference.
 """
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from helpers import (
     assert_modules_agree,
     block_gradcheck,
     conv_op_args,
-    gpu_exact_math,
     low_precision_errors,
     randomize_norms,
     twin,
@@ -37,25 +35,11 @@ from pnnh_kernels.triton_kernels import (  # noqa: E402
     bn_act_forward,
     conv2d_implicit_gemm,
     conv2d_weight_grad,
-    interpreting,
 )
 from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_input_grad_weight, pack_weight, unpack_weight  # noqa: E402
+from triton_devices import ON_GPU, device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() and not interpreting() else [])
-pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA device, and TRITON_INTERPRET=1 is not set")
-ON_GPU = "cuda" in DEVICES
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    if request.param == "cuda":
-        gpu_exact_math()
-    return request.param
-
-
-def exact_dtype(device):
-    """float64 in the interpreter; float32 on a GPU, where Triton's dot has no float64."""
-    return torch.float64 if device == "cpu" else torch.float32
+pytestmark = requires_a_device
 
 
 def tolerance(device):

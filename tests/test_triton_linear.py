@@ -10,28 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import pnnh_kernels as pk
-from helpers import LINEAR_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, gpu_exact_math, low_precision_errors, randomize_norms, twin
+from helpers import LINEAR_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, low_precision_errors, randomize_norms, twin
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from pnnh_kernels.triton_kernels import interpreting  # noqa: E402
 from pnnh_kernels.triton_kernels.linear_gemm import LnPrologue, ln_gemm, row_statistics  # noqa: E402
 from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_backward, ln_act_forward  # noqa: E402
+from triton_devices import device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
 
-DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() and not interpreting() else [])
-pytestmark = pytest.mark.skipif(not DEVICES, reason="no CUDA device, and TRITON_INTERPRET=1 is not set")
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    if request.param == "cuda":
-        gpu_exact_math()
-    return request.param
-
-
-def exact_dtype(device):
-    return torch.float64 if device == "cpu" else torch.float32
+pytestmark = requires_a_device
 
 
 def tol(dtype):

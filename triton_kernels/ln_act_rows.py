@@ -41,16 +41,17 @@ def _ln_act_fwd_kernel(u_ptr, y_ptr, stats_ptr, gamma_ptr, beta_ptr, act_ptr, T,
 @triton.jit
 def _grad_tile(dy_ptr, sdy, z_ptr, sz, rows, m_mask, cols, c_mask, mean, rstd, gamma_ptr, beta_ptr, pos, neg,
                ACT: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr):
-    """(xhat, g = dy * act'(y)) of a tile, zero outside the masks."""
+    """(xhat, g = dy * act'(y), dxhat = g * gamma) of a tile, zero outside the masks."""
     mask = m_mask[:, None] & c_mask[None, :]
     z = tl.load(z_ptr + rows[:, None] * sz + cols[None, :], mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(ACC)
     xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    gam = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0)
     if ACT:
-        gam = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0)
         bet = tl.load(beta_ptr + cols, mask=c_mask, other=0.0)
         dy = dy * activation_derivative(xhat * gam[None, :] + bet[None, :], pos, neg, GELU)
-    return xhat, tl.where(mask, dy, 0.0)
+    g = tl.where(mask, dy, 0.0)
+    return xhat, g, g * gam[None, :]
 
 
 @triton.jit
@@ -72,9 +73,8 @@ def _ln_act_bwd_kernel(dy_ptr, sdy, z_ptr, sz, dz_ptr, sdz, part_ptr, mean_ptr, 
     for c0 in range(0, width, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < width
-        xhat, g = _grad_tile(dy_ptr + lo, sdy, z_ptr + lo, sz, rows, m_mask, offs_c, c_mask, mean, rstd,
-                             gamma_ptr, beta_ptr, pos, neg, ACT, GELU, ACC)
-        dxh = g * tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+        xhat, g, dxh = _grad_tile(dy_ptr + lo, sdy, z_ptr + lo, sz, rows, m_mask, offs_c, c_mask, mean, rstd,
+                                  gamma_ptr, beta_ptr, pos, neg, ACT, GELU, ACC)
         s1 += tl.sum(dxh, axis=1)
         s2 += tl.sum(dxh * xhat, axis=1)
     s1 = s1 / width
@@ -83,9 +83,8 @@ def _ln_act_bwd_kernel(dy_ptr, sdy, z_ptr, sz, dz_ptr, sdz, part_ptr, mean_ptr, 
     for c0 in range(0, width, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < width
-        xhat, g = _grad_tile(dy_ptr + lo, sdy, z_ptr + lo, sz, rows, m_mask, offs_c, c_mask, mean, rstd,
-                             gamma_ptr, beta_ptr, pos, neg, ACT, GELU, ACC)
-        dxh = g * tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+        xhat, g, dxh = _grad_tile(dy_ptr + lo, sdy, z_ptr + lo, sz, rows, m_mask, offs_c, c_mask, mean, rstd,
+                                  gamma_ptr, beta_ptr, pos, neg, ACT, GELU, ACC)
         dz = rstd[:, None] * (dxh - s1[:, None] - xhat * s2[:, None])
         mask = m_mask[:, None] & c_mask[None, :]
         tl.store(dz_ptr + lo + rows[:, None] * sdz + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)

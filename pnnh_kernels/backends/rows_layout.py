@@ -2,7 +2,6 @@
 'triton' conv ops between their convolutions (no copies when the map is channels_last already)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
