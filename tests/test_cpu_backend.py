@@ -58,6 +58,19 @@ def test_cpu_backend_channels_last_and_strided_input(cpu_op):
     assert fused(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(kernel_size=1)])
+def test_cpu_backend_parameter_grads_without_input_grad(options, cpu_op):
+    """A first layer: x needs no gradient, so the op skips dx (and the coder's in-place dx product)."""
+    ref = pk.PNNHConv2d(5, backend="reference", **options).double()
+    randomize_norms(ref)
+    fused = twin(ref, "cpu")
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    for block in (ref, fused):
+        block(x).square().sum().backward()
+    for (name, p_ref), (_, p_fused) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
 def test_cpu_backend_batch1_eval_uses_running_statistics():
     ref = pk.PNNHConv2d(4, backend="reference").double().eval()
     randomize_norms(ref)
