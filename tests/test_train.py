@@ -191,6 +191,16 @@ def test_mixed_precision_bf16_trains(tmp_path):
     assert math.isfinite(result["final"]["train_loss"]) and result["final"]["test_acc"] > 0.1
 
 
+def test_channels_last_training_matches_contiguous_training(tmp_path):
+    """--channels-last changes the memory format of the model and the batches, not what is learned."""
+    base = train(small(tmp_path / "nchw", model="pnnh_resnet8", epochs=1))
+    cl = train(small(tmp_path / "cl", model="pnnh_resnet8", epochs=1, channels_last=True))
+    a, b = base["final"], cl["final"]
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * a["train_loss"], (a, b)
+    weights = load_checkpoint(cl["checkpoint"])["model"]
+    assert any(w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights.values())
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager_training(tmp_path):
     """--compile trains through torch.compile (inductor) and learns like the eager run of the same seed."""

@@ -41,6 +41,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--drop-path-rate", type=float, default=d.drop_path_rate)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp)
+    p.add_argument("--channels-last", action="store_true", help="model and batches in channels_last memory format (faster on oneDNN / cuDNN)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--backend", default=d.backend, help="PNNH block backend: auto, eager, reference, ...")
     p.add_argument("--seed", type=int, default=d.seed)

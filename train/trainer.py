@@ -43,6 +43,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     drop_path_rate: float = 0.0
     amp: str = "none"
+    #: model and image batches in channels_last memory format (oneDNN / cuDNN run faster that way;
+    #: benchmarks/RESULTS.md: 1.0-1.8x for the block on the CPU)
+    channels_last: bool = False
     compile: bool = False
     backend: str = "auto"
     seed: int = 0
@@ -111,28 +114,35 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _batches(bundle: DataBundle, order: torch.Tensor, batch_size: int, workers: int, device: torch.device):
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _batches(bundle: DataBundle, order: torch.Tensor, batch_size: int, workers: int, device: torch.device, channels_last: bool = False):
     """Yield (x, y) batches in ``order``; tensors data sets are sliced directly (no worker overhead)."""
     data = bundle.train
+    fmt = _memory_format(channels_last)
     if isinstance(data, TensorDataset):
         images, labels = data.tensors
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            yield images[idx].to(device, non_blocking=True, memory_format=fmt), labels[idx].to(device, non_blocking=True)
         return
     loader = DataLoader(Subset(data, order.tolist()), batch_size=batch_size, num_workers=workers, shuffle=False)
     for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, device: torch.device, batch_size: int = 256, autocast=None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, dataset, device: torch.device, batch_size: int = 256, autocast=None, channels_last: bool = False
+) -> tuple[float, float]:
     """(mean loss, accuracy) over ``dataset`` in eval mode."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, memory_format=_memory_format(channels_last)), y.to(device)
         with autocast or contextlib.nullcontext():
             out = model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
@@ -181,7 +191,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
     seed_everything(config.seed)
     device = _device(config, info)
     bundle = load_dataset(config.dataset, config.data_root, config.image_size, config.seed)
-    model = build_model(config, bundle).to(device)
+    model = build_model(config, bundle).to(device, memory_format=_memory_format(config.channels_last))
     raw_model = model
 
     steps_per_epoch = math.ceil(len(bundle.train) / info.world_size / config.batch_size)
@@ -242,7 +252,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
         loss_sum = correct = count = 0.0
         progress = _Progress(config.progress and info.is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
         start = time.perf_counter()
-        for x, y in _batches(bundle, order, config.batch_size, config.workers, device):
+        for x, y in _batches(bundle, order, config.batch_size, config.workers, device, config.channels_last):
             if bundle.augment is not None:
                 x = bundle.augment(x, generator)
             kind = reuse.begin_step() if reuse is not None else NORMAL
@@ -266,7 +276,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
         progress.close()
         elapsed = time.perf_counter() - start
         loss_sum, correct, count, elapsed_sum = all_reduce_sum([loss_sum, correct, count, elapsed], info)
-        test_loss, test_acc = evaluate(raw_model, bundle.test, device, autocast=autocast)
+        test_loss, test_acc = evaluate(raw_model, bundle.test, device, autocast=autocast, channels_last=config.channels_last)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / count,
