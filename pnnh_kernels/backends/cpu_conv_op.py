@@ -3,9 +3,9 @@ backward): the same math, signatures and autograd wiring as :mod:`.fused_conv_op
 op the 'cuda' backend runs.
 
 Between the convolutions every tensor is a [pixels, channels] matrix (NHWC), because on the CPU:
-- oneDNN's convolutions run faster channels-last than NCHW (up to 2.5x for a 16-channel 3x3 backward,
-  measured on this project's 2-core Xeon; benchmarks/RESULTS.md), so the block converts an NCHW input
-  once instead of letting oneDNN reorder around every convolution;
+- oneDNN's convolutions run faster channels-last than NCHW (2.5x for the backward of a 16-channel 3x3
+  convolution on 128x32x32 maps, micro-benchmarked on this project's 2-core Xeon), so the block converts
+  an NCHW input once instead of letting oneDNN reorder around every convolution;
 - a 1x1 coder's encoder and decoder become single matrix products over all pixels, accumulated in place
   (``addmm_``) into the learner's output and, in backward, into dx (no per-image batches, no sums of them);
 - the fused BN passes (csrc/cpu/bn_act_rows.cpp) walk memory in order with the channels as vector lanes.

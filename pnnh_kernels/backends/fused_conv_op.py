@@ -1,5 +1,6 @@
-"""The PNNH conv block as fused passes around library convolutions, for any device the compiled
-extension serves (its C++ CPU kernels, or its CUDA kernels in a CUDA build).
+"""The PNNH conv block as fused passes around library convolutions, on planar (NCHW) tensors, for any
+device the compiled extension serves: the 'cuda' backend runs it with the CUDA kernels; on the CPU its
+planar C++ kernels are tested, while the 'cpu' backend runs the channels-last :mod:`.cpu_conv_op`.
 
 Forward: one convolution reads x through ``[W_e; W_1]``; one pass reduces the batch statistics of
 both halves; one pass writes the normalised coder half and the activated learner half (never the
