@@ -54,7 +54,7 @@ def _block_tables(payload) -> list[str]:
         lines += [f"#### {kind} block, {shape} ({dims}), {where}, {pass_}", ""]
         first = variants.get("eager") or next(iter(variants.values()))
         if first.get("traffic_mb") is not None:
-            lines += [f"Roofline: {first['traffic_mb']:.1f} MB of compulsory traffic, {first['flop_per_byte']:.1f} FLOP/byte (the PNNH block's; `bench_utils._block_traffic`).", ""]
+            lines += [f"Roofline: {first['traffic_mb']:.1f} MB of compulsory traffic, {first['flop_per_byte']:.1f} FLOP/byte for the PNNH block (`bench_utils._block_traffic`; the `residual` row is rated against its own block's).", ""]
         lines += ["| variant | median ms | min ms | vs eager | vs compile | saved act. MB | mem vs eager | GFLOP/s | of matmul peak | of roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in sorted(variants.items(), key=lambda kv: _ms(kv[1])):
             speed = _ms(base) / _ms(r) if base else None
@@ -134,7 +134,7 @@ def render_results(results_dir: str, out_path: str) -> None:
         "forward and backward. FLOP rates count the block's GEMMs (backward = 2x forward); the peak is a",
         "square matmul measured in the same run. Roofline: the attainable rate is min(matmul peak, FLOP/byte x",
         "copy bandwidth), with the bytes the fused dataflow must move and a large copy's bandwidth measured in",
-        "the same run; `of roofline` is the achieved rate (best round) over it.",
+        "the same run; `of roofline` is the achieved rate (median, like the other rate columns) over it.",
         "",
     ]
     notes = os.path.join(results_dir, "NOTES.md")

@@ -58,5 +58,6 @@ def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: fl
         peak_fraction=total_flops / median_s / collector.peak(x.dtype),
         traffic_mb=moved / 2**20,
         flop_per_byte=total_flops / moved,
-        roofline_fraction=total_flops / min_s / attainable,
+        attainable_gflops=attainable / 1e9,
+        roofline_fraction=total_flops / median_s / attainable,
     )

@@ -29,7 +29,7 @@ class CpuBackend(ExtensionConvBackend):
         # benchmarks/RESULTS.md: both blocks are about even with eager on forward + backward on this CPU
         # (the convolutions / GEMMs, identical in both, are most of the time), not reliably faster
         if op == "linear":
-            return "measured at 0.8-0.9x of 'eager' (the GEMMs dominate; benchmarks/RESULTS.md)"
+            return "measured at 0.8-1.0x of 'eager' (the GEMMs dominate; benchmarks/RESULTS.md)"
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.encoder.requires_grad)
         return "not reliably faster than 'eager' when a backward pass follows" if needs_grad else None
 
