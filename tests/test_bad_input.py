@@ -7,7 +7,7 @@ import torch
 import pnnh_kernels as pk
 
 
-@pytest.fixture(params=["reference", "eager"])
+@pytest.fixture(params=["reference", "eager", "cpu"])
 def backend(request):
     return request.param
 
