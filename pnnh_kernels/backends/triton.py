@@ -59,12 +59,13 @@ class TritonBackend(FusedConvBackend):
         return conv_block_triton, ConvBlockTritonFunction
 
     def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
-        from .triton_linear_op import linear_block_triton  # imports triton: only when used
+        from .triton_linear_op import LinearBlockTritonFunction, linear_block_triton  # imports triton: only when used
 
         act = config.activation
         affine = self._affine_params(weights, norms, x)
         rows = x.reshape(-1, x.shape[-1])
-        y = linear_block_triton(
+        run = linear_block_triton if torch.compiler.is_compiling() else LinearBlockTritonFunction.apply
+        y = run(
             rows, weights.encoder, weights.learner1, weights.learner2, weights.decoder, *affine,
             config.eps, act.kind == "gelu", act.slope, act.scale, act.coder_gain, config.final_activation,
         )[0]

@@ -29,8 +29,7 @@ def _hidden_prologue(stats1: Tensor, gc, bc, g1, b1, gelu: bool, slope: float, s
     return LnPrologue(stats1, torch.cat([gc, g1]), torch.cat([bc, b1]), gc.shape[0], gelu, slope, scale)
 
 
-@torch.library.custom_op("pnnh::linear_block_triton", mutates_args=())
-def linear_block_triton(
+def _linear_block_triton(
     x: Tensor, enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor],
     gc: Tensor, bc: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor,
     eps: float, gelu: bool, slope: float, scale: float, gain: float, final_act: bool,
@@ -47,6 +46,9 @@ def linear_block_triton(
     return y, z, u, stats1, stats2
 
 
+linear_block_triton = torch.library.custom_op("pnnh::linear_block_triton", mutates_args=())(_linear_block_triton)
+
+
 @linear_block_triton.register_fake
 def _(x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, eps, gelu, slope, scale, gain, final_act):
     t, c1, out = x.shape[0], enc.shape[0] + learn1.shape[0], learn2.shape[0]
@@ -54,8 +56,7 @@ def _(x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, eps, gelu, slope, sca
     return x.new_empty((t, out)), x.new_empty((t, c1)), x.new_empty((t, out)), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("pnnh::linear_block_triton_backward", mutates_args=())
-def linear_block_triton_backward(
+def _linear_block_triton_backward(
     dy: Tensor, x: Tensor, z: Tensor, u: Tensor, enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor],
     gc: Tensor, bc: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor, stats1: Tensor, stats2: Tensor,
     gelu: bool, slope: float, scale: float, gain: float, final_act: bool,
@@ -87,6 +88,11 @@ def linear_block_triton_backward(
     ]
 
 
+linear_block_triton_backward = torch.library.custom_op("pnnh::linear_block_triton_backward", mutates_args=())(
+    _linear_block_triton_backward
+)
+
+
 @linear_block_triton_backward.register_fake
 def _(dy, x, z, u, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, stats1, stats2, gelu, slope, scale, gain, final_act):
     return [
@@ -103,12 +109,26 @@ def _setup_context(ctx, inputs, output):
     ctx.flags = (gelu, slope, scale, gain, final_act)
 
 
-def _backward(ctx, dy, *_unused):
-    saved = ctx.saved_tensors
-    dec = saved[6]
-    grads = linear_block_triton_backward(dy, *saved, *ctx.flags)
-    dx, d_enc, d_l1, d_l2, d_dec, *affine = grads
-    return (dx, d_enc, d_l1, d_l2, d_dec if dec is not None else None, *affine, *([None] * 6))
+def _backward_calling(backward_fn):
+    def backward(ctx, dy, *_unused):
+        saved = ctx.saved_tensors
+        dec = saved[6]
+        dx, d_enc, d_l1, d_l2, d_dec, *affine = backward_fn(dy, *saved, *ctx.flags)
+        return (dx, d_enc, d_l1, d_l2, d_dec if dec is not None else None, *affine, *([None] * 6))
+
+    return backward
 
 
-linear_block_triton.register_autograd(_backward, setup_context=_setup_context)
+linear_block_triton.register_autograd(_backward_calling(linear_block_triton_backward), setup_context=_setup_context)
+
+
+class LinearBlockTritonFunction(torch.autograd.Function):
+    """The same two functions without the custom-op dispatch, for eager calls (torch.compile traces the
+    op): its autograd wrapper costs hundreds of microseconds a call, more than a GPU spends on the block."""
+
+    @staticmethod
+    def forward(*args):
+        return _linear_block_triton(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_calling(_linear_block_triton_backward))
