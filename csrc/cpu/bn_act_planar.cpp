@@ -9,6 +9,7 @@
 // (relu: slope 0; identity: slope 1). `use_act = false` skips it (the coder half, the last layer
 // without a final activation).
 #include "pnnh_cpu.h"
+#include "norm_checks.h"
 #include "vector_clones.h"
 
 #include <ATen/Parallel.h>
@@ -34,11 +35,6 @@ void check_planar(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must be viewed as [outer, channels, inner], got ", t.dim(), " dims");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-}
-
-void check_params(const at::Tensor& p, int64_t n, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == n && p.is_contiguous() && p.scalar_type() == dtype, name,
-              " must be a contiguous vector of ", n, " channels in the data's dtype");
 }
 
 constexpr int64_t kGrain = 1;  // channels are coarse units of work already
@@ -128,7 +124,7 @@ void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const 
   const auto z_dtype = z.scalar_type();
   TORCH_CHECK(out.scalar_type() == z_dtype, "out must have z's dtype");
   TORCH_CHECK(out.size(0) == z.size(0) && out.size(2) == z.size(2) && c0 + cn <= z.size(1), "shape mismatch");
-  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_params(*p, cn, z_dtype, "norm parameter");
+  check_norm_vectors(mean, invstd, gamma, beta, cn, z_dtype);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_act_apply", [&] {
     const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
     const scalar_t *g = gamma.data_ptr<scalar_t>(), *b = beta.data_ptr<scalar_t>();
@@ -159,7 +155,7 @@ at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64
   const auto z_dtype = x.scalar_type();
   TORCH_CHECK(dy.scalar_type() == z_dtype, "dy must have x's dtype");
   TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && c0 + cn <= x.size(1), "shape mismatch");
-  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_params(*p, cn, z_dtype, "norm parameter");
+  check_norm_vectors(mean, invstd, gamma, beta, cn, z_dtype);
   auto out = at::zeros({2, cn}, x.options().dtype(at::kDouble));
   double* sum_g = out.data_ptr<double>();
   double* sum_gx = sum_g + cn;
@@ -202,7 +198,7 @@ void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0
   TORCH_CHECK(dx.sizes() == x.sizes(), "dx must have x's shape");
   TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == cn && sums.scalar_type() == at::kDouble,
               "sums must be [2, cn] float64");
-  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_params(*p, cn, z_dtype, "norm parameter");
+  check_norm_vectors(mean, invstd, gamma, beta, cn, z_dtype);
   const double* sum_g = sums.data_ptr<double>();
   const double* sum_gx = sum_g + cn;
   const double count = double(x.size(0) * x.size(2));

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "pnnh_cpu.h"
+#include "norm_checks.h"
 #include "vector_clones.h"
 
 namespace pnnh {
@@ -52,11 +53,6 @@ void check_rows(const at::Tensor& t, int64_t c0, int64_t cn, const char* name) {
 void check_same_rows(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.size(0) == b.size(0), "row counts differ: ", a.size(0), " vs ", b.size(0));
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtypes differ: ", a.scalar_type(), " vs ", b.scalar_type());
-}
-
-void check_vector(const at::Tensor& p, int64_t n, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(p.dim() == 1 && p.size(0) == n && p.is_contiguous() && p.scalar_type() == dtype, name,
-              " must be a contiguous vector of ", n, " channels in the data's dtype");
 }
 
 int64_t blocks_of(int64_t rows) { return (rows + kRowBlock - 1) / kRowBlock; }
@@ -219,7 +215,7 @@ void rows_bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, i
   check_rows(z, c0, cn, "z");
   check_rows(out, out_c0, cn, "out");
   check_same_rows(z, out);
-  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_vector(*p, cn, z.scalar_type(), "norm parameter");
+  check_norm_vectors(mean, invstd, gamma, beta, cn, z.scalar_type());
   const int64_t group = row_group(cn, {z.size(1), out.size(1)});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rows_bn_act_apply", [&] {
     const Affine<scalar_t> bn(mean, invstd, gamma, beta, group);
@@ -244,7 +240,7 @@ at::Tensor rows_bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, 
   TORCH_CHECK(dy.size(1) == cn, "dy must have the range's ", cn, " channels");
   check_rows(x, c0, cn, "x");
   check_same_rows(dy, x);
-  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_vector(*p, cn, x.scalar_type(), "norm parameter");
+  check_norm_vectors(mean, invstd, gamma, beta, cn, x.scalar_type());
   const int64_t group = row_group(cn, {x.size(1)});
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rows_bn_act_backward_sums", [&] {
@@ -279,7 +275,7 @@ void rows_bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64
   TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.size(1) == cn && sums.scalar_type() == at::kDouble &&
                   sums.is_contiguous(),
               "sums must be a contiguous [2, ", cn, "] float64 tensor");
-  for (const auto* p : {&mean, &invstd, &gamma, &beta}) check_vector(*p, cn, x.scalar_type(), "norm parameter");
+  check_norm_vectors(mean, invstd, gamma, beta, cn, x.scalar_type());
   const double* sum_g = sums.data_ptr<double>();
   const double count = double(std::max<int64_t>(x.size(0), 1));
   const int64_t group = row_group(cn, {x.size(1)});

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import extension
-from .fused_conv_op import _as, _decoder_matrix, param_dtype, register_block_autograd, running_stats, stats_from_sums
+from .fused_conv_op import _as, _decoder_matrix, _halves, param_dtype, register_block_autograd, running_stats, stats_from_sums
 from .rows_layout import RowsLayout
 
 
@@ -44,11 +44,6 @@ def _conv_rows_backward(g: RowsLayout, grad: Tensor, inp: Tensor, weight: Tensor
         g.nchw(grad), g.nchw(inp), weight, None, [1, 1], [pad, pad], [1, 1], transposed, [0, 0], 1, [need_input, True, False]
     )
     return (g.rows_of(d_in) if need_input else None), d_w.contiguous()
-
-
-def _halves(zc: Tensor, zl: Tensor, cc: int) -> tuple[tuple[Tensor, int], tuple[Tensor, int]]:
-    """(rows, first column) of the coder and learner halves of layer 1 (one matrix when ``zl`` is empty)."""
-    return ((zc, 0), (zc, cc)) if zl.numel() == 0 else ((zc, 0), (zl, 0))
 
 
 def _bn_act_rows(t: Tensor, c0: int, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, act: bool, slope: float, scale: float) -> Tensor:

@@ -69,7 +69,8 @@ def _layer1_conv(x: Tensor, enc: Tensor, learn1: Tensor) -> tuple[Tensor, Tensor
 
 
 def _halves(zc: Tensor, zl: Tensor, cc: int) -> tuple[tuple[Tensor, int], tuple[Tensor, int]]:
-    """(tensor, channel offset) of the coder and learner halves of layer 1."""
+    """(tensor, channel offset) of the coder and learner halves of layer 1: one tensor holds both when
+    ``zl`` is empty (coder and learner kernels agreed, one convolution computed them)."""
     return ((zc, 0), (zc, cc)) if zl.numel() == 0 else ((zc, 0), (zl, 0))
 
 
