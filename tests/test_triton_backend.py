@@ -36,6 +36,7 @@ from pnnh_kernels.triton_kernels import (  # noqa: E402
     conv2d_implicit_gemm,
     conv2d_weight_grad,
 )
+from pnnh_kernels.triton_kernels.bn_stats import bn_finalize  # noqa: E402
 from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_input_grad_weight, pack_weight, unpack_weight  # noqa: E402
 from triton_devices import ON_GPU, device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
 
@@ -85,6 +86,27 @@ def test_implicit_gemm_conv_and_its_gradients_match_torch(device, shape, layout)
             dy_cl = dy.contiguous(memory_format=torch.channels_last)
             dx, _ = conv2d_implicit_gemm(dy_cl, pack_input_grad_weight(weight.detach()), k, 1, pad)
             torch.testing.assert_close(dx, rows(xr.grad), **close)
+
+
+@pytest.mark.parametrize("channels", [5, 19])
+def test_bn_finalize_matches_the_statistics_of_the_conv_output(device, channels):
+    """One launch from the epilogue's per-tile partials to mean, invstd, unbiased var, scale and shift."""
+    dtype = exact_dtype(device)
+    x = torch.randn(3, 4, 7, 6, dtype=dtype, device=device) + 2.0
+    weight = torch.randn(channels, 4, 3, 3, dtype=dtype, device=device)
+    out, part = conv2d_implicit_gemm(x, pack_weight(weight), 3, 1, 1, stats=True, reduce_stats=False)
+    gamma = 0.5 + torch.rand(channels, dtype=dtype, device=device)
+    beta = torch.randn(channels, dtype=dtype, device=device)
+    mean, invstd, var, scale, shift = bn_finalize(part, out.shape[0], 1e-5, gamma, beta)
+    ref = out.double()
+    rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5)
+    close = dict(rtol=rtol, atol=atol)
+    expect_inv = torch.rsqrt(ref.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(mean.double(), ref.mean(0), **close)
+    torch.testing.assert_close(invstd.double(), expect_inv, **close)
+    torch.testing.assert_close(var.double(), ref.var(0, unbiased=True), **close)
+    torch.testing.assert_close(scale.double(), gamma.double() * expect_inv, **close)
+    torch.testing.assert_close(shift.double(), beta.double() - ref.mean(0) * gamma.double() * expect_inv, **close)
 
 
 def _bn_act_reference(x, scale, shift, lo, hi, slope, act_scale):

@@ -6,6 +6,8 @@
   a 3x3 learner in one GEMM without 9x the coder's work).
 - :mod:`.conv_weight_grad`: the weight gradient of that convolution, with the same prologue (so the
   normalised / activated input is recomputed from the saved pre-norm tensor, never stored).
+- :mod:`.bn_stats`: batch-norm statistics and the prologue's scale / shift from the epilogues' partials,
+  one launch.
 - :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
   and fused dActivation + dBN (a reduction pass and an apply pass).
 - :mod:`.linear_gemm`: PNNHLinear's matrix products, with a layer-norm + activation prologue on either

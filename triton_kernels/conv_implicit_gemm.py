@@ -133,10 +133,12 @@ def conv2d_implicit_gemm(
     skip_range: tuple[int, int] = (0, 0),
     centre_range: tuple[int, int] = (0, 0),
     stats: bool = False,
+    reduce_stats: bool = True,
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``out`` as [N*OH*OW, COUT] and, with ``stats``, the per-channel (sum, sum of squares) [2, COUT]
-    in the accumulation dtype (float64 for float64 data, else float32; reduced over tiles in float64).
+    reduced over tiles in float64, or with ``reduce_stats=False`` the per-tile partials [tiles, 2, COUT]
+    in the accumulation dtype (float64 for float64 data, else float32) for :func:`bn_finalize`.
 
     x: [N, CIN, H, W] with any strides. w_packed: [k*k, CIN, COUT] contiguous (see :func:`pack_weight`).
     """
@@ -163,8 +165,9 @@ def conv2d_implicit_gemm(
             KH=kernel_size, KW=kernel_size, PROLOGUE=prologue is not None, STATS=stats,
             ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         )
-    sums = part.sum(0, dtype=torch.float64) if stats else None
-    return out, sums
+    if not stats:
+        return out, None
+    return out, (part.sum(0, dtype=torch.float64) if reduce_stats else part)
 
 
 def pack_weight(weight: Tensor) -> Tensor:

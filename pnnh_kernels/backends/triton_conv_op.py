@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..block import BlockWeights, decoder_conv_weight, pad_kernel
-from .fused_conv_op import param_dtype, register_block_autograd, running_stats, stats_from_sums
+from .fused_conv_op import param_dtype, register_block_autograd, running_stats
 from .rows_layout import RowsLayout
 
 from pnnh_kernels.triton_kernels import (  # noqa: E402  (the package needs triton: imported by the backend lazily)
@@ -35,6 +35,7 @@ from pnnh_kernels.triton_kernels import (  # noqa: E402  (the package needs trit
     conv2d_implicit_gemm,
     conv2d_weight_grad,
 )
+from pnnh_kernels.triton_kernels.bn_stats import bn_finalize
 from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_input_grad_weight, pack_weight, unpack_weight
 
 
@@ -107,19 +108,21 @@ def _conv_block_triton(
     pd = param_dtype(x.dtype)
     w1, w2 = _layer_weights(g, enc, learn1, learn2, dec, gain)
 
-    z, sums1 = conv2d_implicit_gemm(x, pack_weight(w1), g.K, 1, g.pad, centre_range=g.narrow, stats=use_batch)
+    gamma1, beta1 = torch.cat([gc, g1]), torch.cat([bc, b1])
+    z, part1 = conv2d_implicit_gemm(x, pack_weight(w1), g.K, 1, g.pad, centre_range=g.narrow, stats=use_batch, reduce_stats=False)
     if use_batch:
-        mean1, inv1, var1 = stats_from_sums(sums1, g.rows, eps, pd)
+        mean1, inv1, var1, sc1, sh1 = bn_finalize(part1, g.rows, eps, gamma1, beta1)
     else:
         mean1, inv1, var1 = running_stats(running_mean[: g.c1], running_var[: g.c1], eps, pd)
-    prologue = _layer1_prologue(g, mean1, inv1, torch.cat([gc, g1]), torch.cat([bc, b1]), slope, scale)
+        sc1, sh1 = _scale_shift(mean1, inv1, gamma1, beta1)
+    prologue = Prologue(sc1, sh1, g.cc, g.c1, slope, scale)  # BN_c on the coder channels, BN_1 + act on the learner's
 
-    u, sums2 = conv2d_implicit_gemm(g.nchw(z), pack_weight(w2), g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow, stats=use_batch)
+    u, part2 = conv2d_implicit_gemm(g.nchw(z), pack_weight(w2), g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow, stats=use_batch, reduce_stats=False)
     if use_batch:
-        mean2, inv2, var2 = stats_from_sums(sums2, g.rows, eps, pd)
+        mean2, inv2, var2, sc2, sh2 = bn_finalize(part2, g.rows, eps, g2, b2)
     else:
         mean2, inv2, var2 = running_stats(running_mean[g.c1 :], running_var[g.c1 :], eps, pd)
-    sc2, sh2 = _scale_shift(mean2, inv2, g2, b2)
+        sc2, sh2 = _scale_shift(mean2, inv2, g2, b2)
     y = bn_act_forward(u, sc2, sh2, (0, g.out if final_act else 0), slope, scale)
     return (
         g.nchw(y), z, x.new_empty((0,)), u,
