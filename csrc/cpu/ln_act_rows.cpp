@@ -110,6 +110,27 @@ at::Tensor ln_leaky_forward(const at::Tensor& z, int64_t c0, int64_t cn, const a
   return stats;
 }
 
+// gamma * LN(z[:, c0:c0+cn]) + beta as a new [rows, cn] matrix, from the forward's row statistics: the same
+// vector loop as the forward with the identity activation.
+at::Tensor ln_affine(const at::Tensor& z, int64_t c0, int64_t cn, const at::Tensor& stats, const at::Tensor& gamma,
+                     const at::Tensor& beta) {
+  const int64_t rows = z.size(0);
+  auto y = at::empty({rows, cn}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ln_affine", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t *g = gamma.data_ptr<scalar_t>(), *b = beta.data_ptr<scalar_t>();
+    const scalar_t *mean = stats.data_ptr<scalar_t>(), *rstd = mean + rows;
+    const int64_t zs = z.size(1);
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        ln_apply_row(zp + r * zs + c0, yp + r * cn, cn, mean[r], rstd[r], g, b, scalar_t(1), scalar_t(1));
+      }
+    });
+  });
+  return y;
+}
+
 // dz of out = act(LN(z[:, c0:c0+cn])) with act leaky (or none); returns [chunks, 2, cn] float64 partials.
 at::Tensor ln_leaky_backward(const at::Tensor& dy, int64_t dy_c0, const at::Tensor& z, int64_t c0, int64_t cn,
                              const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
@@ -191,9 +212,7 @@ at::Tensor ln_act_backward(const at::Tensor& dy, int64_t dy_c0, const at::Tensor
   }
   // GELU: recompute y = LN(z) (affine, no activation), take g = dy * scale * GELU'(y) from ATen, then the
   // plain layer-norm backward of g
-  auto y = at::empty({z.size(0), cn}, z.options());
-  const auto mean = stats.select(0, 0), rstd = stats.select(0, 1);
-  y.copy_((z.narrow(1, c0, cn) - mean.unsqueeze(1)) * rstd.unsqueeze(1) * gamma + beta);
+  auto y = ln_affine(z, c0, cn, stats, gamma, beta);
   auto g = at::gelu_backward(dy.narrow(1, dy_c0, cn), y);
   if (scale != 1.0) g.mul_(scale);
   return ln_leaky_backward(g.contiguous(), 0, z, c0, cn, stats, gamma, beta, dz, false, 0.0, 1.0);

@@ -86,11 +86,10 @@ def _scale_shift(mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor) -> t
     return scale, beta.to(mean.dtype) - mean * scale
 
 
-def _layer1_prologue(g: _Geometry, mean, invstd, gamma1, beta1, slope, scale) -> Prologue:
-    """BN_c on the coder channels of z, BN_1 + activation on the learner channels (gamma1/beta1: the
-    coder's and the learner's affine parameters, concatenated)."""
-    sc, sh = _scale_shift(mean[: g.c1], invstd[: g.c1], gamma1, beta1)
-    return Prologue(sc, sh, g.cc, g.c1, slope, scale)
+def _layer1_prologue(g: _Geometry, bn_scale: Tensor, bn_shift: Tensor, slope: float, scale: float) -> Prologue:
+    """BN_c on the coder channels of z, BN_1 + activation on the learner channels (``bn_scale`` /
+    ``bn_shift``: per channel of both halves, gamma * invstd and beta - mean * gamma * invstd)."""
+    return Prologue(bn_scale, bn_shift, g.cc, g.c1, slope, scale)
 
 
 # --------------------------------------------------------------------------- forward op
@@ -115,7 +114,7 @@ def _conv_block_triton(
     else:
         mean1, inv1, var1 = running_stats(running_mean[: g.c1], running_var[: g.c1], eps, pd)
         sc1, sh1 = _scale_shift(mean1, inv1, gamma1, beta1)
-    prologue = Prologue(sc1, sh1, g.cc, g.c1, slope, scale)  # BN_c on the coder channels, BN_1 + act on the learner's
+    prologue = _layer1_prologue(g, sc1, sh1, slope, scale)
 
     u, part2 = conv2d_implicit_gemm(g.nchw(z), pack_weight(w2), g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow, stats=use_batch, reduce_stats=False)
     if use_batch:
@@ -171,7 +170,7 @@ def _conv_block_triton_backward(
 
     # layer 2's gradients: the input one as a conv, the weight one recomputing BN_1 + act from z
     gamma1, beta1 = torch.cat([gc, g1]), torch.cat([bc, b1])
-    prologue = _layer1_prologue(g, mean[:c1], invstd[:c1], gamma1, beta1, slope, scale)
+    prologue = _layer1_prologue(g, *_scale_shift(mean[:c1], invstd[:c1], gamma1, beta1), slope, scale)
     dh, _ = conv2d_implicit_gemm(g.nchw(du), pack_input_grad_weight(w2), g.K, 1, g.pad, centre_range=g.narrow)
     dw2 = unpack_weight(conv2d_weight_grad(g.nchw(z), du, g.K, 1, g.pad, prologue=prologue, skip_range=g.narrow), g.K)
 
