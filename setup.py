@@ -54,9 +54,10 @@ def _extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpu_sources:
         return [], {}
-    # -fopenmp-simd, not -fopenmp: a second OpenMP runtime beside torch's would fight it for the cores;
-    # without _OPENMP, at::parallel_for runs on torch's own thread pool
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd"]
+    # -fopenmp: without _OPENMP, ATen's header-only at::parallel_for runs every pass on one thread. The
+    # link's NEEDED libgomp.so.1 resolves to the libgomp.so.1 torch has already loaded (same soname), so
+    # the passes share torch's OpenMP thread pool rather than starting a second runtime.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     sources = [os.path.join("csrc", "bindings.cpp"), *cpu_sources]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and (
@@ -68,10 +69,11 @@ def _extensions():
             "pnnh_kernels._C",
             sources + cuda_sources,
             define_macros=[("PNNH_WITH_CUDA", None)],
+            extra_link_args=["-fopenmp"],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
         )
     else:
-        ext = cpp_extension.CppExtension("pnnh_kernels._C", sources, extra_compile_args=cxx_flags)
+        ext = cpp_extension.CppExtension("pnnh_kernels._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
