@@ -56,6 +56,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_bn_act_backward_apply", &pnnh::rows_bn_act_backward_apply, "fused dAct + dBN input gradient over rows");
   m.def("ln_act_forward", &pnnh::ln_act_forward, "fused layer-norm apply + activation over rows");
   m.def("ln_act_backward", &pnnh::ln_act_backward, "fused dActivation + dLayerNorm over rows");
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;  // without it at::parallel_for runs every pass on one thread
+#else
+  m.attr("with_openmp") = false;
+#endif
 #ifdef PNNH_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

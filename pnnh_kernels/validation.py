@@ -31,6 +31,14 @@ def _finite_check_applies(x: Tensor) -> bool:
     return _finite_check_enabled
 
 
+def _all_finite(x: Tensor) -> bool:
+    """One plain reduction first (any NaN/Inf makes the sum non-finite); only when it is not finite, which
+    an overflow of finite values can also cause, the exact element-wise check. A float64 sum would be
+    safe from overflow but converts the whole tensor first on the CPU (measured: 5x the plain sum)."""
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def _tensors(weights: BlockWeights, norms: BlockNorms):
     for name, t in weights._asdict().items():
         if t is not None:
@@ -72,9 +80,7 @@ def _check_common(x: Tensor, weights: BlockWeights, norms: BlockNorms, config: B
         and _finite_check_applies(x)
         and not torch.compiler.is_compiling()
         and x.device.type != "meta"
-        # one fused reduction instead of isfinite's three passes: any NaN/Inf makes the sum non-finite,
-        # and a float64 sum of finite float32/16 values cannot overflow
-        and not bool(torch.isfinite(x.sum(dtype=torch.float64)))
+        and not _all_finite(x)
     ):
         raise ValueError(
             "input contains NaN or Inf in training mode; batch norm would corrupt its running statistics "

@@ -60,6 +60,18 @@ def test_non_finite_input_in_training_keeps_running_stats_clean(backend, bad):
     assert int(block.out_norm.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finite_check_tells_overflowing_sums_from_non_finite_values(dtype):
+    from pnnh_kernels.validation import _all_finite
+
+    huge = torch.full((64, 64), torch.finfo(dtype).max / 8, dtype=dtype)  # finite, but its sum overflows
+    assert _all_finite(huge)
+    huge[5, 7] = math.inf
+    assert not _all_finite(huge)
+    huge[5, 7] = math.nan
+    assert not _all_finite(huge)
+
+
 def test_finite_check_can_be_disabled(backend):
     block = pk.PNNHConv2d(4, backend=backend).train()
     x = torch.randn(2, 4, 3, 3)

@@ -153,6 +153,11 @@ def test_cpu_linear_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.pnnh.linear_block_cpu.default, args)
 
 
+def test_extension_runs_its_passes_on_torchs_thread_pool():
+    # built without OpenMP, ATen's header-only parallel_for silently runs every pass on one thread
+    assert extension().with_openmp
+
+
 def test_kernels_reject_bad_arguments():
     C = extension()
     z = torch.randn(2, 4, 5)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .._extension import extension
 from .fused_conv_op import _as, _decoder_matrix, _halves, param_dtype, register_block_autograd, running_stats, stats_from_sums
+from .rows_coder import FoldedCoder, coder_backward, coder_batch_stats, fold_coder, input_moments
 from .rows_layout import RowsLayout
 
 
@@ -53,27 +54,20 @@ def _bn_act_rows(t: Tensor, c0: int, mean: Tensor, invstd: Tensor, gamma: Tensor
     return out
 
 
-def _coder_columns(zc_pre: Tensor, cc: int) -> Tensor:
-    """Layer 1's pre-norm coder channels (a column slice when both halves share one matrix)."""
-    return zc_pre[:, :cc]
-
-
-def _folded_decoder(m: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, gain: float):
-    """For a 1x1 coder, ``gain * M @ BN_c(z)`` = ``z @ (gain * M * a)^T + offset`` per pixel, with
-    a = gamma * invstd, shift = beta - mean * a and offset = gain * M @ shift: the decoder reads the
-    pre-norm z, so the normalised coder half is never written.
-
-    The per-channel ``offset`` is not added to layer 2's output at all (a convolution bias costs oneDNN a
-    second pass): the saved ``u`` lacks it, and BN_2 is applied with its mean shifted by it instead, which
-    gives the same normalised values. Returns (the [out, Cc] weight, offset, a, shift)."""
-    a = gamma * invstd
-    shift = beta - mean * a
-    return m * (a * gain), torch.mv(m, shift) * gain, a, shift
-
-
 def _batch_stats(t: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     sums = extension().rows_channel_sums(t, c0, cn)
     return stats_from_sums(sums, t.shape[0], eps, param_dtype(t.dtype))
+
+
+def _moment_stats(moments: Tensor, enc: Tensor, count: int, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, unbiased var) of a 1x1 coder's output, from its input's moments."""
+    mean, var = coder_batch_stats(moments, enc.reshape(enc.shape[0], -1), count)
+    unbiased = var * (count / max(count - 1, 1))
+    return mean.to(dtype), torch.rsqrt(var + eps).to(dtype), unbiased.to(dtype)
+
+
+def _fold(enc: Tensor, dec: Optional[Tensor], mean: Tensor, invstd: Tensor, gc: Tensor, bc: Tensor, gain: float) -> FoldedCoder:
+    return fold_coder(enc.reshape(enc.shape[0], -1), _decoder_matrix(enc, dec), mean, invstd, gc, bc, gain)
 
 
 # --------------------------------------------------------------------------- forward op
@@ -85,46 +79,59 @@ def _conv_block_rows(
     running_mean: Optional[Tensor], running_var: Optional[Tensor],
     use_batch: bool, eps: float, slope: float, scale: float, gain: float, final_act: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, zc, zl, u, mean, invstd, batch_var): y channels_last; zc/zl layer 1's pre-norm halves
-    as rows (one [pixels, Cc + C] matrix in ``zc`` when the kernel sizes agree, ``zl`` then empty); u
-    layer 2's pre-norm rows; statistics over [coder, learner, out] channels."""
+    """Returns (y, zc, zl, u, mean, invstd, batch_var): y channels_last; u layer 2's pre-norm rows;
+    statistics over [coder, learner, out] channels. ``zc``/``zl`` are what backward needs of layer 1:
+    - a 1x1 coder (:mod:`.rows_coder`): ``zc`` holds x's moments ([Cin + 1, Cin] float64; empty under
+      running statistics), ``zl`` the learner's pre-norm rows;
+    - a k x k coder: the pre-norm halves as rows, both in ``zc`` ([pixels, Cc + C], ``zl`` empty) when one
+      convolution computed them."""
     g = RowsLayout(x)
     cc, hid, out_ch = enc.shape[0], learn1.shape[0], learn2.shape[0]
     kc = enc.shape[-1]
     pd = param_dtype(x.dtype)
     xr = g.rows_of(x)
-    if kc == learn1.shape[-1]:  # one convolution reads x for both halves
-        zc_pre, zl_pre = _conv_rows(g, xr, torch.cat([enc, learn1])), x.new_empty((0,))
+    gcf, bcf, g1f, b1f = _as(pd, gc, bc, g1, b1)
+    if running_mean is not None and not use_batch:
+        mean_run, inv_run, var_run = running_stats(running_mean, running_var, eps, pd)
+
+    if kc == 1:  # the coder through x's moments: its output is never formed
+        zl_pre = _conv_rows(g, xr, learn1)
+        zc_pre = input_moments(xr) if use_batch else xr.new_empty((0,), dtype=torch.float64)
+        tl, ol = zl_pre, 0
     else:
-        zc_pre, zl_pre = _conv_rows(g, xr, enc), _conv_rows(g, xr, learn1)
-    halves = _halves(zc_pre, zl_pre, cc)
-    gammas = _as(pd, gc, bc, g1, b1)
+        if kc == learn1.shape[-1]:  # one convolution reads x for both halves
+            zc_pre, zl_pre = _conv_rows(g, xr, torch.cat([enc, learn1])), x.new_empty((0,))
+        else:
+            zc_pre, zl_pre = _conv_rows(g, xr, enc), _conv_rows(g, xr, learn1)
+        (tc, oc), (tl, ol) = _halves(zc_pre, zl_pre, cc)
     if use_batch:
-        parts = [_batch_stats(t, c0, cn, eps) for (t, c0), cn in zip(halves, (cc, hid))]
-        mean1, inv1, var1 = (torch.cat(p) for p in zip(*parts))
+        coder = _moment_stats(zc_pre, enc, g.rows, eps, pd) if kc == 1 else _batch_stats(tc, oc, cc, eps)
+        mean1, inv1, var1 = (torch.cat(p) for p in zip(coder, _batch_stats(tl, ol, hid, eps)))
     else:
-        mean1, inv1, var1 = running_stats(running_mean[: cc + hid], running_var[: cc + hid], eps, pd)
-    (tc, oc), (tl, ol) = halves
-    gcf, bcf, g1f, b1f = gammas
+        mean1, inv1, var1 = mean_run[: cc + hid], inv_run[: cc + hid], var_run[: cc + hid]
+
     al = _bn_act_rows(tl, ol, mean1[cc:], inv1[cc:], g1f, b1f, True, slope, scale)
     u = _conv_rows(g, al, learn2)
-    g2f, b2f = _as(pd, g2, b2)
-    offset = torch.zeros_like(g2f)  # what layer 2's stored output lacks, per channel (see _folded_decoder)
-    if kc == 1:  # BN_c folds into the decoder's product, which accumulates into the learner's output in place
-        m, offset, _, _ = _folded_decoder(_decoder_matrix(enc, dec), mean1[:cc], inv1[:cc], gcf, bcf, gain)
-        u.addmm_(_coder_columns(zc_pre, cc), m.t())
+    offset = torch.zeros((out_ch,), dtype=torch.float64, device=x.device)  # what the stored u lacks
+    if kc == 1:  # BN_c folded into one product of x, accumulated into the learner's output in place
+        fold = _fold(enc, dec, mean1[:cc], inv1[:cc], gcf, bcf, gain)
+        u.addmm_(xr, fold.through.t().to(x.dtype))
+        offset = fold.offset
     else:
         zc = _bn_act_rows(tc, oc, mean1[:cc], inv1[:cc], gcf, bcf, False, slope, scale)
         decoded = F.conv_transpose2d(g.nchw(zc), enc, padding=kc // 2) if dec is None else F.conv2d(g.nchw(zc), dec, padding=kc // 2)
         u.add_(g.rows_of(decoded), alpha=gain)
 
-    if use_batch:  # statistics of the stored u, which lacks the offset: the true mean has it
+    # BN_2 of u + offset: statistics of the stored u, the offset shifting the mean (a per-channel
+    # constant does not change the variance, and a convolution bias would cost oneDNN a second pass)
+    if use_batch:
         mean2, inv2, var2 = _batch_stats(u, 0, out_ch, eps)
-        mean2 = mean2 + offset
+        mean2 = mean2 + offset.to(pd)
     else:
-        mean2, inv2, var2 = running_stats(running_mean[cc + hid :], running_var[cc + hid :], eps, pd)
+        mean2, inv2, var2 = mean_run[cc + hid :], inv_run[cc + hid :], var_run[cc + hid :]
+    g2f, b2f = _as(pd, g2, b2)
     y = torch.empty_like(u)
-    extension().rows_bn_act_apply(u, 0, y, 0, mean2 - offset, inv2, g2f, b2f, final_act, slope, scale)
+    extension().rows_bn_act_apply(u, 0, y, 0, mean2 - offset.to(pd), inv2, g2f, b2f, final_act, slope, scale)
     return (
         g.nchw(y), zc_pre, zl_pre, u,
         torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]),
@@ -136,15 +143,20 @@ conv_block_rows = torch.library.custom_op("pnnh::conv_block_rows", mutates_args=
 
 @conv_block_rows.register_fake
 def _(x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, running_mean, running_var, use_batch, eps, slope, scale, gain, final_act):
-    n, _, h, w = x.shape
+    n, cin, h, w = x.shape
     cc, hid, out_ch = enc.shape[0], learn1.shape[0], learn2.shape[0]
     rows = n * h * w
     stats = x.new_empty((cc + hid + out_ch,), dtype=param_dtype(x.dtype))
-    joint = enc.shape[-1] == learn1.shape[-1]
+    if enc.shape[-1] == 1:
+        zc = x.new_empty((cin + 1, cin) if use_batch else (0,), dtype=torch.float64)
+        zl = x.new_empty((rows, hid))
+    elif enc.shape[-1] == learn1.shape[-1]:
+        zc, zl = x.new_empty((rows, cc + hid)), x.new_empty((0,))
+    else:
+        zc, zl = x.new_empty((rows, cc)), x.new_empty((rows, hid))
     return (
         x.new_empty((n, h, w, out_ch)).permute(0, 3, 1, 2),
-        x.new_empty((rows, cc + hid if joint else cc)),
-        x.new_empty((0,)) if joint else x.new_empty((rows, hid)),
+        zc, zl,
         x.new_empty((rows, out_ch)),
         stats, torch.empty_like(stats), torch.empty_like(stats),
     )
@@ -171,10 +183,9 @@ def _conv_block_rows_backward(
 
     gcf, bcf, g1f, b1f = gammas
     mean2 = mean[c1:]
-    if kc == 1:  # the folded decoder (see _folded_decoder): u was stored without its offset
-        m = _decoder_matrix(enc, dec)  # [out, Cc]
-        _, offset, a, shift = _folded_decoder(m, mean[:cc], invstd[:cc], gcf, bcf, gain)
-        mean2 = mean2 - offset
+    if kc == 1:  # u was stored without the folded coder's offset (see the forward)
+        fold = _fold(enc, dec, mean[:cc], invstd[:cc], gcf, bcf, gain)
+        mean2 = mean2 - fold.offset.to(pd)
 
     # layer 2: dAct + dBN_2 in two fused passes; the sums are also d(beta_2) and d(gamma_2)
     dy_rows = g.rows_of(dy)
@@ -183,52 +194,57 @@ def _conv_block_rows_backward(
     C.rows_bn_act_backward_apply(dy_rows, u, 0, du, mean2, invstd[c1:], g2f, b2f, sums2, use_batch, final_act, slope, scale)
 
     # recompute layer 1's activated learner half instead of having stored it
-    halves = _halves(zc_pre, zl_pre, cc)
-    (tc, oc), (tl, ol) = halves
+    if kc == 1:
+        tl, ol = zl_pre, 0
+    else:
+        (tc, oc), (tl, ol) = _halves(zc_pre, zl_pre, cc)
     al = _bn_act_rows(tl, ol, mean[cc:c1], invstd[cc:c1], g1f, b1f, True, slope, scale)
     d_al, d_learn2 = _conv_rows_backward(g, du, al, learn2, True)
-    d_enc_decode = d_dec = None
-    if kc == 1:  # M's gradient from the pre-norm z (see _folded_decoder)
-        d_zc = torch.mm(du, m * gain)
-        # du's column sums: zero under batch statistics (BN's gradient is centred), a2 * sum(g) otherwise
-        du_sums = torch.zeros_like(g2f) if use_batch else (g2f * invstd[c1:] * sums2[0].to(shift.dtype))
-        d_m = torch.mm(du.t(), _coder_columns(zc_pre, cc)).mul_(a).add_(torch.outer(du_sums, shift)).mul_(gain)
+
+    # layer 1's learner half: dAct + dBN_1, then its convolution's gradients
+    dzl = torch.empty_like(tl)
+    sums_1 = C.rows_bn_act_backward_sums(d_al, tl, ol, mean[cc:c1], invstd[cc:c1], g1f, b1f, True, slope, scale)
+    C.rows_bn_act_backward_apply(d_al, tl, ol, dzl, mean[cc:c1], invstd[cc:c1], g1f, b1f, sums_1, use_batch, True, slope, scale)
+    xr = g.rows_of(x)
+
+    if kc == 1:  # the coder from H = dU^T X (:mod:`.rows_coder`)
+        dx, d_learn1 = _conv_rows_backward(g, dzl, xr, learn1, need_dx)
+        # dU's column sums: zero under batch statistics (BN's gradient is centred), a2 * sum(g) otherwise
+        du_sums = None if use_batch else g2f * invstd[c1:] * sums2[0].to(g2f.dtype)
+        grads = coder_backward(torch.mm(du.t(), xr), du_sums, zc_pre, enc.reshape(cc, -1), _decoder_matrix(enc, dec),
+                               fold, mean[:cc], invstd[:cc], use_batch, g.rows, gain)
+        if need_dx:
+            dx.addmm_(du, fold.through.to(x.dtype))
+            if grads.input_self is not None:
+                dx.addmm_(xr, grads.input_self.to(x.dtype)).add_(grads.input_const.to(x.dtype))
+        d_enc = grads.encoder.reshape(enc.shape)
+        d_dec = None
         if dec is None:
-            d_enc_decode = d_m.t().reshape(enc.shape)
+            d_enc = d_enc + grads.decoder_matrix.t().reshape(enc.shape)
         else:
-            d_dec = d_m.reshape(dec.shape)
-    else:
+            d_dec = grads.decoder_matrix.reshape(dec.shape)
+        d_enc, d_dec = d_enc.to(enc.dtype), d_dec.to(dec.dtype) if d_dec is not None else None
+        sums_c = torch.stack([grads.beta, grads.gamma])
+    else:  # a k x k coder: its normalised half recomputed, its convolutions' gradients
         zc = _bn_act_rows(tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
         d_zc, d_w = _conv_rows_backward(g, du, zc, enc if dec is None else dec, True, transposed=dec is None)
         if gain != 1.0:  # the backward is linear in the gradient: scale the results, not du
             d_zc.mul_(gain)
             d_w.mul_(gain)
         d_enc_decode, d_dec = (d_w, None) if dec is None else (None, d_w)
-
-    # layer 1: dBN_c on the coder half, dAct + dBN_1 on the learner half, written beside each other
-    dzc = torch.empty_like(tc)
-    dzl = dzc if tl is tc else torch.empty_like(tl)
-    sums_c = C.rows_bn_act_backward_sums(d_zc, tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
-    C.rows_bn_act_backward_apply(d_zc, tc, oc, dzc, mean[:cc], invstd[:cc], gcf, bcf, sums_c, use_batch, False, slope, scale)
-    sums_1 = C.rows_bn_act_backward_sums(d_al, tl, ol, mean[cc:c1], invstd[cc:c1], g1f, b1f, True, slope, scale)
-    C.rows_bn_act_backward_apply(d_al, tl, ol, dzl, mean[cc:c1], invstd[cc:c1], g1f, b1f, sums_1, use_batch, True, slope, scale)
-
-    xr = g.rows_of(x)
-    if tl is tc:
-        dx, d_cat = _conv_rows_backward(g, dzc, xr, torch.cat([enc, learn1]), need_dx)
-        d_enc, d_learn1 = d_cat[:cc].clone(), d_cat[cc:].clone()
-    else:
-        dx, d_learn1 = _conv_rows_backward(g, dzl, xr, learn1, need_dx)
-        if kc == 1:  # the coder's product: its input gradient accumulates into dx in place
-            if need_dx:
-                dx.addmm_(dzc, enc.reshape(cc, -1))
-            d_enc = torch.mm(dzc.t(), xr).view(enc.shape)
+        dzc = dzl if tl is tc else torch.empty_like(tc)
+        sums_c = C.rows_bn_act_backward_sums(d_zc, tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
+        C.rows_bn_act_backward_apply(d_zc, tc, oc, dzc, mean[:cc], invstd[:cc], gcf, bcf, sums_c, use_batch, False, slope, scale)
+        if tl is tc:
+            dx, d_cat = _conv_rows_backward(g, dzc, xr, torch.cat([enc, learn1]), need_dx)
+            d_enc, d_learn1 = d_cat[:cc].clone(), d_cat[cc:].clone()
         else:
+            dx, d_learn1 = _conv_rows_backward(g, dzl, xr, learn1, need_dx)
             dx_c, d_enc = _conv_rows_backward(g, dzc, xr, enc, need_dx)
             if need_dx:
                 dx.add_(dx_c)
-    if d_enc_decode is not None:
-        d_enc = d_enc + d_enc_decode
+        if d_enc_decode is not None:
+            d_enc = d_enc + d_enc_decode
 
     def bn_grads(sums, like):  # copies: a custom op's outputs may not alias each other
         return sums[1].to(like.dtype, copy=True), sums[0].to(like.dtype, copy=True)

@@ -100,7 +100,8 @@ def _conv_bwd(grad: Tensor, inp: Tensor, weight: Tensor, padding: int, transpose
 
 
 def _as(dtype: torch.dtype, *tensors: Tensor) -> list[Tensor]:
-    return [t.to(dtype).contiguous() for t in tensors]
+    # the checks first: a no-op .to()/.contiguous() still costs a dispatch, and blocks are called often
+    return [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors]
 
 
 # --------------------------------------------------------------------------- forward op
