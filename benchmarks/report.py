@@ -70,8 +70,43 @@ def _block_tables(payload) -> list[str]:
     return lines
 
 
+def _head_to_head(payload) -> dict:
+    """(shape, dtype, layout, variant) -> the interleaved record (see test_head_to_head.py)."""
+    return {(r["shape"], r["dtype"], r["layout"], r["variant"]): r for r in payload["records"] if r["kind"] == "head_to_head"}
+
+
+def _eager_layout(records, shape, dtype) -> str:
+    """Eager's faster input layout for a conv shape: "the fastest plain-PyTorch form" of the baseline."""
+    best = _best_layout(records, "conv", shape, dtype, "fwd+bwd", "eager")
+    if best is not None:
+        return _layout(best)
+    rows = [r for r in records if r["kind"] == "head_to_head" and (r["shape"], r["dtype"]) == (shape, dtype)]
+    return min(rows, key=lambda r: r["eager_median_ms"])["layout"] if rows else "nchw"
+
+
+def _head_to_head_table(payload) -> list[str]:
+    rows = sorted(_head_to_head(payload).values(), key=lambda r: (r["shape"], r["layout"], r["variant"]))
+    if not rows:
+        return []
+    lines = [
+        "### Head to head (interleaved forward+backward steps)", "",
+        "Each round times one step of eager and one of the backend back to back (alternating which goes first);",
+        "the ratio is the median over rounds of eager's time over the backend's, with its quartiles.", "",
+        "| shape | dtype | layout | backend | rounds | eager median ms | backend median ms | ratio (median) | quartiles |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q1, _, q3 = r["ratio_quartiles"]
+        lines.append(
+            f"| {r['shape']} {'x'.join(map(str, r['dims']))} | {r['dtype']} | {r['layout']} | {r['variant']} | {r['pairs']} | "
+            f"{r['eager_median_ms']:.2f} | {r['median_ms']:.2f} | {r['ratio_median']:.2f}x | {q1:.2f}-{q3:.2f} |"
+        )
+    return lines + [""]
+
+
 def _targets(payload) -> list[str]:
     table = _index(payload["records"])
+    h2h = _head_to_head(payload)
     gpu = payload["device"].find("CUDA") >= 0
     lines = ["### Targets", ""]
     rows = []
@@ -89,19 +124,22 @@ def _targets(payload) -> list[str]:
                         ratio = _ms(variants[base]) / _ms(r)
                         rows.append(f"| {label} | {name} vs {base} | {ratio:.2f}x | >= {goal}x | {'met' if ratio >= goal else 'MISSED'} |")
             if not gpu and dtype == "float32" and kind == "conv":
-                ratio = _ms(variants["eager"]) / _ms(r)
-                rows.append(f"| {label} | {name} vs eager | {ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |")
+                pair = h2h.get((shape, dtype, layout, name))
+                ratio, how = (pair["ratio_median"], "interleaved") if pair else (_ms(variants["eager"]) / _ms(r), "best rounds")
+                rows.append(f"| {label} | {name} vs eager ({how}) | {ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |")
                 best_rows.add((kind, shape, dtype, pass_, name))
             mem, base_mem = r.get("saved_activation_mb"), variants["eager"].get("saved_activation_mb")
             if mem is not None and base_mem:
                 ratio = mem / base_mem
                 rows.append(f"| {label} | {name} saved activations vs eager | {ratio:.2f}x | <= {TARGET_MEMORY}x | {'met' if ratio <= TARGET_MEMORY else 'MISSED'} |")
-    for kind, shape, dtype, pass_, name in sorted(best_rows):  # the strict reading: each at its faster layout
-        mine = _best_layout(payload["records"], kind, shape, dtype, pass_, name)
-        base = _best_layout(payload["records"], kind, shape, dtype, pass_, "eager")
-        ratio = _ms(base) / _ms(mine)
+    for kind, shape, dtype, pass_, name in sorted(best_rows):  # the strict reading: against eager's faster layout
+        layout = _eager_layout(payload["records"], shape, dtype)
+        pair = h2h.get((shape, dtype, layout, name))
+        if pair is None:
+            continue
+        ratio = pair["ratio_median"]
         rows.append(
-            f"| {kind} {shape} {dtype}, each at its faster layout | {name} ({_layout(mine)}) vs eager ({_layout(base)}) | "
+            f"| {kind} {shape} {dtype}, at eager's faster layout | {name} vs eager, both {layout} (interleaved) | "
             f"{ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |"
         )
     if not rows:
@@ -153,6 +191,6 @@ def render_results(results_dir: str, out_path: str) -> None:
             + (f"; copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s" if payload.get("copy_bandwidth_gbs") else ""),
             "",
         ]
-        parts += _targets(payload) + _models(payload) + ["### Blocks", ""] + _block_tables(payload)
+        parts += _targets(payload) + _head_to_head_table(payload) + _models(payload) + ["### Blocks", ""] + _block_tables(payload)
     with open(out_path, "w") as f:
         f.write("\n".join(parts).rstrip() + "\n")

@@ -2,18 +2,11 @@
 import pytest
 import torch
 
+from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
 from bench_utils import ConvShape, LinearShape, conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
 from variants import BASELINES, conv_variant, fused_backends, linear_variant
 
-CIFAR = [ConvShape("cifar-stage1", 128, 16, 32), ConvShape("cifar-stage2", 128, 32, 16), ConvShape("cifar-stage3", 128, 64, 8)]
-RESNET34 = [ConvShape("r34-stage1", 64, 64, 56), ConvShape("r34-stage2", 64, 128, 28), ConvShape("r34-stage3", 64, 256, 14), ConvShape("r34-stage4", 64, 512, 7)]
-VIT_CPU = [LinearShape("vit-s-mlp", 8 * 197, 384)]
-# channels_last is measured beside NCHW because it is the faster layout for plain PyTorch on some devices
-# (oneDNN on this project's CPU: up to 1.7x for the eager block), so "the fastest plain-PyTorch form"
-# of the baseline is the faster of the two rows
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-VIT_FULL = [LinearShape("vit-s-mlp", 64 * 197, 384), LinearShape("vit-b-mlp", 64 * 197, 768)]
 
 
 def _dtypes(device):
@@ -22,11 +15,6 @@ def _dtypes(device):
 
 def _variants():
     return list(BASELINES) + fused_backends()
-
-
-def _chosen(config, option, names):
-    wanted = config.getoption(option)
-    return [n for n in names if not wanted or any(n.startswith(w) for w in wanted)]
 
 
 def pytest_generate_tests(metafunc):
@@ -40,20 +28,20 @@ def pytest_generate_tests(metafunc):
             shapes = CIFAR + RESNET34
         else:
             shapes = CIFAR
-        shapes = [s for s in shapes if s.label in _chosen(config, "--bench-shape", [s.label for s in shapes])]
+        shapes = [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
         metafunc.parametrize("conv_shape", shapes, ids=[s.label for s in shapes])
     if "linear_shape" in metafunc.fixturenames:
         shapes = [LinearShape("smoke", 16, 32)] if mode == "smoke" else VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
-        shapes = [s for s in shapes if s.label in _chosen(config, "--bench-shape", [s.label for s in shapes])]
+        shapes = [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
         metafunc.parametrize("linear_shape", shapes, ids=[s.label for s in shapes])
     if "dtype" in metafunc.fixturenames:
-        names = _chosen(config, "--bench-dtype", [str(d).replace("torch.", "") for d in _dtypes(device)])
+        names = chosen(config, "--bench-dtype", [str(d).replace("torch.", "") for d in _dtypes(device)])
         dtypes = [getattr(torch, n) for n in names]
         metafunc.parametrize("dtype", dtypes, ids=[str(d).replace("torch.", "") for d in dtypes])
     if "variant" in metafunc.fixturenames:
         metafunc.parametrize("variant", _variants())
     if "layout" in metafunc.fixturenames:
-        layouts = _chosen(config, "--bench-layout", list(LAYOUTS))
+        layouts = chosen(config, "--bench-layout", list(LAYOUTS))
         metafunc.parametrize("layout", layouts)
     if "pass_name" in metafunc.fixturenames:
         metafunc.parametrize("pass_name", ["fwd", "fwd+bwd"])

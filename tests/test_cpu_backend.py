@@ -103,13 +103,17 @@ def test_torch_compile_traces_the_cpu_backend_without_graph_breaks():
     assert_modules_agree(reference, compiled, torch.randn(2, 4, 5, 5, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1)
 
 
-def test_auto_uses_cpu_for_inference_and_eager_for_training():
+def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
     block = pk.PNNHConv2d(4)
     x = torch.randn(2, 4, 3, 3)
     args = (x, block.block_weights(), block.config)
-    assert select_backend("auto", "conv2d", *args).name == "eager"  # parameters need gradients
+    assert select_backend("auto", "conv2d", *args).name == "eager"  # a small map, parameters need gradients
     with torch.no_grad():
         assert select_backend("auto", "conv2d", *args).name == "cpu"
+    large = torch.empty(64, 4, 32, 32)  # 262144 elements: the measured training crossover
+    assert select_backend("auto", "conv2d", large, block.block_weights(), block.config).name == "cpu"
+    kxk = pk.PNNHConv2d(4, coder_kernel_size=3)
+    assert select_backend("auto", "conv2d", large, kxk.block_weights(), kxk.config).name == "eager"
     assert select_backend("auto", "linear", torch.randn(2, 4), pk.PNNHLinear(4).block_weights(), pk.PNNHLinear(4).config).name == "eager"
 
 

@@ -25,13 +25,22 @@ class CpuBackend(ExtensionConvBackend):
 
         return conv_block_rows, ConvBlockRowsFunction
 
+    # Forward+backward, interleaved against eager (benchmarks/RESULTS.md, 2-core Xeon, fp32): 0.77-0.94x
+    # at 32k-65k input elements, where the block's fixed Python cost dominates; 1.08x at 262k
+    # (64x64x8x8); 1.14-1.48x from 524k up (the CIFAR stages at batch 128).
+    TRAINING_MIN_ELEMENTS = 1 << 18
+
     def auto_skip_reason(self, op, x, weights, config) -> Optional[str]:
-        # benchmarks/RESULTS.md: both blocks are about even with eager on forward + backward on this CPU
-        # (the convolutions / GEMMs, identical in both, are most of the time), not reliably faster
         if op == "linear":
             return "measured at 0.8-1.0x of 'eager' (the GEMMs dominate; benchmarks/RESULTS.md)"
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.encoder.requires_grad)
-        return "not reliably faster than 'eager' when a backward pass follows" if needs_grad else None
+        if not needs_grad:
+            return None
+        if weights.encoder.shape[-1] != 1:
+            return "a k x k coder is not measured faster than 'eager' when a backward pass follows"
+        if x.numel() < self.TRAINING_MIN_ELEMENTS:
+            return f"input below {self.TRAINING_MIN_ELEMENTS} elements: the fixed cost per call outweighs the fused passes in training"
+        return None
 
     def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
         act = config.activation

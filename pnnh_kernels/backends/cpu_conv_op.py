@@ -112,10 +112,10 @@ def _conv_block_rows(
 
     al = _bn_act_rows(tl, ol, mean1[cc:], inv1[cc:], g1f, b1f, True, slope, scale)
     u = _conv_rows(g, al, learn2)
-    offset = torch.zeros((out_ch,), dtype=torch.float64, device=x.device)  # what the stored u lacks
+    offset = torch.zeros((out_ch,), dtype=pd, device=x.device)  # what the stored u lacks
     if kc == 1:  # BN_c folded into one product of x, accumulated into the learner's output in place
         fold = _fold(enc, dec, mean1[:cc], inv1[:cc], gcf, bcf, gain)
-        u.addmm_(xr, fold.through.t().to(x.dtype))
+        u.addmm_(xr, fold.through.t())
         offset = fold.offset
     else:
         zc = _bn_act_rows(tc, oc, mean1[:cc], inv1[:cc], gcf, bcf, False, slope, scale)
@@ -126,12 +126,12 @@ def _conv_block_rows(
     # constant does not change the variance, and a convolution bias would cost oneDNN a second pass)
     if use_batch:
         mean2, inv2, var2 = _batch_stats(u, 0, out_ch, eps)
-        mean2 = mean2 + offset.to(pd)
+        mean2 = mean2 + offset
     else:
         mean2, inv2, var2 = mean_run[cc + hid :], inv_run[cc + hid :], var_run[cc + hid :]
     g2f, b2f = _as(pd, g2, b2)
     y = torch.empty_like(u)
-    extension().rows_bn_act_apply(u, 0, y, 0, mean2 - offset.to(pd), inv2, g2f, b2f, final_act, slope, scale)
+    extension().rows_bn_act_apply(u, 0, y, 0, mean2 - offset, inv2, g2f, b2f, final_act, slope, scale)
     return (
         g.nchw(y), zc_pre, zl_pre, u,
         torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]),
@@ -185,7 +185,7 @@ def _conv_block_rows_backward(
     mean2 = mean[c1:]
     if kc == 1:  # u was stored without the folded coder's offset (see the forward)
         fold = _fold(enc, dec, mean[:cc], invstd[:cc], gcf, bcf, gain)
-        mean2 = mean2 - fold.offset.to(pd)
+        mean2 = mean2 - fold.offset
 
     # layer 2: dAct + dBN_2 in two fused passes; the sums are also d(beta_2) and d(gamma_2)
     dy_rows = g.rows_of(dy)
@@ -214,16 +214,15 @@ def _conv_block_rows_backward(
         grads = coder_backward(torch.mm(du.t(), xr), du_sums, zc_pre, enc.reshape(cc, -1), _decoder_matrix(enc, dec),
                                fold, mean[:cc], invstd[:cc], use_batch, g.rows, gain)
         if need_dx:
-            dx.addmm_(du, fold.through.to(x.dtype))
+            dx.addmm_(du, fold.through)
             if grads.input_self is not None:
-                dx.addmm_(xr, grads.input_self.to(x.dtype)).add_(grads.input_const.to(x.dtype))
+                dx.addmm_(xr, grads.input_self).add_(grads.input_const)
         d_enc = grads.encoder.reshape(enc.shape)
         d_dec = None
         if dec is None:
             d_enc = d_enc + grads.decoder_matrix.t().reshape(enc.shape)
         else:
             d_dec = grads.decoder_matrix.reshape(dec.shape)
-        d_enc, d_dec = d_enc.to(enc.dtype), d_dec.to(dec.dtype) if d_dec is not None else None
         sums_c = torch.stack([grads.beta, grads.gamma])
     else:  # a k x k coder: its normalised half recomputed, its convolutions' gradients
         zc = _bn_act_rows(tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)

@@ -12,7 +12,8 @@ z_c = X We^T, and everything the block needs of it is linear in X or in X's firs
 
 Against forming z_c (and its gradient) this drops three [P, Cc] passes in forward and backward and six
 [P, Cc]-sized reads and writes in backward; the block no longer saves z_c at all.
-All the small [C, C] algebra runs in float64.
+The coder's statistics come from float64 moments; the rest of the [C, C] algebra runs in the
+parameters' dtype.
 """
 from __future__ import annotations
 
@@ -26,10 +27,6 @@ from .._extension import extension
 _F64 = torch.float64
 
 
-def _f64(t: Tensor) -> Tensor:
-    return t if t.dtype == _F64 else t.to(_F64)
-
-
 def input_moments(xr: Tensor) -> Tensor:
     """[Cin + 1, Cin] float64: the column sums of the rows ``xr`` (row 0), then their Gram matrix.
     (The fused sums pass, not ``sum(dtype=float64)``, which converts all of ``xr`` first.)"""
@@ -39,14 +36,14 @@ def input_moments(xr: Tensor) -> Tensor:
 
 def coder_batch_stats(moments: Tensor, enc: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """(mean, biased var) of z_c = X We^T over the ``count`` rows the moments summarise, float64."""
-    w = _f64(enc)
+    w = enc.to(_F64)
     mean_x = moments[0] / count
     cov = moments[1:] / count - torch.outer(mean_x, mean_x)
     return w @ mean_x, ((w @ cov) * w).sum(1).clamp_min(0.0)
 
 
 class FoldedCoder(NamedTuple):
-    """BN_c folded into the decoder, float64 (see the module's docstring)."""
+    """BN_c folded into the decoder (see the module's docstring), in the parameters' dtype."""
 
     a: Tensor  # [Cc] gamma * invstd
     shift: Tensor  # [Cc] beta - mean * a
@@ -56,11 +53,11 @@ class FoldedCoder(NamedTuple):
 
 
 def fold_coder(enc: Tensor, dec_matrix: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, gain: float) -> FoldedCoder:
-    w, mat = _f64(enc), _f64(dec_matrix)
-    a = _f64(gamma) * _f64(invstd)
-    shift = _f64(beta) - _f64(mean) * a
-    m = mat * (a * gain)
-    return FoldedCoder(a, shift, m, m @ w, (mat @ shift) * gain)
+    """All arguments in one dtype (the [C, C] algebra adds no conversions to a block's fixed cost)."""
+    a = gamma * invstd
+    shift = beta - mean * a
+    m = dec_matrix * (a * gain)
+    return FoldedCoder(a, shift, m, m @ enc, (dec_matrix @ shift) * gain)
 
 
 class CoderGrads(NamedTuple):
@@ -77,21 +74,24 @@ def coder_backward(
     mean: Tensor, invstd: Tensor, use_batch: bool, count: int, gain: float,
 ) -> CoderGrads:
     """Gradients of the coder from H = dU^T X ([Cout, Cin]) and dU's column sums (None: zero, as under
-    batch statistics, where BN_2's input gradient is centred)."""
-    w, mat, h = _f64(enc), _f64(dec_matrix), _f64(h)
-    mean, invstd = _f64(mean), _f64(invstd)
-    a, shift, m = fold.a, fold.shift, fold.m
-    s_du = torch.zeros(mat.shape[0], dtype=_F64, device=h.device) if du_sums is None else _f64(du_sums)
-    # g = gain * dU M is the gradient of BN_c's output; its sums over the rows
-    sum_g = (s_du @ mat) * gain
-    sum_g_z = ((mat.t() @ h) * w).sum(1) * gain  # sum over rows of g * z_c, per coder channel
-    sum_g_zhat = invstd * (sum_g_z - mean * sum_g)
-    d_mat = (h @ w.t() * a + torch.outer(s_du, shift)) * gain
+    batch statistics, where BN_2's input gradient is centred). All in H's dtype but the moments."""
+    a, shift, m, w = fold.a, fold.shift, fold.m, enc
+    # g = gain * dU M is the gradient of BN_c's output; its sums over the rows, alone and times z_c
+    sum_g_z = ((dec_matrix.t() @ h) * w).sum(1) * gain
+    d_mat = (h @ w.t()) * (a * gain)
+    if du_sums is None:
+        sum_g = torch.zeros_like(a)
+        sum_g_zhat = invstd * sum_g_z
+    else:
+        sum_g = (du_sums @ dec_matrix) * gain
+        sum_g_zhat = invstd * (sum_g_z - mean * sum_g)
+        d_mat = d_mat + torch.outer(du_sums, shift * gain)
     d_enc = m.t() @ h
     if not use_batch:  # dz_c = a * g
         return CoderGrads(d_enc, d_mat, sum_g_zhat, sum_g, None, None)
     # dz_c = a * (g - mean(g) - zhat * mean(g zhat)) = dU m - X We^T diag(q) + 1 c^T
     q = a * invstd * sum_g_zhat / count
     c = q * mean - a * sum_g / count
+    moments = moments.to(h.dtype)
     d_enc = d_enc - q[:, None] * (w @ moments[1:]) + torch.outer(c, moments[0])
     return CoderGrads(d_enc, d_mat, sum_g_zhat, sum_g, -(w.t() * q) @ w, w.t() @ c)

@@ -1,0 +1,75 @@
+"""Head to head: each fused backend against eager with their forward+backward steps interleaved.
+
+On a shared host the machine's speed drifts over seconds, and timing one variant's rounds after the
+other's lets that drift into their ratio (the block tables have seen eager's best round 25% under its
+median). Here every round times one step of eager and one of the backend back to back, alternating
+which goes first, and the ratio reported is the median over rounds of the per-round ratios: both
+sides of each ratio ran under the same conditions. The CPU target rows of RESULTS.md use it.
+"""
+import statistics
+import time
+
+import pytest
+import torch
+
+from bench_shapes import CIFAR, LAYOUTS, RESNET34, chosen
+from bench_utils import ConvShape, synchronize
+from variants import conv_variant, fused_backends
+
+
+def _pairs(mode: str) -> int:
+    return {"smoke": 3, "quick": 25, "full": 40}[mode]
+
+
+def _shapes(config, mode, device):
+    if mode == "smoke":
+        return [ConvShape("smoke", 4, 8, 8)]
+    shapes = CIFAR + RESNET34 if (mode == "full" or device == "cuda") else CIFAR
+    return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
+
+
+def pytest_generate_tests(metafunc):
+    if "h2h_shape" not in metafunc.fixturenames:
+        return
+    config = metafunc.config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
+    shapes = _shapes(config, mode, device)
+    metafunc.parametrize("h2h_shape", shapes, ids=[s.label for s in shapes])
+    metafunc.parametrize("h2h_layout", chosen(config, "--bench-layout", list(LAYOUTS)))
+    metafunc.parametrize("h2h_backend", fused_backends())
+
+
+def _timed_step(fn, x, grad, device) -> float:
+    start = time.perf_counter()
+    fn(x).backward(grad)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
+    device, s = collector.device, h2h_shape
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    x = s.input(dtype, device).detach().contiguous(memory_format=LAYOUTS[h2h_layout]).requires_grad_()
+    mine, reason = conv_variant(h2h_backend, s.channels, x)
+    if mine is None:
+        pytest.skip(reason)
+    base, _ = conv_variant("eager", s.channels, x)
+    grad = torch.randn_like(base(x).detach())
+    for fn in (base, mine, base, mine):  # warm-up: oneDNN / cuDNN primitive caches, allocator
+        _timed_step(fn, x, grad, device)
+    base_s, mine_s, ratios = [], [], []
+    for i in range(_pairs(collector.mode)):
+        order = (base, mine) if i % 2 == 0 else (mine, base)
+        t = {id(fn): _timed_step(fn, x, grad, device) for fn in order}
+        base_s.append(t[id(base)])
+        mine_s.append(t[id(mine)])
+        ratios.append(t[id(base)] / t[id(mine)])
+    collector.add(
+        kind="head_to_head", shape=s.label, dims=[s.batch, s.channels, s.size, s.size],
+        dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout=h2h_layout, pass_="fwd+bwd",
+        pairs=len(ratios), ratio_median=statistics.median(ratios),
+        ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
+        eager_median_ms=statistics.median(base_s) * 1e3, median_ms=statistics.median(mine_s) * 1e3,
+    )
