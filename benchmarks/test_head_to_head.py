@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from bench_shapes import CIFAR, LAYOUTS, RESNET34, chosen
-from bench_utils import ConvShape, synchronize
-from variants import conv_variant, fused_backends
+from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
+from bench_utils import ConvShape, LinearShape, synchronize
+from variants import conv_variant, fused_backends, linear_variant
 
 
 def _pairs(mode: str) -> int:
@@ -28,16 +28,26 @@ def _shapes(config, mode, device):
     return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
 
 
+def _linear_shapes(config, mode, device):
+    if mode == "smoke":
+        return [LinearShape("smoke", 16, 32)]
+    shapes = VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
+    return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
+
+
 def pytest_generate_tests(metafunc):
-    if "h2h_shape" not in metafunc.fixturenames:
-        return
     config = metafunc.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
-    shapes = _shapes(config, mode, device)
-    metafunc.parametrize("h2h_shape", shapes, ids=[s.label for s in shapes])
-    metafunc.parametrize("h2h_layout", chosen(config, "--bench-layout", list(LAYOUTS)))
-    metafunc.parametrize("h2h_backend", fused_backends())
+    if "h2h_shape" in metafunc.fixturenames:
+        shapes = _shapes(config, mode, device)
+        metafunc.parametrize("h2h_shape", shapes, ids=[s.label for s in shapes])
+        metafunc.parametrize("h2h_layout", chosen(config, "--bench-layout", list(LAYOUTS)))
+    if "h2h_linear_shape" in metafunc.fixturenames:
+        shapes = _linear_shapes(config, mode, device)
+        metafunc.parametrize("h2h_linear_shape", shapes, ids=[s.label for s in shapes])
+    if "h2h_backend" in metafunc.fixturenames:
+        metafunc.parametrize("h2h_backend", fused_backends())
 
 
 def _timed_step(fn, x, grad, device) -> float:
@@ -47,15 +57,8 @@ def _timed_step(fn, x, grad, device) -> float:
     return time.perf_counter() - start
 
 
-def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
-    device, s = collector.device, h2h_shape
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    torch.manual_seed(0)
-    x = s.input(dtype, device).detach().contiguous(memory_format=LAYOUTS[h2h_layout]).requires_grad_()
-    mine, reason = conv_variant(h2h_backend, s.channels, x)
-    if mine is None:
-        pytest.skip(reason)
-    base, _ = conv_variant("eager", s.channels, x)
+def _interleave(collector, base, mine, x, record: dict) -> None:
+    device = collector.device
     grad = torch.randn_like(base(x).detach())
     for fn in (base, mine, base, mine):  # warm-up: oneDNN / cuDNN primitive caches, allocator
         _timed_step(fn, x, grad, device)
@@ -67,9 +70,38 @@ def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
         mine_s.append(t[id(mine)])
         ratios.append(t[id(base)] / t[id(mine)])
     collector.add(
-        kind="head_to_head", shape=s.label, dims=[s.batch, s.channels, s.size, s.size],
-        dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout=h2h_layout, pass_="fwd+bwd",
+        kind="head_to_head", pass_="fwd+bwd", **record,
         pairs=len(ratios), ratio_median=statistics.median(ratios),
         ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
         eager_median_ms=statistics.median(base_s) * 1e3, median_ms=statistics.median(mine_s) * 1e3,
     )
+
+
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
+    s, dtype = h2h_shape, _dtype(collector.device)
+    torch.manual_seed(0)
+    x = s.input(dtype, collector.device).detach().contiguous(memory_format=LAYOUTS[h2h_layout]).requires_grad_()
+    mine, reason = conv_variant(h2h_backend, s.channels, x)
+    if mine is None:
+        pytest.skip(reason)
+    base, _ = conv_variant("eager", s.channels, x)
+    record = dict(block="conv", shape=s.label, dims=[s.batch, s.channels, s.size, s.size],
+                  dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout=h2h_layout)
+    _interleave(collector, base, mine, x, record)
+
+
+def test_linear_head_to_head(collector, h2h_linear_shape, h2h_backend):
+    s, dtype = h2h_linear_shape, _dtype(collector.device)
+    torch.manual_seed(0)
+    x = s.input(dtype, collector.device)
+    mine, reason = linear_variant(h2h_backend, s.dim, x)
+    if mine is None:
+        pytest.skip(reason)
+    base, _ = linear_variant("eager", s.dim, x)
+    record = dict(block="linear", shape=s.label, dims=[s.tokens, s.dim],
+                  dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout="rows")
+    _interleave(collector, base, mine, x, record)

@@ -108,10 +108,13 @@ def _setup_context(ctx, inputs, output):
     _y, z, u, stats_c, stats_l, stats_out = output
     ctx.save_for_backward(x, z, u, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, stats_c, stats_l, stats_out)
     ctx.flags = (eps, kind, slope, scale, gain, final_act)
+    ctx.set_materialize_grads(False)  # only y's gradient is used: no [rows, Cc + hidden] zeros for z's
 
 
 def _backward(ctx, dy, *_unused):
     x, z, u, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, stats_c, stats_l, stats_out = ctx.saved_tensors
+    if dy is None:
+        dy = u.new_zeros(u.shape)
     grads = linear_block_cpu_backward(dy, x, z, u, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, stats_c, stats_l, stats_out, *ctx.flags)
     dx, d_enc, d_l1, d_l2, d_dec, *affine = grads
     return (dx, d_enc, d_l1, d_l2, d_dec if dec is not None else None, *affine, *([None] * 6))
