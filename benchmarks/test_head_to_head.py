@@ -51,6 +51,7 @@ def pytest_generate_tests(metafunc):
 
 
 def _timed_step(fn, x, grad, device) -> float:
+    x.grad = None  # else every step adds its input gradient into the last one's: a pass outside the block
     start = time.perf_counter()
     fn(x).backward(grad)
     synchronize(device)

@@ -20,6 +20,7 @@ def measure(benchmark, collector, fn, x, pass_name: str, record: dict, flops: fl
             with torch.no_grad():
                 fn(x)
         else:
+            x.grad = None  # else every round adds its input gradient into the last one's: a pass outside the block
             fn(x).backward(grad)
         synchronize(device)
 
