@@ -51,6 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_backward_apply", &bn_act_backward_apply, "fused dReLU + dBN input gradient");
   // channels-last rows: the CPU backend's layout (CPU tensors only)
   m.def("rows_channel_sums", &pnnh::rows_channel_sums, "per-channel sum and sum of squares over rows (float64)");
+  m.def("rows_batch_stats", &pnnh::rows_batch_stats, "batch-norm (mean, invstd, unbiased var) over rows");
   m.def("rows_bn_act_apply", &pnnh::rows_bn_act_apply, "fused batch-norm apply + activation over rows");
   m.def("rows_bn_act_backward_sums", &pnnh::rows_bn_act_backward_sums, "fused dAct + dBN reductions over rows");
   m.def("rows_bn_act_backward_apply", &pnnh::rows_bn_act_backward_apply, "fused dAct + dBN input gradient over rows");

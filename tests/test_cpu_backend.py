@@ -244,3 +244,15 @@ def test_channel_sums_match_torch():
     sums = extension().channel_sums(z, 2, 4)
     torch.testing.assert_close(sums[0], z[:, 2:6].sum((0, 2)))
     torch.testing.assert_close(sums[1], z[:, 2:6].pow(2).sum((0, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_batch_stats_match_torch(dtype):
+    z = (1.5 + torch.randn(301, 9, dtype=torch.float64)).to(dtype)
+    mean, invstd, var = extension().rows_batch_stats(z, 2, 5, 1e-5)
+    cols = z[:, 2:7].double()
+    assert mean.dtype == invstd.dtype == var.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean.double(), cols.mean(0), **tol)
+    torch.testing.assert_close(var.double(), cols.var(0, unbiased=True), **tol)
+    torch.testing.assert_close(invstd.double(), torch.rsqrt(cols.var(0, unbiased=False) + 1e-5), **tol)

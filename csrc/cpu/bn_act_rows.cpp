@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -300,6 +302,29 @@ void rows_bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64
       });
     });
   });
+}
+
+}  // namespace pnnh
+
+namespace pnnh {
+
+// (mean, invstd, unbiased var) of columns [c0, c0 + cn) in z's dtype, from rows_channel_sums' float64 sums:
+// what batch norm needs, in one call instead of a dozen small tensor operations per layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_batch_stats(const at::Tensor& z, int64_t c0, int64_t cn, double eps) {
+  const at::Tensor sums = rows_channel_sums(z, c0, cn);
+  const double* s = sums.data_ptr<double>();
+  const double count = double(z.size(0)), unbias = count / std::max(count - 1.0, 1.0);
+  auto mean = at::empty({cn}, z.options()), invstd = at::empty({cn}, z.options()), var = at::empty({cn}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rows_batch_stats", [&] {
+    scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>(), *v = var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < cn; ++c) {
+      const double mu = s[c] / count, biased = std::max(s[cn + c] / count - mu * mu, 0.0);
+      m[c] = scalar_t(mu);
+      is[c] = scalar_t(1.0 / std::sqrt(biased + eps));
+      v[c] = scalar_t(biased * unbias);
+    }
+  });
+  return {mean, invstd, var};
 }
 
 }  // namespace pnnh

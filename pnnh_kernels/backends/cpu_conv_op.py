@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import extension
-from .fused_conv_op import _as, _decoder_matrix, _halves, param_dtype, register_block_autograd, running_stats, stats_from_sums
+from .fused_conv_op import _as, _decoder_matrix, _halves, param_dtype, register_block_autograd, running_stats
 from .rows_coder import FoldedCoder, coder_backward, coder_batch_stats, fold_coder, input_moments
 from .rows_layout import RowsLayout
 
@@ -55,8 +55,7 @@ def _bn_act_rows(t: Tensor, c0: int, mean: Tensor, invstd: Tensor, gamma: Tensor
 
 
 def _batch_stats(t: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    sums = extension().rows_channel_sums(t, c0, cn)
-    return stats_from_sums(sums, t.shape[0], eps, param_dtype(t.dtype))
+    return extension().rows_batch_stats(t, c0, cn, eps)
 
 
 def _moment_stats(moments: Tensor, enc: Tensor, count: int, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
