@@ -89,12 +89,15 @@ class FusedConvBackend(Backend):
     @staticmethod
     @torch.no_grad()
     def _update_running(norms: BlockNorms, mean: Tensor, var: Tensor, momentum: float) -> None:
-        start = 0
+        targets, sources, start = [], [], 0
         for params in (norms.coder, norms.learner, norms.out):
             width = params.running_mean.shape[0]
-            params.running_mean.lerp_(mean[start : start + width].to(params.running_mean.dtype), momentum)
-            params.running_var.lerp_(var[start : start + width].to(params.running_var.dtype), momentum)
+            for buffer, batch in ((params.running_mean, mean), (params.running_var, var)):
+                part = batch[start : start + width]
+                targets.append(buffer)
+                sources.append(part if part.dtype == buffer.dtype else part.to(buffer.dtype))
             start += width
+        torch._foreach_lerp_(targets, sources, momentum)  # one call for the six buffers
 
 
 class ExtensionConvBackend(FusedConvBackend):
