@@ -71,8 +71,11 @@ def _block_tables(payload) -> list[str]:
 
 
 def _head_to_head(payload) -> dict:
-    """(shape, dtype, layout, variant) -> the interleaved record (see test_head_to_head.py)."""
-    return {(r["shape"], r["dtype"], r["layout"], r["variant"]): r for r in payload["records"] if r["kind"] == "head_to_head"}
+    """(shape, dtype, layout, variant) -> the interleaved block record (see test_head_to_head.py)."""
+    return {
+        (r["shape"], r["dtype"], r["layout"], r["variant"]): r
+        for r in payload["records"] if r["kind"] == "head_to_head" and r.get("block") != "model"
+    }
 
 
 def _eager_layout(records, shape, dtype) -> str:
@@ -85,14 +88,14 @@ def _eager_layout(records, shape, dtype) -> str:
 
 
 def _head_to_head_table(payload) -> list[str]:
-    rows = sorted(_head_to_head(payload).values(), key=lambda r: (r["shape"], r["layout"], r["variant"]))
+    rows = sorted((r for r in payload["records"] if r["kind"] == "head_to_head"), key=lambda r: (r.get("block") == "model", r["shape"], r["layout"], r["variant"]))
     if not rows:
         return []
     lines = [
         "### Head to head (interleaved forward+backward steps)", "",
         "Each round times one step of eager and one of the backend back to back (alternating which goes first);",
         "the ratio is the median over rounds of eager's time over the backend's, with its quartiles.", "",
-        "| shape | dtype | layout | backend | rounds | eager median ms | backend median ms | ratio (median) | quartiles |",
+        "| shape (block, or model: a training step) | dtype | layout | backend | rounds | eager median ms | backend median ms | ratio (median) | quartiles |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -14,6 +14,8 @@ import torch
 
 from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
 from bench_utils import ConvShape, LinearShape, synchronize
+from pnnh_kernels.backends import refusal_reason, registered_backends
+from pnnh_kernels.models import create_model
 from variants import conv_variant, fused_backends, linear_variant
 
 
@@ -106,3 +108,47 @@ def test_linear_head_to_head(collector, h2h_linear_shape, h2h_backend):
     record = dict(block="linear", shape=s.label, dims=[s.tokens, s.dim],
                   dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout="rows")
     _interleave(collector, base, mine, x, record)
+
+
+def _training_step(model, opt, x, y, device) -> float:
+    start = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def test_model_head_to_head(collector, h2h_backend):
+    """A PNNH-ResNet-56 training step (CIFAR-sized input) on the backend against the same model on eager."""
+    device = collector.device
+    smoke = collector.mode == "smoke"
+    name, batch = ("pnnh_resnet8", 8) if smoke else ("pnnh_resnet56", 256 if device == "cuda" else 64)
+    torch.manual_seed(0)
+    base = create_model(name, num_classes=10, backend="eager").to(device).train()
+    mine = create_model(name, num_classes=10, backend=h2h_backend).to(device).train()
+    mine.load_state_dict(base.state_dict())
+    block = next(m for m in mine.modules() if hasattr(m, "backend"))
+    reason = refusal_reason(registered_backends()[h2h_backend], "conv2d", torch.randn(2, block.in_channels, 4, 4, device=device),
+                            block.block_weights(), block.config)
+    if reason:
+        pytest.skip(reason)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    runs = {id(m): (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)) for m in (base, mine)}
+    for m, opt in runs.values():
+        _training_step(m, opt, x, y, device)
+    base_s, mine_s, ratios = [], [], []
+    for i in range(_pairs("smoke") if smoke else 8):  # a step of PNNH-56 takes about a second here
+        order = (base, mine) if i % 2 == 0 else (mine, base)
+        t = {id(m): _training_step(m, runs[id(m)][1], x, y, device) for m in order}
+        base_s.append(t[id(base)])
+        mine_s.append(t[id(mine)])
+        ratios.append(t[id(base)] / t[id(mine)])
+    collector.add(
+        kind="head_to_head", pass_="train step", block="model", shape=name, dims=[batch, 3, 32, 32],
+        dtype="float32", variant=h2h_backend, layout="nchw", pairs=len(ratios), ratio_median=statistics.median(ratios),
+        ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
+        eager_median_ms=statistics.median(base_s) * 1e3, median_ms=statistics.median(mine_s) * 1e3,
+    )

@@ -27,5 +27,6 @@ def test_benchmark_suite_smoke_run(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "### Targets" in text and "conv block, smoke" in text
     pairs = [r for r in payload["records"] if r["kind"] == "head_to_head"]
-    assert pairs and all(r["pairs"] == 3 and r["ratio_median"] > 0 for r in pairs)
+    assert {r["block"] for r in pairs} == {"conv", "linear", "model"}
+    assert all(r["pairs"] == 3 and r["ratio_median"] > 0 for r in pairs)
     assert "### Head to head" in text
