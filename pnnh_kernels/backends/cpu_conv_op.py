@@ -111,12 +111,12 @@ def _conv_block_rows(
 
     al = _bn_act_rows(tl, ol, mean1[cc:], inv1[cc:], g1f, b1f, True, slope, scale)
     u = _conv_rows(g, al, learn2)
-    offset = torch.zeros((out_ch,), dtype=pd, device=x.device)  # what the stored u lacks
     if kc == 1:  # BN_c folded into one product of x, accumulated into the learner's output in place
         fold = _fold(enc, dec, mean1[:cc], inv1[:cc], gcf, bcf, gain)
         u.addmm_(xr, fold.through.t())
-        offset = fold.offset
+        offset = fold.offset  # what the stored u lacks per channel
     else:
+        offset = torch.zeros((out_ch,), dtype=pd, device=x.device)
         zc = _bn_act_rows(tc, oc, mean1[:cc], inv1[:cc], gcf, bcf, False, slope, scale)
         decoded = F.conv_transpose2d(g.nchw(zc), enc, padding=kc // 2) if dec is None else F.conv2d(g.nchw(zc), dec, padding=kc // 2)
         u.add_(g.rows_of(decoded), alpha=gain)
