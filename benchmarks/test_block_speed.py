@@ -5,7 +5,7 @@ import torch
 from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
 from bench_utils import ConvShape, LinearShape, conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
-from variants import BASELINES, conv_variant, fused_backends, linear_variant
+from variants import BASELINES, conv_variant, fused_backends, interpreted, linear_variant
 
 
 
@@ -56,6 +56,8 @@ def _compile_allowed(mode, device, label):
 
 
 def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops, traffic, layout="nchw"):
+    if interpreted(variant, collector.device):
+        pytest.skip("the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool: not timed")
     torch.manual_seed(0)
     x = shape.input(dtype, collector.device)
     if layout != "nchw":

@@ -16,7 +16,7 @@ from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
 from bench_utils import ConvShape, LinearShape, synchronize
 from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
-from variants import conv_variant, fused_backends, linear_variant
+from variants import conv_variant, fused_backends, interpreted, linear_variant
 
 
 def _pairs(mode: str) -> int:
@@ -60,6 +60,11 @@ def _timed_step(fn, x, grad, device) -> float:
     return time.perf_counter() - start
 
 
+def _skip_interpreter(backend: str, device: str) -> None:
+    if interpreted(backend, device):
+        pytest.skip("the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool: not timed")
+
+
 def _interleave(collector, base, mine, x, record: dict) -> None:
     device = collector.device
     grad = torch.randn_like(base(x).detach())
@@ -86,6 +91,7 @@ def _dtype(device):
 
 def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
     s, dtype = h2h_shape, _dtype(collector.device)
+    _skip_interpreter(h2h_backend, collector.device)
     torch.manual_seed(0)
     x = s.input(dtype, collector.device).detach().contiguous(memory_format=LAYOUTS[h2h_layout]).requires_grad_()
     mine, reason = conv_variant(h2h_backend, s.channels, x)
@@ -99,6 +105,7 @@ def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
 
 def test_linear_head_to_head(collector, h2h_linear_shape, h2h_backend):
     s, dtype = h2h_linear_shape, _dtype(collector.device)
+    _skip_interpreter(h2h_backend, collector.device)
     torch.manual_seed(0)
     x = s.input(dtype, collector.device)
     mine, reason = linear_variant(h2h_backend, s.dim, x)
@@ -123,6 +130,7 @@ def _training_step(model, opt, x, y, device) -> float:
 def test_model_head_to_head(collector, h2h_backend):
     """A PNNH-ResNet-56 training step (CIFAR-sized input) on the backend against the same model on eager."""
     device = collector.device
+    _skip_interpreter(h2h_backend, device)
     smoke = collector.mode == "smoke"
     name, batch = ("pnnh_resnet8", 8) if smoke else ("pnnh_resnet56", 256 if device == "cuda" else 64)
     torch.manual_seed(0)

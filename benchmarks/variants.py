@@ -19,6 +19,12 @@ def fused_backends() -> list[str]:
     return [name for name, b in registered_backends().items() if b.fused]
 
 
+def interpreted(name: str, device: str) -> bool:
+    """Whether ``name`` would run on the Triton interpreter here (TRITON_INTERPRET=1 lets it take CPU
+    tensors, for tests): a correctness tool, so timing it measures nothing worth recording."""
+    return name == "triton" and device == "cpu"
+
+
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
