@@ -17,3 +17,20 @@ def chosen(config, option, names):
     """The names the command line's ``option`` (a repeatable prefix filter) lets through; all without it."""
     wanted = config.getoption(option)
     return [n for n in names if not wanted or any(n.startswith(w) for w in wanted)]
+
+
+def conv_shapes(config, mode: str, device: str) -> list[ConvShape]:
+    """The conv shapes a run times: a tiny one (smoke), the CIFAR stages (quick CPU), plus ResNet-34's."""
+    if mode == "smoke":
+        shapes = [ConvShape("smoke", 4, 8, 8)]
+    else:
+        shapes = CIFAR + RESNET34 if (mode == "full" or device == "cuda") else CIFAR
+    return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
+
+
+def linear_shapes(config, mode: str, device: str) -> list[LinearShape]:
+    if mode == "smoke":
+        shapes = [LinearShape("smoke", 16, 32)]
+    else:
+        shapes = VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
+    return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]

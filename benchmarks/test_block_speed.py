@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
-from bench_utils import ConvShape, LinearShape, conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
+from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes
+from bench_utils import conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
 from variants import BASELINES, conv_variant, fused_backends, interpreted, linear_variant
 
@@ -22,17 +22,10 @@ def pytest_generate_tests(metafunc):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
     if "conv_shape" in metafunc.fixturenames:
-        if mode == "smoke":
-            shapes = [ConvShape("smoke", 4, 8, 8)]
-        elif mode == "full" or device == "cuda":
-            shapes = CIFAR + RESNET34
-        else:
-            shapes = CIFAR
-        shapes = [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
+        shapes = conv_shapes(config, mode, device)
         metafunc.parametrize("conv_shape", shapes, ids=[s.label for s in shapes])
     if "linear_shape" in metafunc.fixturenames:
-        shapes = [LinearShape("smoke", 16, 32)] if mode == "smoke" else VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
-        shapes = [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
+        shapes = linear_shapes(config, mode, device)
         metafunc.parametrize("linear_shape", shapes, ids=[s.label for s in shapes])
     if "dtype" in metafunc.fixturenames:
         names = chosen(config, "--bench-dtype", [str(d).replace("torch.", "") for d in _dtypes(device)])

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from bench_shapes import CIFAR, LAYOUTS, RESNET34, VIT_CPU, VIT_FULL, chosen
-from bench_utils import ConvShape, LinearShape, synchronize
+from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes
+from bench_utils import synchronize
 from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
 from variants import conv_variant, fused_backends, interpreted, linear_variant
@@ -23,30 +23,16 @@ def _pairs(mode: str) -> int:
     return {"smoke": 3, "quick": 25, "full": 40}[mode]
 
 
-def _shapes(config, mode, device):
-    if mode == "smoke":
-        return [ConvShape("smoke", 4, 8, 8)]
-    shapes = CIFAR + RESNET34 if (mode == "full" or device == "cuda") else CIFAR
-    return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
-
-
-def _linear_shapes(config, mode, device):
-    if mode == "smoke":
-        return [LinearShape("smoke", 16, 32)]
-    shapes = VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
-    return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
-
-
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
     if "h2h_shape" in metafunc.fixturenames:
-        shapes = _shapes(config, mode, device)
+        shapes = conv_shapes(config, mode, device)
         metafunc.parametrize("h2h_shape", shapes, ids=[s.label for s in shapes])
         metafunc.parametrize("h2h_layout", chosen(config, "--bench-layout", list(LAYOUTS)))
     if "h2h_linear_shape" in metafunc.fixturenames:
-        shapes = _linear_shapes(config, mode, device)
+        shapes = linear_shapes(config, mode, device)
         metafunc.parametrize("h2h_linear_shape", shapes, ids=[s.label for s in shapes])
     if "h2h_backend" in metafunc.fixturenames:
         metafunc.parametrize("h2h_backend", fused_backends())
@@ -65,24 +51,34 @@ def _skip_interpreter(backend: str, device: str) -> None:
         pytest.skip("the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool: not timed")
 
 
-def _interleave(collector, base, mine, x, record: dict) -> None:
-    device = collector.device
-    grad = torch.randn_like(base(x).detach())
-    for fn in (base, mine, base, mine):  # warm-up: oneDNN / cuDNN primitive caches, allocator
-        _timed_step(fn, x, grad, device)
+def _interleave(collector, base_step, mine_step, pairs: int, record: dict) -> None:
+    """Time ``pairs`` rounds of the two zero-argument steps (each returns its seconds) back to back,
+    alternating which goes first, after two warm-up rounds (oneDNN / cuDNN primitive caches, allocator),
+    and record the median of the per-round ratios."""
+    for _ in range(2):
+        base_step(), mine_step()
     base_s, mine_s, ratios = [], [], []
-    for i in range(_pairs(collector.mode)):
-        order = (base, mine) if i % 2 == 0 else (mine, base)
-        t = {id(fn): _timed_step(fn, x, grad, device) for fn in order}
-        base_s.append(t[id(base)])
-        mine_s.append(t[id(mine)])
-        ratios.append(t[id(base)] / t[id(mine)])
+    for i in range(pairs):
+        if i % 2 == 0:
+            b, m = base_step(), mine_step()
+        else:
+            m, b = mine_step(), base_step()
+        base_s.append(b)
+        mine_s.append(m)
+        ratios.append(b / m)
     collector.add(
-        kind="head_to_head", pass_="fwd+bwd", **record,
+        kind="head_to_head", **record,
         pairs=len(ratios), ratio_median=statistics.median(ratios),
         ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
         eager_median_ms=statistics.median(base_s) * 1e3, median_ms=statistics.median(mine_s) * 1e3,
     )
+
+
+def _interleave_blocks(collector, base, mine, x, record: dict) -> None:
+    device = collector.device
+    grad = torch.randn_like(base(x).detach())
+    _interleave(collector, lambda: _timed_step(base, x, grad, device), lambda: _timed_step(mine, x, grad, device),
+                _pairs(collector.mode), dict(pass_="fwd+bwd", **record))
 
 
 def _dtype(device):
@@ -100,7 +96,7 @@ def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
     base, _ = conv_variant("eager", s.channels, x)
     record = dict(block="conv", shape=s.label, dims=[s.batch, s.channels, s.size, s.size],
                   dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout=h2h_layout)
-    _interleave(collector, base, mine, x, record)
+    _interleave_blocks(collector, base, mine, x, record)
 
 
 def test_linear_head_to_head(collector, h2h_linear_shape, h2h_backend):
@@ -114,7 +110,7 @@ def test_linear_head_to_head(collector, h2h_linear_shape, h2h_backend):
     base, _ = linear_variant("eager", s.dim, x)
     record = dict(block="linear", shape=s.label, dims=[s.tokens, s.dim],
                   dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout="rows")
-    _interleave(collector, base, mine, x, record)
+    _interleave_blocks(collector, base, mine, x, record)
 
 
 def _training_step(model, opt, x, y, device) -> float:
@@ -144,19 +140,9 @@ def test_model_head_to_head(collector, h2h_backend):
         pytest.skip(reason)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    runs = {id(m): (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)) for m in (base, mine)}
-    for m, opt in runs.values():
-        _training_step(m, opt, x, y, device)
-    base_s, mine_s, ratios = [], [], []
-    for i in range(_pairs("smoke") if smoke else 8):  # a step of PNNH-56 takes about a second here
-        order = (base, mine) if i % 2 == 0 else (mine, base)
-        t = {id(m): _training_step(m, runs[id(m)][1], x, y, device) for m in order}
-        base_s.append(t[id(base)])
-        mine_s.append(t[id(mine)])
-        ratios.append(t[id(base)] / t[id(mine)])
-    collector.add(
-        kind="head_to_head", pass_="train step", block="model", shape=name, dims=[batch, 3, 32, 32],
-        dtype="float32", variant=h2h_backend, layout="nchw", pairs=len(ratios), ratio_median=statistics.median(ratios),
-        ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
-        eager_median_ms=statistics.median(base_s) * 1e3, median_ms=statistics.median(mine_s) * 1e3,
-    )
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
+    record = dict(pass_="train step", block="model", shape=name, dims=[batch, 3, 32, 32], dtype="float32",
+                  variant=h2h_backend, layout="nchw")
+    pairs = _pairs("smoke") if smoke else 8  # a step of PNNH-56 takes about a second here
+    _interleave(collector, lambda: _training_step(base, optimizers[0], x, y, device),
+                lambda: _training_step(mine, optimizers[1], x, y, device), pairs, record)

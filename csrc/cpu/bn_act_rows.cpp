@@ -304,10 +304,6 @@ void rows_bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64
   });
 }
 
-}  // namespace pnnh
-
-namespace pnnh {
-
 // (mean, invstd, unbiased var) of columns [c0, c0 + cn) in z's dtype, from rows_channel_sums' float64 sums:
 // what batch norm needs, in one call instead of a dozen small tensor operations per layer.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_batch_stats(const at::Tensor& z, int64_t c0, int64_t cn, double eps) {
