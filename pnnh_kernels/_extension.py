@@ -34,7 +34,7 @@ def _jit_build() -> ModuleType:
     return load(
         name="pnnh_kernels_C",
         sources=sources,
-        extra_cflags=["-O3", "-std=c++17", "-fopenmp"],  # the same flags as setup.py
+        extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"],  # the same flags as setup.py
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

@@ -256,3 +256,44 @@ def test_rows_batch_stats_match_torch(dtype):
     torch.testing.assert_close(mean.double(), cols.mean(0), **tol)
     torch.testing.assert_close(var.double(), cols.var(0, unbiased=True), **tol)
     torch.testing.assert_close(invstd.double(), torch.rsqrt(cols.var(0, unbiased=False) + 1e-5), **tol)
+
+
+def _ln_act_autograd(z, c0, cn, gamma, beta, kind, slope, scale, use_act):
+    """act(LN(z[:, c0:c0+cn])) in float64 autograd: the pass's reference."""
+    y = torch.nn.functional.layer_norm(z[:, c0:c0 + cn], (cn,), gamma, beta, 1e-5)
+    if not use_act:
+        return y
+    return scale * (torch.nn.functional.gelu(y) if kind == 1 else torch.nn.functional.leaky_relu(y, slope))
+
+
+@pytest.mark.parametrize("width", [1536, 37], ids=["vector-body", "odd"])
+@pytest.mark.parametrize("act", [(1, 0.0, 1.3, True), (0, 0.2, 1.4, True), (0, 0.0, 1.0, False)], ids=["gelu", "leaky", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ln_act_passes_match_autograd(width, act, dtype):
+    """The fused layer-norm + activation passes, forward and backward, against float64 autograd. Wide gammas
+    push the normalised values out to |y| ~ 30, past the fast erf's clamp (3.92) and exp's underflow."""
+    kind, slope, scale, use_act = act
+    C = extension()
+    rows, c0 = 70, 3  # more rows than one chunk of the affine partials (64)
+    z64 = torch.randn(rows, c0 + width + 2, dtype=torch.float64) * 3 + 1
+    gamma64 = torch.randn(width, dtype=torch.float64) * 8
+    beta64 = torch.randn(width, dtype=torch.float64)
+    dy64 = torch.randn(rows, width, dtype=torch.float64)
+    z, gamma, beta, dy = (t.to(dtype) for t in (z64, gamma64, beta64, dy64))
+
+    out = torch.zeros(rows, width + 5, dtype=dtype)
+    stats = C.ln_act_forward(z, c0, width, out, 4, gamma, beta, 1e-5, use_act, kind, slope, scale)
+    leaves = [t.clone().requires_grad_() for t in (z64, gamma64, beta64)]
+    expected = _ln_act_autograd(*leaves[:1], c0, width, *leaves[1:], kind, slope, scale, use_act)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, 4:4 + width].double(), expected.detach(), **tol)
+    assert out[:, :4].abs().sum() == 0 and out[:, 4 + width:].abs().sum() == 0  # nothing written outside the range
+
+    expected.backward(dy64)
+    dz = torch.zeros_like(z)
+    partial = C.ln_act_backward(dy, 0, z, c0, width, stats, gamma, beta, dz, use_act, kind, slope, scale)
+    scale_of = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else tol
+    torch.testing.assert_close(dz.double(), leaves[0].grad, **scale_of)
+    dgamma, dbeta = partial.sum(0)
+    torch.testing.assert_close(dgamma, leaves[1].grad, **scale_of)
+    torch.testing.assert_close(dbeta, leaves[2].grad, **scale_of)
