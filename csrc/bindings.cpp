@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/pnnh_cpu.h"
+#include "cpu/rows_coder.h"
 #ifdef PNNH_WITH_CUDA
 #include "cuda/pnnh_cuda.h"
 #define PNNH_ON_CUDA(tensor, call) \
@@ -41,6 +42,23 @@ void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0
   pnnh::bn_act_backward_apply(dy, x, c0, dx, mean, invstd, gamma, beta, sums, training, use_act, slope, scale);
 }
 
+// the coder algebra's parts as tuples, for their unit tests (tests/test_rows_coder.py)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> coder_fold(
+    const at::Tensor& enc, const at::Tensor& dec_matrix, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& gamma, const at::Tensor& beta, double gain) {
+  auto f = pnnh::fold_coder(enc, dec_matrix, mean, invstd, gamma, beta, gain);
+  return {f.a, f.shift, f.m, f.through, f.offset};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>> coder_backward(
+    const at::Tensor& h, const c10::optional<at::Tensor>& du_sums, const at::Tensor& moments, const at::Tensor& enc,
+    const at::Tensor& dec_matrix, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+    const at::Tensor& beta, bool use_batch, int64_t count, double gain) {
+  auto fold = pnnh::fold_coder(enc, dec_matrix, mean, invstd, gamma, beta, gain);
+  auto g = pnnh::coder_backward(h, du_sums, moments, enc, dec_matrix, fold, mean, invstd, use_batch, count, gain);
+  return {g.encoder, g.decoder_matrix, g.gamma, g.beta, g.input_self, g.input_const};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -57,6 +75,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_bn_act_backward_apply", &pnnh::rows_bn_act_backward_apply, "fused dAct + dBN input gradient over rows");
   m.def("ln_act_forward", &pnnh::ln_act_forward, "fused layer-norm apply + activation over rows");
   m.def("ln_act_backward", &pnnh::ln_act_backward, "fused dActivation + dLayerNorm over rows");
+  m.def("conv_block_rows_1x1", &pnnh::conv_block_rows_1x1, "the rows conv block with a 1x1 coder, forward");
+  m.def("conv_block_rows_1x1_backward", &pnnh::conv_block_rows_1x1_backward, "the rows conv block with a 1x1 coder, backward");
+  m.def("coder_input_moments", &pnnh::coder_input_moments, "column sums and Gram matrix of rows (float64)");
+  m.def("coder_batch_stats", &pnnh::coder_batch_stats, "a 1x1 coder's batch (mean, biased var) from its input's moments");
+  m.def("coder_fold", &coder_fold, "BN_c folded into the decoder: (a, shift, m, through, offset)");
+  m.def("coder_backward", &coder_backward, "the coder's gradients from H = dU^T X");
 #ifdef _OPENMP
   m.attr("with_openmp") = true;  // without it at::parallel_for runs every pass on one thread
 #else

@@ -96,11 +96,16 @@ def test_custom_ops_pass_opcheck(op, options, layout):
 
 
 @pytest.mark.slow
-def test_torch_compile_traces_the_cpu_backend_without_graph_breaks():
-    block = pk.PNNHConv2d(4, backend="cpu").double().train()
+@pytest.mark.parametrize("make, shape", [
+    (lambda: pk.PNNHConv2d(4, backend="cpu"), (2, 4, 5, 5)),
+    (lambda: pk.PNNHLinear(4, hidden_features=6, activation="gelu", backend="cpu"), (3, 4)),
+], ids=["conv", "linear"])
+def test_torch_compile_traces_the_cpu_backend_without_graph_breaks(make, shape):
+    """Eager calls take an autograd.Function; under torch.compile the custom op must be what is traced."""
+    block = make().double().train()
     reference = twin(block, "reference")
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    assert_modules_agree(reference, compiled, torch.randn(2, 4, 5, 5, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1)
+    assert_modules_agree(reference, compiled, torch.randn(shape, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1)
 
 
 def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
@@ -110,11 +115,16 @@ def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
     assert select_backend("auto", "conv2d", *args).name == "eager"  # a small map, parameters need gradients
     with torch.no_grad():
         assert select_backend("auto", "conv2d", *args).name == "cpu"
-    large = torch.empty(64, 4, 32, 32)  # 262144 elements: the measured training crossover
+    large = torch.empty(16, 4, 32, 32)  # 65536 elements: the measured training crossover
     assert select_backend("auto", "conv2d", large, block.block_weights(), block.config).name == "cpu"
+    below = torch.empty(16, 4, 32, 31)
+    assert select_backend("auto", "conv2d", below, block.block_weights(), block.config).name == "eager"
     kxk = pk.PNNHConv2d(4, coder_kernel_size=3)
     assert select_backend("auto", "conv2d", large, kxk.block_weights(), kxk.config).name == "eager"
-    assert select_backend("auto", "linear", torch.randn(2, 4), pk.PNNHLinear(4).block_weights(), pk.PNNHLinear(4).config).name == "eager"
+    linear = pk.PNNHLinear(64)
+    args = (linear.block_weights(), linear.config)
+    assert select_backend("auto", "linear", torch.randn(2, 64), *args).name == "eager"
+    assert select_backend("auto", "linear", torch.empty(1024, 64), *args).name == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,44 @@
-"""The 'cpu' op's 1x1 coder from its input's moments (backends/rows_coder.py) against the coder written
+"""The 'cpu' op's 1x1 coder from its input's moments (csrc/cpu/rows_coder.cpp) against the coder written
 out with its output z_c formed, differentiated by autograd."""
+from typing import NamedTuple, Optional
+
 import pytest
 import torch
 
-from pnnh_kernels.backends.rows_coder import coder_backward, coder_batch_stats, fold_coder, input_moments
+from pnnh_kernels._extension import extension, extension_error
+
+pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
 
 F64 = torch.float64
+
+
+class Fold(NamedTuple):
+    a: torch.Tensor
+    shift: torch.Tensor
+    m: torch.Tensor
+    through: torch.Tensor
+    offset: torch.Tensor
+
+
+class Grads(NamedTuple):
+    encoder: torch.Tensor
+    decoder_matrix: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    input_self: Optional[torch.Tensor]
+    input_const: Optional[torch.Tensor]
+
+
+def input_moments(x):
+    return extension().coder_input_moments(x)
+
+
+def coder_batch_stats(moments, enc, count):
+    return extension().coder_batch_stats(moments, enc, count)
+
+
+def fold_coder(enc, mat, mean, invstd, gamma, beta, gain):
+    return Fold(*extension().coder_fold(enc, mat, mean, invstd, gamma, beta, gain))
 
 
 def _formed_coder(x, enc, mat, gamma, beta, mean, invstd, gain):
@@ -53,8 +86,8 @@ def test_coder_gradients_match_autograd_on_the_formed_coder(use_batch, cout):
 
     m_val, inv_val = mean.detach(), invstd.detach()
     fold = fold_coder(enc.detach(), mat.detach(), m_val, inv_val, gamma.detach(), beta.detach(), gain)
-    grads = coder_backward(du.t() @ x.detach(), None if use_batch else du.sum(0), moments, enc.detach(), mat.detach(),
-                           fold, m_val, inv_val, use_batch, rows, gain)
+    grads = Grads(*extension().coder_backward(du.t() @ x.detach(), None if use_batch else du.sum(0), moments, enc.detach(),
+                                              mat.detach(), m_val, inv_val, gamma.detach(), beta.detach(), use_batch, rows, gain))
     tol = dict(rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(grads.encoder, enc.grad, **tol)
     torch.testing.assert_close(grads.decoder_matrix, mat.grad, **tol)

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace pnnh {
 
 at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn);
@@ -47,5 +49,22 @@ at::Tensor ln_act_forward(const at::Tensor& z, int64_t c0, int64_t cn, const at:
 at::Tensor ln_act_backward(const at::Tensor& dy, int64_t dy_c0, const at::Tensor& z, int64_t c0, int64_t cn,
                            const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
                            const at::Tensor& dz, bool use_act, int64_t kind, double slope, double scale);
+
+// The rows conv block with a 1x1 coder, whole (conv_block_rows.cpp): the signatures of backends/cpu_conv_op.py's
+// op; forward returns (y, x's moments, learner pre-norm rows, u, mean, invstd, batch var), backward the 11
+// gradients (dx and ddec empty when not needed).
+std::vector<at::Tensor> conv_block_rows_1x1(
+    const at::Tensor& x, const at::Tensor& enc, const at::Tensor& learn1, const at::Tensor& learn2,
+    const c10::optional<at::Tensor>& dec, const at::Tensor& gc, const at::Tensor& bc, const at::Tensor& g1,
+    const at::Tensor& b1, const at::Tensor& g2, const at::Tensor& b2, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, bool use_batch, double eps, double slope, double scale, double gain,
+    bool final_act);
+
+std::vector<at::Tensor> conv_block_rows_1x1_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& moments, const at::Tensor& zl_pre, const at::Tensor& u,
+    const at::Tensor& enc, const at::Tensor& learn1, const at::Tensor& learn2, const c10::optional<at::Tensor>& dec,
+    const at::Tensor& gc, const at::Tensor& bc, const at::Tensor& g1, const at::Tensor& b1, const at::Tensor& g2,
+    const at::Tensor& b2, const at::Tensor& mean, const at::Tensor& invstd, bool use_batch, double slope, double scale,
+    double gain, bool final_act, bool need_dx);
 
 }  // namespace pnnh

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..block import BlockConfig, BlockNorms, BlockWeights
-from .cpu_linear import activation_kind, linear_block_cpu
+from .cpu_linear import LinearBlockCpuFunction, activation_kind, linear_block_cpu
 from .fused_backend import ExtensionConvBackend
 
 class CpuBackend(ExtensionConvBackend):
@@ -25,28 +25,31 @@ class CpuBackend(ExtensionConvBackend):
 
         return conv_block_rows, ConvBlockRowsFunction
 
-    # Forward+backward, interleaved against eager (benchmarks/RESULTS.md, 2-core Xeon, fp32): 0.77-0.94x
-    # at 32k-65k input elements, where the block's fixed Python cost dominates; 1.08x at 262k
-    # (64x64x8x8); 1.14-1.48x from 524k up (the CIFAR stages at batch 128).
-    TRAINING_MIN_ELEMENTS = 1 << 18
+    # Interleaved against eager, module level (2-core Xeon, fp32, 2026-11-23, with the 1x1-coder block whole in
+    # C++). Conv forward+backward: 0.93-0.99x below 8k input elements, 1.0-1.06x at 32k-49k, 1.05-1.24x at
+    # 65k, 1.11-1.26x from 131k up. PNNHLinear (GELU): forward+backward 0.90x at 1k elements, 1.09x at 75k
+    # (197x384), 1.10-1.15x at 300k-600k; no-grad forward 0.76x, 1.04x, 1.15x at the same sizes.
+    MIN_ELEMENTS = 1 << 16
 
     def auto_skip_reason(self, op, x, weights, config) -> Optional[str]:
+        small = f"input below {self.MIN_ELEMENTS} elements: the fixed cost per call outweighs the fused passes"
         if op == "linear":
-            return "measured at 0.8-1.0x of 'eager' (the GEMMs dominate; benchmarks/RESULTS.md)"
+            return small if x.numel() < self.MIN_ELEMENTS else None
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.encoder.requires_grad)
         if not needs_grad:
             return None
         if weights.encoder.shape[-1] != 1:
             return "a k x k coder is not measured faster than 'eager' when a backward pass follows"
-        if x.numel() < self.TRAINING_MIN_ELEMENTS:
-            return f"input below {self.TRAINING_MIN_ELEMENTS} elements: the fixed cost per call outweighs the fused passes in training"
+        if x.numel() < self.MIN_ELEMENTS:
+            return small + " in training"
         return None
 
     def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
         act = config.activation
         affine = self._affine_params(weights, norms, x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        y = linear_block_cpu(
+        run = linear_block_cpu if torch.compiler.is_compiling() else LinearBlockCpuFunction.apply
+        y = run(
             rows, weights.encoder, weights.learner1, weights.learner2, weights.decoder, *(t.contiguous() for t in affine),
             config.eps, activation_kind(act.kind), act.slope, act.scale, act.coder_gain, config.final_activation,
         )[0]

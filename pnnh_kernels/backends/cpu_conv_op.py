@@ -10,8 +10,13 @@ Between the convolutions every tensor is a [pixels, channels] matrix (NHWC), bec
   (``addmm_``) into the learner's output and, in backward, into dx (no per-image batches, no sums of them);
 - the fused BN passes (csrc/cpu/bn_act_rows.cpp) walk memory in order with the channels as vector lanes.
 
-Saved for backward: x, the pre-norm layer-1 halves ``zc``/``zl`` and layer 2's pre-norm ``u`` (rows), and
-the statistics; the normalised tensors are recomputed.
+A 1x1 coder (every model's default) runs whole in C++ (csrc/cpu/conv_block_rows.cpp): its output is never
+formed, only its input's moments (csrc/cpu/rows_coder.cpp), and the ~200 small tensor calls this module's
+Python made per block (~2.5 ms, measured) are gone. A k x k coder runs the Python below.
+
+Saved for backward: x, the pre-norm layer-1 halves ``zc``/``zl`` (for a 1x1 coder: x's moments and the
+learner's rows) and layer 2's pre-norm ``u`` (rows), and the statistics; the normalised tensors are
+recomputed.
 """
 from __future__ import annotations
 
@@ -22,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extension import extension
-from .fused_conv_op import _as, _decoder_matrix, _halves, param_dtype, register_block_autograd, running_stats
-from .rows_coder import FoldedCoder, coder_backward, coder_batch_stats, fold_coder, input_moments
+from .fused_conv_op import _as, _halves, param_dtype, register_block_autograd, running_stats
 from .rows_layout import RowsLayout
 
 
@@ -58,19 +62,6 @@ def _batch_stats(t: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tenso
     return extension().rows_batch_stats(t, c0, cn, eps)
 
 
-def _moment_stats(moments: Tensor, enc: Tensor, count: int, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, invstd, unbiased var) of a 1x1 coder's output, from its input's moments. Not through
-    stats_from_sums: var = w^T Cov(x) w subtracts the means at x's level, which keeps more digits than
-    sum(z^2)/P - mean(z)^2 (measured: two-value batches miss the float64 tolerance the other way)."""
-    mean, var = coder_batch_stats(moments, enc.reshape(enc.shape[0], -1), count)
-    unbiased = var * (count / max(count - 1, 1))
-    return mean.to(dtype), torch.rsqrt(var + eps).to(dtype), unbiased.to(dtype)
-
-
-def _fold(enc: Tensor, dec: Optional[Tensor], mean: Tensor, invstd: Tensor, gc: Tensor, bc: Tensor, gain: float) -> FoldedCoder:
-    return fold_coder(enc.reshape(enc.shape[0], -1), _decoder_matrix(enc, dec), mean, invstd, gc, bc, gain)
-
-
 # --------------------------------------------------------------------------- forward op
 
 
@@ -82,10 +73,15 @@ def _conv_block_rows(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, zc, zl, u, mean, invstd, batch_var): y channels_last; u layer 2's pre-norm rows;
     statistics over [coder, learner, out] channels. ``zc``/``zl`` are what backward needs of layer 1:
-    - a 1x1 coder (:mod:`.rows_coder`): ``zc`` holds x's moments ([Cin + 1, Cin] float64; empty under
-      running statistics), ``zl`` the learner's pre-norm rows;
+    - a 1x1 coder (C++): ``zc`` holds x's moments ([Cin + 1, Cin] float64; empty under running
+      statistics), ``zl`` the learner's pre-norm rows;
     - a k x k coder: the pre-norm halves as rows, both in ``zc`` ([pixels, Cc + C], ``zl`` empty) when one
       convolution computed them."""
+    if enc.shape[-1] == 1:
+        return tuple(extension().conv_block_rows_1x1(
+            x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, running_mean, running_var,
+            use_batch, eps, slope, scale, gain, final_act,
+        ))
     g = RowsLayout(x)
     cc, hid, out_ch = enc.shape[0], learn1.shape[0], learn2.shape[0]
     kc = enc.shape[-1]
@@ -95,44 +91,29 @@ def _conv_block_rows(
     if running_mean is not None and not use_batch:
         mean_run, inv_run, var_run = running_stats(running_mean, running_var, eps, pd)
 
-    if kc == 1:  # the coder through x's moments: its output is never formed
-        zl_pre = _conv_rows(g, xr, learn1)
-        zc_pre = input_moments(xr) if use_batch else xr.new_empty((0,), dtype=torch.float64)
-        tl, ol = zl_pre, 0
+    if kc == learn1.shape[-1]:  # one convolution reads x for both halves
+        zc_pre, zl_pre = _conv_rows(g, xr, torch.cat([enc, learn1])), x.new_empty((0,))
     else:
-        if kc == learn1.shape[-1]:  # one convolution reads x for both halves
-            zc_pre, zl_pre = _conv_rows(g, xr, torch.cat([enc, learn1])), x.new_empty((0,))
-        else:
-            zc_pre, zl_pre = _conv_rows(g, xr, enc), _conv_rows(g, xr, learn1)
-        (tc, oc), (tl, ol) = _halves(zc_pre, zl_pre, cc)
+        zc_pre, zl_pre = _conv_rows(g, xr, enc), _conv_rows(g, xr, learn1)
+    (tc, oc), (tl, ol) = _halves(zc_pre, zl_pre, cc)
     if use_batch:
-        coder = _moment_stats(zc_pre, enc, g.rows, eps, pd) if kc == 1 else _batch_stats(tc, oc, cc, eps)
-        mean1, inv1, var1 = (torch.cat(p) for p in zip(coder, _batch_stats(tl, ol, hid, eps)))
+        mean1, inv1, var1 = (torch.cat(p) for p in zip(_batch_stats(tc, oc, cc, eps), _batch_stats(tl, ol, hid, eps)))
     else:
         mean1, inv1, var1 = mean_run[: cc + hid], inv_run[: cc + hid], var_run[: cc + hid]
 
     al = _bn_act_rows(tl, ol, mean1[cc:], inv1[cc:], g1f, b1f, True, slope, scale)
     u = _conv_rows(g, al, learn2)
-    if kc == 1:  # BN_c folded into one product of x, accumulated into the learner's output in place
-        fold = _fold(enc, dec, mean1[:cc], inv1[:cc], gcf, bcf, gain)
-        u.addmm_(xr, fold.through.t())
-        offset = fold.offset  # what the stored u lacks per channel
-    else:
-        offset = torch.zeros((out_ch,), dtype=pd, device=x.device)
-        zc = _bn_act_rows(tc, oc, mean1[:cc], inv1[:cc], gcf, bcf, False, slope, scale)
-        decoded = F.conv_transpose2d(g.nchw(zc), enc, padding=kc // 2) if dec is None else F.conv2d(g.nchw(zc), dec, padding=kc // 2)
-        u.add_(g.rows_of(decoded), alpha=gain)
+    zc = _bn_act_rows(tc, oc, mean1[:cc], inv1[:cc], gcf, bcf, False, slope, scale)
+    decoded = F.conv_transpose2d(g.nchw(zc), enc, padding=kc // 2) if dec is None else F.conv2d(g.nchw(zc), dec, padding=kc // 2)
+    u.add_(g.rows_of(decoded), alpha=gain)
 
-    # BN_2 of u + offset: statistics of the stored u, the offset shifting the mean (a per-channel
-    # constant does not change the variance, and a convolution bias would cost oneDNN a second pass)
     if use_batch:
         mean2, inv2, var2 = _batch_stats(u, 0, out_ch, eps)
-        mean2 = mean2 + offset
     else:
         mean2, inv2, var2 = mean_run[cc + hid :], inv_run[cc + hid :], var_run[cc + hid :]
     g2f, b2f = _as(pd, g2, b2)
     y = torch.empty_like(u)
-    extension().rows_bn_act_apply(u, 0, y, 0, mean2 - offset, inv2, g2f, b2f, final_act, slope, scale)
+    extension().rows_bn_act_apply(u, 0, y, 0, mean2, inv2, g2f, b2f, final_act, slope, scale)
     return (
         g.nchw(y), zc_pre, zl_pre, u,
         torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]),
@@ -174,77 +155,57 @@ def _conv_block_rows_backward(
     use_batch: bool, slope: float, scale: float, gain: float, final_act: bool, need_dx: bool,
 ) -> list[Tensor]:
     """Gradients of (x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2); dx/ddec empty when not needed."""
+    if enc.shape[-1] == 1:
+        return extension().conv_block_rows_1x1_backward(
+            dy, x, zc_pre, zl_pre, u, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, mean, invstd,
+            use_batch, slope, scale, gain, final_act, need_dx,
+        )
     g = RowsLayout(x)
     cc, hid = enc.shape[0], learn1.shape[0]
-    c1, kc = cc + hid, enc.shape[-1]
+    c1 = cc + hid
     pd = param_dtype(x.dtype)
-    gammas = _as(pd, gc, bc, g1, b1)
+    gcf, bcf, g1f, b1f = _as(pd, gc, bc, g1, b1)
     g2f, b2f = _as(pd, g2, b2)
     C = extension()
 
-    gcf, bcf, g1f, b1f = gammas
-    mean2 = mean[c1:]
-    if kc == 1:  # u was stored without the folded coder's offset (see the forward)
-        fold = _fold(enc, dec, mean[:cc], invstd[:cc], gcf, bcf, gain)
-        mean2 = mean2 - fold.offset
-
     # layer 2: dAct + dBN_2 in two fused passes; the sums are also d(beta_2) and d(gamma_2)
     dy_rows = g.rows_of(dy)
-    sums2 = C.rows_bn_act_backward_sums(dy_rows, u, 0, mean2, invstd[c1:], g2f, b2f, final_act, slope, scale)
+    mean2, inv2 = mean[c1:], invstd[c1:]
+    sums2 = C.rows_bn_act_backward_sums(dy_rows, u, 0, mean2, inv2, g2f, b2f, final_act, slope, scale)
     du = torch.empty_like(u)
-    C.rows_bn_act_backward_apply(dy_rows, u, 0, du, mean2, invstd[c1:], g2f, b2f, sums2, use_batch, final_act, slope, scale)
+    C.rows_bn_act_backward_apply(dy_rows, u, 0, du, mean2, inv2, g2f, b2f, sums2, use_batch, final_act, slope, scale)
 
     # recompute layer 1's activated learner half instead of having stored it
-    if kc == 1:
-        tl, ol = zl_pre, 0
-    else:
-        (tc, oc), (tl, ol) = _halves(zc_pre, zl_pre, cc)
+    (tc, oc), (tl, ol) = _halves(zc_pre, zl_pre, cc)
     al = _bn_act_rows(tl, ol, mean[cc:c1], invstd[cc:c1], g1f, b1f, True, slope, scale)
     d_al, d_learn2 = _conv_rows_backward(g, du, al, learn2, True)
 
-    # layer 1's learner half: dAct + dBN_1, then its convolution's gradients
+    # layer 1's learner half: dAct + dBN_1
     dzl = torch.empty_like(tl)
     sums_1 = C.rows_bn_act_backward_sums(d_al, tl, ol, mean[cc:c1], invstd[cc:c1], g1f, b1f, True, slope, scale)
     C.rows_bn_act_backward_apply(d_al, tl, ol, dzl, mean[cc:c1], invstd[cc:c1], g1f, b1f, sums_1, use_batch, True, slope, scale)
     xr = g.rows_of(x)
 
-    if kc == 1:  # the coder from H = dU^T X (:mod:`.rows_coder`)
+    # the coder: its normalised half recomputed, its convolutions' gradients
+    zc = _bn_act_rows(tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
+    d_zc, d_w = _conv_rows_backward(g, du, zc, enc if dec is None else dec, True, transposed=dec is None)
+    if gain != 1.0:  # the backward is linear in the gradient: scale the results, not du
+        d_zc.mul_(gain)
+        d_w.mul_(gain)
+    d_enc_decode, d_dec = (d_w, None) if dec is None else (None, d_w)
+    dzc = dzl if tl is tc else torch.empty_like(tc)
+    sums_c = C.rows_bn_act_backward_sums(d_zc, tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
+    C.rows_bn_act_backward_apply(d_zc, tc, oc, dzc, mean[:cc], invstd[:cc], gcf, bcf, sums_c, use_batch, False, slope, scale)
+    if tl is tc:
+        dx, d_cat = _conv_rows_backward(g, dzc, xr, torch.cat([enc, learn1]), need_dx)
+        d_enc, d_learn1 = d_cat[:cc].clone(), d_cat[cc:].clone()
+    else:
         dx, d_learn1 = _conv_rows_backward(g, dzl, xr, learn1, need_dx)
-        # dU's column sums: zero under batch statistics (BN's gradient is centred), a2 * sum(g) otherwise
-        du_sums = None if use_batch else g2f * invstd[c1:] * sums2[0].to(g2f.dtype)
-        grads = coder_backward(torch.mm(du.t(), xr), du_sums, zc_pre, enc.reshape(cc, -1), _decoder_matrix(enc, dec),
-                               fold, mean[:cc], invstd[:cc], use_batch, g.rows, gain)
+        dx_c, d_enc = _conv_rows_backward(g, dzc, xr, enc, need_dx)
         if need_dx:
-            dx.addmm_(du, fold.through)
-            if grads.input_self is not None:
-                dx.addmm_(xr, grads.input_self).add_(grads.input_const)
-        d_enc = grads.encoder.reshape(enc.shape)
-        d_dec = None
-        if dec is None:
-            d_enc = d_enc + grads.decoder_matrix.t().reshape(enc.shape)
-        else:
-            d_dec = grads.decoder_matrix.reshape(dec.shape)
-        sums_c = torch.stack([grads.beta, grads.gamma])
-    else:  # a k x k coder: its normalised half recomputed, its convolutions' gradients
-        zc = _bn_act_rows(tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
-        d_zc, d_w = _conv_rows_backward(g, du, zc, enc if dec is None else dec, True, transposed=dec is None)
-        if gain != 1.0:  # the backward is linear in the gradient: scale the results, not du
-            d_zc.mul_(gain)
-            d_w.mul_(gain)
-        d_enc_decode, d_dec = (d_w, None) if dec is None else (None, d_w)
-        dzc = dzl if tl is tc else torch.empty_like(tc)
-        sums_c = C.rows_bn_act_backward_sums(d_zc, tc, oc, mean[:cc], invstd[:cc], gcf, bcf, False, slope, scale)
-        C.rows_bn_act_backward_apply(d_zc, tc, oc, dzc, mean[:cc], invstd[:cc], gcf, bcf, sums_c, use_batch, False, slope, scale)
-        if tl is tc:
-            dx, d_cat = _conv_rows_backward(g, dzc, xr, torch.cat([enc, learn1]), need_dx)
-            d_enc, d_learn1 = d_cat[:cc].clone(), d_cat[cc:].clone()
-        else:
-            dx, d_learn1 = _conv_rows_backward(g, dzl, xr, learn1, need_dx)
-            dx_c, d_enc = _conv_rows_backward(g, dzc, xr, enc, need_dx)
-            if need_dx:
-                dx.add_(dx_c)
-        if d_enc_decode is not None:
-            d_enc = d_enc + d_enc_decode
+            dx.add_(dx_c)
+    if d_enc_decode is not None:
+        d_enc = d_enc + d_enc_decode
 
     def bn_grads(sums, like):  # copies: a custom op's outputs may not alias each other
         return sums[1].to(like.dtype, copy=True), sums[0].to(like.dtype, copy=True)

@@ -37,8 +37,7 @@ def _layer2_weight(enc: Tensor, learn2: Tensor, dec: Optional[Tensor], gain: flo
     return torch.cat([decoder * gain, learn2], dim=1)
 
 
-@torch.library.custom_op("pnnh::linear_block_cpu", mutates_args=())
-def linear_block_cpu(
+def _linear_block_cpu(
     x: Tensor, enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor],
     gc: Tensor, bc: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor,
     eps: float, kind: int, slope: float, scale: float, gain: float, final_act: bool,
@@ -56,6 +55,9 @@ def linear_block_cpu(
     return y, z, u, stats_c, stats_l, stats_out, w1, w2
 
 
+linear_block_cpu = torch.library.custom_op("pnnh::linear_block_cpu", mutates_args=())(_linear_block_cpu)
+
+
 @linear_block_cpu.register_fake
 def _(x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, eps, kind, slope, scale, gain, final_act):
     rows = x.shape[0]
@@ -67,8 +69,7 @@ def _(x, enc, learn1, learn2, dec, gc, bc, g1, b1, g2, b2, eps, kind, slope, sca
     )
 
 
-@torch.library.custom_op("pnnh::linear_block_cpu_backward", mutates_args=())
-def linear_block_cpu_backward(
+def _linear_block_cpu_backward(
     dy: Tensor, x: Tensor, z: Tensor, u: Tensor, w1: Tensor, w2: Tensor, dec: Optional[Tensor],
     gc: Tensor, bc: Tensor, g1: Tensor, b1: Tensor, g2: Tensor, b2: Tensor,
     stats_c: Tensor, stats_l: Tensor, stats_out: Tensor,
@@ -98,6 +99,9 @@ def linear_block_cpu_backward(
     return [dx, d_enc.contiguous(), dw1[cc:], d_learn2, d_dec, *affine(p_c, gc), *affine(p_l, g1), *affine(p_out, g2)]
 
 
+linear_block_cpu_backward = torch.library.custom_op("pnnh::linear_block_cpu_backward", mutates_args=())(_linear_block_cpu_backward)
+
+
 @linear_block_cpu_backward.register_fake
 def _(dy, x, z, u, w1, w2, dec, gc, bc, g1, b1, g2, b2, stats_c, stats_l, stats_out, eps, kind, slope, scale, gain, final_act):
     cc = gc.shape[0]
@@ -116,13 +120,28 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # only y's gradient is used: no [rows, Cc + hidden] zeros for z's
 
 
-def _backward(ctx, dy, *_unused):
-    x, z, u, w1, w2, dec, *norms_and_stats = ctx.saved_tensors
-    if dy is None:
-        dy = u.new_zeros(u.shape)
-    grads = linear_block_cpu_backward(dy, x, z, u, w1, w2, dec, *norms_and_stats, *ctx.flags)
-    dx, d_enc, d_l1, d_l2, d_dec, *affine = grads
-    return (dx, d_enc, d_l1, d_l2, d_dec if dec is not None else None, *affine, *([None] * 6))
+def _backward_calling(backward_fn):
+    def backward(ctx, dy, *_unused):
+        x, z, u, w1, w2, dec, *norms_and_stats = ctx.saved_tensors
+        if dy is None:
+            dy = u.new_zeros(u.shape)
+        grads = backward_fn(dy, x, z, u, w1, w2, dec, *norms_and_stats, *ctx.flags)
+        dx, d_enc, d_l1, d_l2, d_dec, *affine = grads
+        return (dx, d_enc, d_l1, d_l2, d_dec if dec is not None else None, *affine, *([None] * 6))
+
+    return backward
 
 
-linear_block_cpu.register_autograd(_backward, setup_context=_setup_context)
+linear_block_cpu.register_autograd(_backward_calling(linear_block_cpu_backward), setup_context=_setup_context)
+
+
+class LinearBlockCpuFunction(torch.autograd.Function):
+    """The same two functions without the custom-op dispatch, for eager calls (torch.compile traces the op):
+    the custom op's autograd wrapper cost ~1 ms of Python a call, measured, as much as a small block's work."""
+
+    @staticmethod
+    def forward(*args):
+        return _linear_block_cpu(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_calling(_linear_block_cpu_backward))
