@@ -115,9 +115,9 @@ def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
     assert select_backend("auto", "conv2d", *args).name == "eager"  # a small map, parameters need gradients
     with torch.no_grad():
         assert select_backend("auto", "conv2d", *args).name == "cpu"
-    large = torch.empty(16, 4, 32, 32)  # 65536 elements: the measured training crossover
+    large = torch.empty(4, 4, 16, 16)  # 4096 elements: the training threshold
     assert select_backend("auto", "conv2d", large, block.block_weights(), block.config).name == "cpu"
-    below = torch.empty(16, 4, 32, 31)
+    below = torch.empty(4, 4, 16, 15)
     assert select_backend("auto", "conv2d", below, block.block_weights(), block.config).name == "eager"
     kxk = pk.PNNHConv2d(4, coder_kernel_size=3)
     assert select_backend("auto", "conv2d", large, kxk.block_weights(), kxk.config).name == "eager"

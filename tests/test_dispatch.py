@@ -16,9 +16,13 @@ class FakeFused(Backend):
     device_types = ("cpu",)
     fused = True
 
-    def __init__(self, name, refuse=None, priority=10, unavailable=None):
+    def __init__(self, name, refuse=None, priority=10, unavailable=None, slower=None):
         self.name, self.refuse, self.priority, self._unavailable = name, refuse, priority, unavailable
+        self.slower = slower
         self.calls = 0
+
+    def auto_skip_reason(self, op, x, weights, config):
+        return self.slower
 
     def unavailable_reason(self):
         return self._unavailable
@@ -61,6 +65,8 @@ def test_auto_prefers_an_available_fused_backend(clean_registry):
 
 
 def test_auto_falls_back_with_one_warning_naming_the_reason(clean_registry):
+    for name in [n for n, b in clean_registry._registry.items() if b.fused]:  # only picky may serve
+        del clean_registry._registry[name]
     picky = clean_registry.register_backend(FakeFused("picky", refuse="float32 not supported by picky"))
     block = pk.PNNHConv2d(4)
     x = torch.randn(2, 4, 3, 3)
@@ -74,6 +80,17 @@ def test_auto_falls_back_with_one_warning_naming_the_reason(clean_registry):
     # a dtype the fused backend accepts goes to it
     block.double()(x.double())
     assert picky.calls == 1
+
+
+def test_auto_choosing_eager_over_a_slower_backend_does_not_warn(clean_registry):
+    """One backend cannot serve the call, another could but is measured slower: eager is then a choice,
+    not a fallback, and the refusal of the first (e.g. Triton on CPU tensors) is no news to the user."""
+    clean_registry.register_backend(FakeFused("gpu_only", refuse="runs on GPU tensors only", priority=1))
+    slow = clean_registry.register_backend(FakeFused("slow", slower="measured slower at this size"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pk.PNNHConv2d(4)(torch.randn(2, 4, 3, 3))
+    assert slow.calls == 0
 
 
 def test_explicit_backend_never_falls_back(clean_registry):

@@ -25,23 +25,28 @@ class CpuBackend(ExtensionConvBackend):
 
         return conv_block_rows, ConvBlockRowsFunction
 
-    # Interleaved against eager, module level (2-core Xeon, fp32, 2026-11-23, with the 1x1-coder block whole in
-    # C++). Conv forward+backward: 0.93-0.99x below 8k input elements, 1.0-1.06x at 32k-49k, 1.05-1.24x at
-    # 65k, 1.11-1.26x from 131k up. PNNHLinear (GELU): forward+backward 0.90x at 1k elements, 1.09x at 75k
-    # (197x384), 1.10-1.15x at 300k-600k; no-grad forward 0.76x, 1.04x, 1.15x at the same sizes.
-    MIN_ELEMENTS = 1 << 16
+    # Interleaved against eager, 2-core Xeon, fp32, 2026-11-23, with the 1x1-coder block whole in C++.
+    # Conv forward+backward, one block: 0.93-0.99x below 8k input elements, 1.0-1.06x at 32k-49k,
+    # 1.05-1.24x at 65k, 1.11-1.26x from 131k up; a whole PNNH-56 training step 1.01x at 2x3x32x32 and
+    # 1.12-1.16x at the main job's 64x3x8x8 (blocks of 16k-65k elements; 'cpu' for every block was
+    # 1.11-1.14x faster there than a 2^16 threshold). PNNHLinear (GELU): forward+backward 0.90x at 1k
+    # elements, 1.09x at 75k (197x384), 1.10-1.15x at 300k-600k; no-grad forward 0.76x, 1.04x, 1.15x.
+    CONV_TRAINING_MIN_ELEMENTS = 1 << 12
+    LINEAR_MIN_ELEMENTS = 1 << 16
 
     def auto_skip_reason(self, op, x, weights, config) -> Optional[str]:
-        small = f"input below {self.MIN_ELEMENTS} elements: the fixed cost per call outweighs the fused passes"
+        def small(limit: int) -> str:
+            return f"input below {limit} elements: the fixed cost per call outweighs the fused passes"
+
         if op == "linear":
-            return small if x.numel() < self.MIN_ELEMENTS else None
+            return small(self.LINEAR_MIN_ELEMENTS) if x.numel() < self.LINEAR_MIN_ELEMENTS else None
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.encoder.requires_grad)
         if not needs_grad:
             return None
         if weights.encoder.shape[-1] != 1:
             return "a k x k coder is not measured faster than 'eager' when a backward pass follows"
-        if x.numel() < self.MIN_ELEMENTS:
-            return small + " in training"
+        if x.numel() < self.CONV_TRAINING_MIN_ELEMENTS:
+            return small(self.CONV_TRAINING_MIN_ELEMENTS) + " in training"
         return None
 
     def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:

@@ -94,15 +94,16 @@ def select_backend(requested: str, op: str, x: Tensor, weights: BlockWeights, co
         (b for b in _registry.values() if b.fused and x.device.type in b.device_types),
         key=lambda b: b.priority,
     )
-    reasons = []
+    reasons, chose_eager = [], False
     for backend in candidates:
         reason = refusal_reason(backend, op, x, weights, config)
         if reason is None:
             if backend.auto_skip_reason(op, x, weights, config) is None:
                 return backend
-            continue  # it could serve, but measured slower here: no fallback to warn about
+            chose_eager = True  # it could serve, but measured slower here: eager is a choice, not a fallback
+            continue
         reasons.append(f"{backend.name}: {reason}")
-    if candidates and not reasons:
+    if candidates and (chose_eager or not reasons):
         return _registry[FALLBACK]
     why = "; ".join(reasons) if reasons else f"no fused backend serves {x.device.type} tensors"
     _warn_once(f"pnnh_kernels: falling back to the pure-PyTorch '{FALLBACK}' backend for {op} ({why})")
