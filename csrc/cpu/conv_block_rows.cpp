@@ -105,7 +105,9 @@ std::vector<at::Tensor> conv_block_rows_1x1(
     inv1 = at::cat({at::rsqrt(var_c + eps).to(pd), std::get<1>(learner)});
     var1 = at::cat({unbiased_c.to(pd), std::get<2>(learner)});
   } else {
-    mean1 = mean_run.narrow(0, 0, c1), inv1 = inv_run.narrow(0, 0, c1), var1 = var_run.narrow(0, 0, c1);
+    mean1 = mean_run.narrow(0, 0, c1);
+    inv1 = inv_run.narrow(0, 0, c1);
+    var1 = var_run.narrow(0, 0, c1);
   }
 
   // layer 2: the learner's convolution, then BN_c folded into one product of x accumulated into it in place
@@ -121,7 +123,9 @@ std::vector<at::Tensor> conv_block_rows_1x1(
     std::tie(mean2, inv2, var2) = rows_batch_stats(u, 0, out_ch, eps);
     mean2 = mean2 + fold.offset;
   } else {
-    mean2 = mean_run.narrow(0, c1, out_ch), inv2 = inv_run.narrow(0, c1, out_ch), var2 = var_run.narrow(0, c1, out_ch);
+    mean2 = mean_run.narrow(0, c1, out_ch);
+    inv2 = inv_run.narrow(0, c1, out_ch);
+    var2 = var_run.narrow(0, c1, out_ch);
   }
   auto y = at::empty_like(u);
   rows_bn_act_apply(u, 0, y, 0, mean2 - fold.offset, inv2, g2f, b2f, final_act, slope, scale);
