@@ -58,6 +58,18 @@ def test_cpu_backend_channels_last_and_strided_input(cpu_op):
     assert fused(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(tied=False), dict(coder_kernel_size=3)])
+def test_cpu_backend_with_a_channels_last_model(options, cpu_op):
+    """model.to(memory_format=channels_last), as the README advises on a CPU, makes the 4-D weights
+    channels-last too; the weight gradients must still be right."""
+    ref = pk.PNNHConv2d(6, backend="reference", **options).double()
+    randomize_norms(ref)
+    fused = twin(ref, "cpu").to(memory_format=torch.channels_last)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fused.parameters() if p.dim() == 4)
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
+    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+
+
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(kernel_size=1)])
 def test_cpu_backend_parameter_grads_without_input_grad(options, cpu_op):
     """A first layer: x needs no gradient, so the op skips dx (and the coder's in-place dx product)."""
