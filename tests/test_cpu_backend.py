@@ -319,3 +319,20 @@ def test_ln_act_passes_match_autograd(width, act, dtype):
     dgamma, dbeta = partial.sum(0)
     torch.testing.assert_close(dgamma, leaves[1].grad, **scale_of)
     torch.testing.assert_close(dbeta, leaves[2].grad, **scale_of)
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["leaky", "gelu"])
+def test_ln_act_backward_in_place_over_its_input_gradient(kind):
+    """PNNHLinear's backward writes dz over dh: the same results as into a separate tensor."""
+    C = extension()
+    rows, cols, c0, cn = 70, 200, 40, 150
+    z, dy = torch.randn(rows, cols) * 2, torch.randn(rows, cols)
+    gamma, beta = torch.randn(cn) * 3, torch.randn(cn)
+    stats = C.ln_act_forward(z, c0, cn, torch.empty_like(z), c0, gamma, beta, 1e-5, True, kind, 0.1, 1.2)
+    apart = torch.zeros_like(z)
+    p_apart = C.ln_act_backward(dy, c0, z, c0, cn, stats, gamma, beta, apart, True, kind, 0.1, 1.2)
+    inplace = dy.clone()
+    p_inplace = C.ln_act_backward(inplace, c0, z, c0, cn, stats, gamma, beta, inplace, True, kind, 0.1, 1.2)
+    torch.testing.assert_close(inplace[:, c0:c0 + cn], apart[:, c0:c0 + cn], rtol=0, atol=0)
+    torch.testing.assert_close(p_inplace, p_apart, rtol=0, atol=0)
+    torch.testing.assert_close(inplace[:, :c0], dy[:, :c0], rtol=0, atol=0)  # outside the range: untouched

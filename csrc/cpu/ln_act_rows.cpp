@@ -199,7 +199,8 @@ at::Tensor ln_act_forward(const at::Tensor& z, int64_t c0, int64_t cn, const at:
 }
 
 // Backward of out = act(LN(z[:, c0:c0+cn])): writes dz[:, c0 + j] and returns per-chunk partial column sums
-// [chunks, 2, cn] (float64) of g * xhat and g, whose sum over chunks is (d gamma, d beta).
+// [chunks, 2, cn] (float64) of g * xhat and g, whose sum over chunks is (d gamma, d beta). dz may be dy itself
+// when dy_c0 == c0: every element of dy is read before the same element of dz is written.
 at::Tensor ln_act_backward(const at::Tensor& dy, int64_t dy_c0, const at::Tensor& z, int64_t c0, int64_t cn,
                            const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
                            const at::Tensor& dz, bool use_act, int64_t kind, double slope, double scale) {

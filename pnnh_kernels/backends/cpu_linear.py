@@ -82,10 +82,12 @@ def _linear_block_cpu_backward(
     du = torch.empty_like(u)
     p_out = C.ln_act_backward(dy.contiguous(), 0, u, 0, out, stats_out, g2, b2, du, final_act, kind, slope, scale).sum(0)
     h, _, _ = _layer1(z, cc, (gc, bc, g1, b1), eps, kind, slope, scale)  # recomputed, not stored
-    dh = torch.matmul(du, w2).contiguous()
     d_decoder = torch.matmul(du.t(), h[:, :cc]).mul_(gain)  # two products: no column-slice copy of one
     d_learn2 = torch.matmul(du.t(), h[:, cc:])
-    dz = torch.empty_like(z)
+    # h is spent: its buffer takes dh, and dz is written over dh (the passes read each element of dh
+    # before writing it; the halves are disjoint). Fresh [rows, Cc + hidden] buffers cost page faults.
+    dh = torch.mm(du, w2, out=h)
+    dz = dh
     p_c = C.ln_act_backward(dh, 0, z, 0, cc, stats_c, gc, bc, dz, False, kind, slope, scale).sum(0)
     p_l = C.ln_act_backward(dh, cc, z, cc, hidden, stats_l, g1, b1, dz, True, kind, slope, scale).sum(0)
     dx = torch.matmul(dz, w1)
