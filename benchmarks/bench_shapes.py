@@ -13,6 +13,15 @@ VIT_FULL = [LinearShape("vit-s-mlp", 64 * 197, 384), LinearShape("vit-b-mlp", 64
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def run_mode(config) -> str:
+    """The command line's set: "smoke" (--bench-smoke), "full" (--bench-full) or "quick"."""
+    return "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
+
+
+def run_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def chosen(config, option, names):
     """The names the command line's ``option`` (a repeatable prefix filter) lets through; all without it."""
     wanted = config.getoption(option)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from bench_shapes import run_device, run_mode  # noqa: E402
 from bench_utils import copy_bandwidth, cpu_model, device_description, matmul_peak_flops  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +39,8 @@ def pytest_addoption(parser):
 
 class Collector:
     def __init__(self, config) -> None:
-        self.mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.mode = run_mode(config)
+        self.device = run_device()
         self.records: list[dict] = []
         self._peaks: dict[str, float] = {}
         self._bandwidth: Optional[float] = None

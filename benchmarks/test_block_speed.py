@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes
+from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes, run_device, run_mode
 from bench_utils import conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
 from variants import BASELINES, conv_variant, fused_backends, interpreted, linear_variant
@@ -19,8 +19,7 @@ def _variants():
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
+    device, mode = run_device(), run_mode(config)
     if "conv_shape" in metafunc.fixturenames:
         shapes = conv_shapes(config, mode, device)
         metafunc.parametrize("conv_shape", shapes, ids=[s.label for s in shapes])

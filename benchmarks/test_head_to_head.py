@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes
+from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes, run_device, run_mode
 from bench_utils import synchronize
 from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
@@ -25,8 +25,7 @@ def _pairs(mode: str) -> int:
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mode = "smoke" if config.getoption("--bench-smoke") else "full" if config.getoption("--bench-full") else "quick"
+    device, mode = run_device(), run_mode(config)
     if "h2h_shape" in metafunc.fixturenames:
         shapes = conv_shapes(config, mode, device)
         metafunc.parametrize("h2h_shape", shapes, ids=[s.label for s in shapes])
