@@ -43,3 +43,13 @@ def linear_shapes(config, mode: str, device: str) -> list[LinearShape]:
     else:
         shapes = VIT_FULL if (mode == "full" or device == "cuda") else VIT_CPU
     return [s for s in shapes if s.label in chosen(config, "--bench-shape", [s.label for s in shapes])]
+
+
+def parametrize_shapes(metafunc, conv_fixture: str, linear_fixture: str) -> None:
+    """Parametrise whichever of the two fixtures the test uses with the run's conv / linear shapes."""
+    config = metafunc.config
+    mode, device = run_mode(config), run_device()
+    for fixture, select in ((conv_fixture, conv_shapes), (linear_fixture, linear_shapes)):
+        if fixture in metafunc.fixturenames:
+            shapes = select(config, mode, device)
+            metafunc.parametrize(fixture, shapes, ids=[s.label for s in shapes])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes, run_device, run_mode
+from bench_shapes import LAYOUTS, chosen, parametrize_shapes, run_device
 from bench_utils import conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
 from variants import BASELINES, conv_variant, fused_backends, interpreted, linear_variant
@@ -19,13 +19,8 @@ def _variants():
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
-    device, mode = run_device(), run_mode(config)
-    if "conv_shape" in metafunc.fixturenames:
-        shapes = conv_shapes(config, mode, device)
-        metafunc.parametrize("conv_shape", shapes, ids=[s.label for s in shapes])
-    if "linear_shape" in metafunc.fixturenames:
-        shapes = linear_shapes(config, mode, device)
-        metafunc.parametrize("linear_shape", shapes, ids=[s.label for s in shapes])
+    device = run_device()
+    parametrize_shapes(metafunc, "conv_shape", "linear_shape")
     if "dtype" in metafunc.fixturenames:
         names = chosen(config, "--bench-dtype", [str(d).replace("torch.", "") for d in _dtypes(device)])
         dtypes = [getattr(torch, n) for n in names]

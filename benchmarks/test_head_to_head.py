@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench_shapes import LAYOUTS, chosen, conv_shapes, linear_shapes, run_device, run_mode
+from bench_shapes import LAYOUTS, chosen, parametrize_shapes
 from bench_utils import synchronize
 from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
@@ -24,15 +24,9 @@ def _pairs(mode: str) -> int:
 
 
 def pytest_generate_tests(metafunc):
-    config = metafunc.config
-    device, mode = run_device(), run_mode(config)
-    if "h2h_shape" in metafunc.fixturenames:
-        shapes = conv_shapes(config, mode, device)
-        metafunc.parametrize("h2h_shape", shapes, ids=[s.label for s in shapes])
-        metafunc.parametrize("h2h_layout", chosen(config, "--bench-layout", list(LAYOUTS)))
-    if "h2h_linear_shape" in metafunc.fixturenames:
-        shapes = linear_shapes(config, mode, device)
-        metafunc.parametrize("h2h_linear_shape", shapes, ids=[s.label for s in shapes])
+    parametrize_shapes(metafunc, "h2h_shape", "h2h_linear_shape")
+    if "h2h_layout" in metafunc.fixturenames:
+        metafunc.parametrize("h2h_layout", chosen(metafunc.config, "--bench-layout", list(LAYOUTS)))
     if "h2h_backend" in metafunc.fixturenames:
         metafunc.parametrize("h2h_backend", fused_backends())
 
