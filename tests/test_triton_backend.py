@@ -27,17 +27,19 @@ from helpers import (
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+import triton  # noqa: E402
+
 from pnnh_kernels.backends.registry import BackendUnavailableError, select_backend  # noqa: E402
 from pnnh_kernels.triton_kernels import (  # noqa: E402
     Prologue,
-    bn_act_backward_apply,
     bn_act_backward_sums,
     bn_act_forward,
     conv2d_implicit_gemm,
     conv2d_weight_grad,
 )
-from pnnh_kernels.triton_kernels.bn_stats import bn_finalize  # noqa: E402
-from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_input_grad_weight, pack_weight, unpack_weight  # noqa: E402
+from pnnh_kernels.triton_kernels.bn_stats import bn_backward_finalize, bn_finalize  # noqa: E402
+from pnnh_kernels.triton_kernels.common import GradPrologue  # noqa: E402
+from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_weight, unpack_weight  # noqa: E402
 from triton_devices import ON_GPU, device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
 
 pytestmark = requires_a_device
@@ -82,9 +84,9 @@ def test_implicit_gemm_conv_and_its_gradients_match_torch(device, shape, layout)
         ref.backward(dy)
         dw = conv2d_weight_grad(x, rows(dy).contiguous(), k, stride, pad)
         torch.testing.assert_close(unpack_weight(dw, k), weight.grad, **close, msg=lambda m: f"dW k{k} s{stride} p{pad}: {m}")
-        if stride == 1 and pad == k // 2:  # the block's input gradient: a conv with the flipped, transposed weight
+        if stride == 1 and pad == k // 2:  # the block's input gradient: a conv reading the packed weight flipped, transposed
             dy_cl = dy.contiguous(memory_format=torch.channels_last)
-            dx, _ = conv2d_implicit_gemm(dy_cl, pack_input_grad_weight(weight.detach()), k, 1, pad)
+            dx, _ = conv2d_implicit_gemm(dy_cl, pack_weight(weight.detach()), k, 1, pad, transposed_weight=True)
             torch.testing.assert_close(dx, rows(xr.grad), **close)
 
 
@@ -107,6 +109,75 @@ def test_bn_finalize_matches_the_statistics_of_the_conv_output(device, channels)
     torch.testing.assert_close(var.double(), ref.var(0, unbiased=True), **close)
     torch.testing.assert_close(scale.double(), gamma.double() * expect_inv, **close)
     torch.testing.assert_close(shift.double(), beta.double() - ref.mean(0) * gamma.double() * expect_inv, **close)
+
+
+def test_statistics_partials_past_the_launched_tiles_read_as_zero(device, monkeypatch):
+    """The partials are sized for the smallest BLOCK_M an autotuner may pick; a launch with larger tiles
+    zeroes the rows it does not own instead of a memset. Forced here: rows for 8-row tiles, NaN-filled."""
+    from pnnh_kernels.triton_kernels import conv_implicit_gemm as gemm
+
+    monkeypatch.setattr(gemm, "_min_block_m", lambda: 8)
+    monkeypatch.setattr(gemm, "_partials", lambda rows, cout, like, acc: torch.full((rows, 2, cout), float("nan"), dtype=acc, device=like.device))
+    dtype = exact_dtype(device)
+    x = torch.randn(2, 3, 9, 7, dtype=dtype, device=device)
+    weight = torch.randn(5, 3, 3, 3, dtype=dtype, device=device)
+    out, part = gemm.conv2d_implicit_gemm(x, pack_weight(weight), 3, 1, 1, stats=True, reduce_stats=False)
+    assert part.shape[0] == triton.cdiv(out.shape[0], 8) and part.shape[0] > triton.cdiv(out.shape[0], gemm._conv_fwd_kernel.configs[0].kwargs["BLOCK_M"])
+    torch.testing.assert_close(part.sum(0)[0].double(), out.sum(0).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_finalize_in_eval_reads_the_running_statistics_and_split_affine_halves(device):
+    """Eval mode from the running statistics, gamma / beta as the coder's and learner's own tensors,
+    written into views of the block's statistics vectors."""
+    dtype = exact_dtype(device)
+    c, split = 11, 4
+    run_mean = torch.randn(c, dtype=dtype, device=device)
+    run_var = torch.rand(c, dtype=dtype, device=device) + 0.1
+    gamma, beta = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
+    block_vectors = [torch.full((c + 3,), float("nan"), dtype=dtype, device=device) for _ in range(3)]
+    mean, invstd, var, scale, shift = bn_finalize(
+        None, 0, 1e-3, (gamma[:split].clone(), gamma[split:].clone()), (beta[:split].clone(), beta[split:].clone()),
+        running=(run_mean, run_var), out=tuple(t[3:] for t in block_vectors),
+    )
+    expect_inv = torch.rsqrt(run_var.double() + 1e-3)
+    rtol, atol = (1e-12, 1e-12) if dtype == torch.float64 else (1e-6, 1e-6)
+    close = dict(rtol=rtol, atol=atol)
+    torch.testing.assert_close(block_vectors[0][3:], run_mean, **close)
+    torch.testing.assert_close(block_vectors[1][3:].double(), expect_inv, **close)
+    torch.testing.assert_close(block_vectors[2][3:], run_var, **close)
+    assert all(t[:3].isnan().all() for t in block_vectors)  # only the given views written
+    torch.testing.assert_close(scale.double(), gamma.double() * expect_inv, **close)
+    torch.testing.assert_close(shift.double(), beta.double() - run_mean.double() * gamma.double() * expect_inv, **close)
+
+
+@pytest.mark.parametrize("coder_kernel, learner_kernel, tied", [(1, 3, True), (3, 3, False), (3, 1, False), (1, 1, True)])
+def test_block_weights_pack_and_their_gradients_unpack_like_torch(device, coder_kernel, learner_kernel, tied):
+    """One gather packs [W_e; W_1] and [g * W_d, W_2] (kernels padded to the shared size, the tied decoder
+    transposed and flipped); one launch maps packed gradients back, the tied decoder's share added."""
+    from pnnh_kernels.block import BlockWeights, decoder_conv_weight, pad_kernel
+    from pnnh_kernels.triton_kernels.block_weights import pack_block_weights, unpack_block_weight_grads
+
+    dtype = exact_dtype(device)
+    cin, cc, hid, gain = 5, 3, 7, 0.37
+    K = max(coder_kernel, learner_kernel)
+    new = lambda *shape: torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)  # noqa: E731
+    enc, learn1, learn2 = new(cc, cin, coder_kernel, coder_kernel), new(hid, cin, learner_kernel, learner_kernel), new(cin, hid, learner_kernel, learner_kernel)
+    dec = None if tied else new(cin, cc, coder_kernel, coder_kernel)
+    w1 = torch.cat([pad_kernel(enc, K), pad_kernel(learn1, K)])
+    w2 = torch.cat([pad_kernel(decoder_conv_weight(BlockWeights(enc, learn1, learn2, dec)), K) * gain, pad_kernel(learn2, K)], dim=1)
+    flat, p1, p2 = pack_block_weights(enc.detach(), learn1.detach(), learn2.detach(), None if tied else dec.detach(), gain)
+    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    torch.testing.assert_close(p1, pack_weight(w1.detach()), **close)
+    torch.testing.assert_close(p2, pack_weight(w2.detach()), **close)
+    assert flat.numel() == p1.numel() + p2.numel()
+
+    dw1, dw2 = torch.randn_like(w1), torch.randn_like(w2)
+    params = [t for t in (enc, learn1, learn2, dec) if t is not None]
+    expected = torch.autograd.grad((w1 * dw1).sum() + (w2 * dw2).sum(), params)
+    got = unpack_block_weight_grads(pack_weight(dw1), pack_weight(dw2), enc, learn1, learn2, dec, gain)
+    for name, g, e in zip(("enc", "learn1", "learn2", "dec"), got, expected):
+        torch.testing.assert_close(g, e, **close, msg=lambda m: f"d_{name}: {m}")
+    assert tied == (got[3].numel() == 0)
 
 
 def _bn_act_reference(x, scale, shift, lo, hi, slope, act_scale):
@@ -152,6 +223,7 @@ def test_centre_only_ranges_skip_exactly_the_zero_taps(device):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_row_passes_match_autograd_of_bn_and_activation(device, training):
+    """The forward pass and the backward's reduction (its apply: the grad-prologue tests below)."""
     dtype = exact_dtype(device)
     m, c, lo, hi, slope, act_scale = 37, 19, 3, 17, 0.2, 1.3
     z = torch.randn(m, c, dtype=dtype, device=device, requires_grad=True)
@@ -167,12 +239,17 @@ def test_row_passes_match_autograd_of_bn_and_activation(device, training):
     v = xhat * gamma + beta
     y = torch.where((channel >= lo) & (channel < hi), act_scale * F.leaky_relu(v, slope), v)
     dy = torch.randn_like(y)
-    (dz_ref,) = torch.autograd.grad(y, z, dy)
 
     scale = gamma * invstd.detach()
     out = bn_act_forward(z.detach(), scale, beta - mean.detach() * scale, (lo, hi), slope, act_scale)
     close = dict(zip(("rtol", "atol"), tolerance(device)))
     torch.testing.assert_close(out, y.detach(), **close)
+    # the same pass writing an NCHW map (the block's output for NCHW input): rows are (n, h, w) pixels
+    as_map = lambda t: t.view(1, m, 1, c).permute(0, 3, 1, 2)  # noqa: E731  (37 rows: one image of 37 x 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out_map = torch.empty((1, c, m, 1), dtype=dtype, device=device, memory_format=fmt)
+        bn_act_forward(z.detach(), scale, beta - mean.detach() * scale, (lo, hi), slope, act_scale, out=out_map)
+        torch.testing.assert_close(out_map, as_map(y.detach()), **close)
     stats = (mean.detach(), invstd.detach(), gamma, beta)
     sums = bn_act_backward_sums(dy, z.detach(), *stats, (lo, hi), slope, act_scale)
     # slopes as tensors of the data's dtype: Python scalars in torch.where would round them to float32
@@ -180,8 +257,76 @@ def test_row_passes_match_autograd_of_bn_and_activation(device, training):
     g = dy * torch.where((channel >= lo) & (channel < hi), slopes, torch.ones_like(v))
     torch.testing.assert_close(sums[0], g.sum(0).detach().double(), **close)  # = d(beta)
     torch.testing.assert_close(sums[1], (g * xhat).sum(0).detach().double(), **close)  # = d(gamma)
-    dz = bn_act_backward_apply(dy, z.detach(), *stats, sums, training, (lo, hi), slope, act_scale)
+
+
+def _bn_act_layer(m, c, lo, hi, slope, act_scale, training, device, dtype):
+    """A pre-norm z [m, c] (requires grad) and y = act(BN(z)) on channels [lo, hi), with the statistics."""
+    z = (torch.randn(m, c, dtype=dtype, device=device) * 2 + 0.5).requires_grad_()
+    gamma = (torch.rand(c, dtype=dtype, device=device) + 0.5).requires_grad_()
+    beta = torch.randn(c, dtype=dtype, device=device, requires_grad=True)
+    if training:
+        mean, var = z.mean(0), z.var(0, unbiased=False)
+    else:
+        mean, var = z.detach().mean(0) + 0.1, z.detach().var(0) + 0.2
+    invstd = torch.rsqrt(var + 1e-5)
+    v = (z - mean) * invstd * gamma + beta
+    channel = torch.arange(c, device=device)
+    y = torch.where((channel >= lo) & (channel < hi), act_scale * F.leaky_relu(v, slope), v)
+    return z, y, (mean.detach(), invstd.detach(), gamma, beta)  # gamma and beta require grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(device, training):
+    """The input and weight gradients of conv(act(BN(z))) from dy with dAct + dBN applied as the
+    convolutions load it: the gradient of z is never stored. Odd widths (19 channels: not a multiple of
+    any tile), activation on a channel range only."""
+    dtype = exact_dtype(device)
+    n, h, w, c, lo, hi, slope, act_scale = 2, 5, 4, 19, 3, 17, 0.2, 1.3
+    z, y, (mean, invstd, gamma_p, beta_p) = _bn_act_layer(n * h * w, c, lo, hi, slope, act_scale, training, device, dtype)
+    weight = torch.randn(6, c, 3, 3, dtype=dtype, device=device)
+    dy = torch.randn_like(y)
+    dz_ref, dgamma_ref, dbeta_ref = torch.autograd.grad(y, (z, gamma_p, beta_p), dy)
+    gamma, beta = gamma_p.detach(), beta_p.detach()
+    # the affine parameters as two halves (the coder's and the learner's tensors), split at channel 7
+    halves = lambda t: (t[:7].clone(), t[7:].clone())  # noqa: E731
+
+    sums_part = bn_act_backward_sums(dy, z.detach(), mean, invstd, halves(gamma), halves(beta), (lo, hi), slope, act_scale, reduce=False)
+    coef, grads = bn_backward_finalize(sums_part, n * h * w, mean, invstd, halves(gamma), halves(beta), training)
+    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    dg_lo, db_lo, dg_hi, db_hi = grads
+    torch.testing.assert_close(torch.cat([dg_lo, dg_hi]), dgamma_ref, **close)
+    torch.testing.assert_close(torch.cat([db_lo, db_hi]), dbeta_ref, **close)
+    scale = gamma * invstd
+    torch.testing.assert_close(coef[0], scale, **close)  # the forward's scale and shift: rows 0 and 4
+    torch.testing.assert_close(coef[4], beta - mean * scale, **close)
+    grad_prologue = GradPrologue(z.detach(), coef[0], coef[4], coef[:4], lo, hi, slope, act_scale)
+    nchw = lambda t: t.view(n, h, w, -1).permute(0, 3, 1, 2)  # noqa: E731
+
+    # dz itself, through a 1x1 identity convolution
+    eye = torch.eye(c, dtype=dtype, device=device)[:, :, None, None]
+    dz, _ = conv2d_implicit_gemm(nchw(dy), pack_weight(eye), 1, 1, 0, prologue=grad_prologue._replace(saved=nchw(z.detach())))
     torch.testing.assert_close(dz, dz_ref, **close)
+
+    # the input gradient of a conv whose output is z (6 -> c channels): the transposed conv of dz
+    dx_ref = F.conv_transpose2d(nchw(dz_ref), weight.transpose(0, 1), padding=1)
+    dx, _ = conv2d_implicit_gemm(nchw(dy), pack_weight(weight.transpose(0, 1)), 3, 1, 1, transposed_weight=True,
+                                 prologue=grad_prologue._replace(saved=nchw(z.detach())))
+    torch.testing.assert_close(dx, rows(dx_ref), **close)
+
+    # the weight gradient of a conv x -> z, taking dz from dy through the same prologue
+    x = torch.randn(n, 7, h, w, dtype=dtype, device=device)
+    dw_ref = torch.nn.grad.conv2d_weight(x, (c, 7, 3, 3), nchw(dz_ref), padding=1)
+    dw = conv2d_weight_grad(x, dy, 3, 1, 1, dy_prologue=grad_prologue)
+    torch.testing.assert_close(unpack_weight(dw, 3), dw_ref, **close)
+
+
+def test_grad_prologue_refuses_a_saved_tensor_of_another_layout(device):
+    dtype = exact_dtype(device)
+    dy = torch.randn(12, 4, dtype=dtype, device=device)
+    vec = torch.ones(4, dtype=dtype, device=device)
+    bad = GradPrologue(torch.randn(4, 12, dtype=dtype, device=device).t(), vec, vec, torch.ones(4, 4, dtype=dtype, device=device), 0, 4, 0.0, 1.0)
+    with pytest.raises(ValueError, match="strides"):
+        conv2d_weight_grad(torch.randn(3, 2, 2, 2, dtype=dtype, device=device), dy, 1, 1, 0, dy_prologue=bad)
 
 
 # --------------------------------------------------------------------------- the block
@@ -262,6 +407,17 @@ def test_torch_compile_traces_the_triton_backend_without_graph_breaks(device):
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 4, 5, 5, dtype=dtype, device=device)
     assert_modules_agree(twin(block, "reference"), compiled, x, *TOLERANCES[dtype], steps=1)
+
+
+def test_autotuning_can_be_cut_to_one_configuration_for_gpu_correctness_runs(monkeypatch):
+    from pnnh_kernels.triton_kernels import tuning
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    rows = [(128, 64, 32, 4, 3), (64, 64, 32, 4, 4)]
+    assert len(tuning.gemm_configs("M", "N", "K", rows)) == 2
+    monkeypatch.setenv("PNNH_TRITON_AUTOTUNE", "0")
+    (only,) = tuning.gemm_configs("M", "N", "K", rows)
+    assert only.kwargs == {"M": 128, "N": 64, "K": 32} and only.num_warps == 4
 
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):

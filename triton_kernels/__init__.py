@@ -5,11 +5,14 @@
   batch-statistics partials in the epilogue, and centre-tap-only channel ranges (a 1x1 coder beside
   a 3x3 learner in one GEMM without 9x the coder's work).
 - :mod:`.conv_weight_grad`: the weight gradient of that convolution, with the same prologue (so the
-  normalised / activated input is recomputed from the saved pre-norm tensor, never stored).
+  normalised / activated input is recomputed from the saved pre-norm tensor, never stored) and the
+  backward prologue on the output gradient.
+- :mod:`.common`: the two load prologues: BN-apply + activation (:class:`Prologue`) and dAct + dBN
+  (:class:`GradPrologue`, applied to an output gradient inside both backward convolutions).
 - :mod:`.bn_stats`: batch-norm statistics and the prologue's scale / shift from the epilogues' partials,
-  one launch.
+  one launch; the backward's sums and :class:`GradPrologue` coefficients likewise.
 - :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
-  and fused dActivation + dBN (a reduction pass and an apply pass).
+  and the reduction of fused dActivation + dBN (its apply is a :class:`GradPrologue`).
 - :mod:`.linear_gemm`: PNNHLinear's matrix products, with a layer-norm + activation prologue on either
   operand (coder and learner columns normalised separately) and row-statistics epilogues.
 - :mod:`.ln_act_rows`: PNNHLinear's layer-norm + activation pass and the fused dActivation + dLayerNorm.
@@ -17,17 +20,17 @@
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
 The autograd glue lives in :mod:`pnnh_kernels.backends.triton_conv_op` and ``.triton_linear_op``.
 """
-from .bn_act_rows import bn_act_backward_apply, bn_act_backward_sums, bn_act_forward
-from .common import Prologue, interpreting
+from .bn_act_rows import bn_act_backward_sums, bn_act_forward
+from .common import GradPrologue, Prologue, interpreting
 from .conv_implicit_gemm import conv2d_implicit_gemm
 from .conv_weight_grad import conv2d_weight_grad
 from .linear_gemm import LnPrologue, ln_gemm, row_statistics
 from .ln_act_rows import ln_act_backward, ln_act_forward
 
 __all__ = [
+    "GradPrologue",
     "LnPrologue",
     "Prologue",
-    "bn_act_backward_apply",
     "bn_act_backward_sums",
     "bn_act_forward",
     "conv2d_implicit_gemm",

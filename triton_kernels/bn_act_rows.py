@@ -3,19 +3,22 @@
 - :func:`bn_act_forward`: ``act(scale[c] * z + shift[c])`` (activation on a channel range);
 - :func:`bn_act_backward_sums`: per-channel sum(g) and sum(g * xhat), g = dy * act'(y), recomputing
   y = gamma * xhat + beta from the pre-norm z (these are also d(beta) and d(gamma));
-- :func:`bn_act_backward_apply`: dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)) in
-  training (the batch statistics' own gradient), gamma * invstd * g in eval.
+  The apply, dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)) in training (gamma * invstd
+  * g in eval), is no pass of its own: it runs inside the loads of the gradient convolutions that
+  consume dz (:class:`~.common.GradPrologue`).
 
 Reductions write per-program partials that are summed in float64 afterwards: no atomics, deterministic.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_dtype, act_derivative, act_vector, interpreting, tl_dtype
+from .common import Pair, acc_dtype, act_derivative, act_vector, as_acc, interpreting, load_split, split_halves, tl_dtype
 
 _ROWS_PER_PROGRAM = 2048  # of the reduction pass; a multiple of BLOCK_M
 
@@ -29,7 +32,7 @@ def _blocks(channels: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _bn_act_fwd_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, M, C, act_lo, act_hi, act_ptr,
+def _bn_act_fwd_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, M, C, act_lo, act_hi, act_ptr, HW, son, soc, sohw,
                        ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -42,17 +45,19 @@ def _bn_act_fwd_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, M, C, act_lo, act_h
     y = z * sc[None, :] + sh[None, :]
     in_act = ((offs_c >= act_lo) & (offs_c < act_hi))[None, :]
     y = y * act_derivative(y, in_act, tl.load(act_ptr), tl.load(act_ptr + 1))  # the scaled leaky family is y * act'(y)
-    tl.store(out_ptr + ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    # the output through (image, channel, pixel) strides: rows, or an NCHW map in any memory format
+    out_offs = ((offs_m // HW).to(tl.int64) * son + (offs_m % HW).to(tl.int64) * sohw)[:, None] + offs_c[None, :].to(tl.int64) * soc
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                         act_lo, act_hi, act_ptr, ACC: tl.constexpr):
+def _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_lo, gamma_hi,
+                         beta_lo, beta_hi, split, act_lo, act_hi, act_ptr, ACC: tl.constexpr):
     """(xhat, g) of a tile: the normalised input and the gradient through the activation."""
     mu = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
     inv = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
-    gam = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0)
-    bet = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0)
+    gam = load_split(gamma_lo, gamma_hi, offs_c, split, c_mask).to(ACC)
+    bet = load_split(beta_lo, beta_hi, offs_c, split, c_mask).to(ACC)
     xhat = (tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(ACC) - mu[None, :]) * inv[None, :]
     y = xhat * gam[None, :] + bet[None, :]
     in_act = ((offs_c >= act_lo) & (offs_c < act_hi))[None, :]
@@ -62,7 +67,8 @@ def _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, in
 
 
 @triton.jit
-def _bn_act_bwd_sums_kernel(dy_ptr, z_ptr, part_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, M, C,
+def _bn_act_bwd_sums_kernel(dy_ptr, z_ptr, part_ptr, mean_ptr, invstd_ptr, gamma_lo, gamma_hi, beta_lo, beta_hi,
+                            split, M, C,
                             act_lo, act_hi, act_ptr, rows_per_program,
                             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -76,31 +82,13 @@ def _bn_act_bwd_sums_kernel(dy_ptr, z_ptr, part_ptr, mean_ptr, invstd_ptr, gamma
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < m_end)[:, None] & c_mask[None, :]
         ptrs = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
-        xhat, g = _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_ptr,
-                                       beta_ptr, act_lo, act_hi, act_ptr, ACC)
+        xhat, g = _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_lo,
+                                       gamma_hi, beta_lo, beta_hi, split, act_lo, act_hi, act_ptr, ACC)
         s += tl.sum(g, axis=0)
         sx += tl.sum(g * xhat, axis=0)
     row = part_ptr + pid_m.to(tl.int64) * 2 * C
     tl.store(row + offs_c, s, mask=c_mask)
     tl.store(row + C + offs_c, sx, mask=c_mask)
-
-
-@triton.jit
-def _bn_act_bwd_apply_kernel(dy_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, mean_g_ptr, mean_gx_ptr,
-                             M, C, act_lo, act_hi, act_ptr,
-                             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    mask = (offs_m < M)[:, None] & c_mask[None, :]
-    ptrs = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
-    xhat, g = _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_ptr,
-                                   beta_ptr, act_lo, act_hi, act_ptr, ACC)
-    a = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0) * tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
-    mg = tl.load(mean_g_ptr + offs_c, mask=c_mask, other=0.0)
-    mgx = tl.load(mean_gx_ptr + offs_c, mask=c_mask, other=0.0)
-    dz = a[None, :] * (g - mg[None, :] - xhat * mgx[None, :])
-    tl.store(dz_ptr + ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_rows(*tensors: Tensor) -> None:
@@ -109,28 +97,36 @@ def _check_rows(*tensors: Tensor) -> None:
             raise ValueError("the row kernels take contiguous [rows, channels] tensors")
 
 
-def _vec(t: Tensor, acc: torch.dtype) -> Tensor:
-    return t.to(acc).contiguous()
-
-
 def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, act_range: tuple[int, int], slope: float,
-                   act_scale: float, out_dtype=None) -> Tensor:
+                   act_scale: float, out_dtype=None, out: Optional[Tensor] = None) -> Tensor:
+    """``act(scale * z + shift)`` of the rows ``z`` [N*H*W, C], as new rows, or written into ``out``, an
+    [N, C, H, W] map in any memory format (so an NCHW block output needs no copy after the pass)."""
     _check_rows(z)
     m, c = z.shape
     acc = acc_dtype(z.dtype)
-    out = torch.empty((m, c), device=z.device, dtype=out_dtype or z.dtype)
+    if out is None:
+        out = torch.empty((m, c), device=z.device, dtype=out_dtype or z.dtype)
+        geometry = (m, 0, 1, c)  # one 'image' of m pixels: (HW, image, channel, pixel strides)
+    else:
+        n, oc, h, w = out.shape
+        uneven_pixels = h > 1 and out.stride(2) != out.stride(3) * w  # pixels must sit at one stride
+        if n * h * w != m or oc != c or uneven_pixels:
+            raise ValueError(f"out {tuple(out.shape)} / {out.stride()} is not an [N, C, H, W] map of {m} x {c} rows")
+        geometry = (h * w, out.stride(0), out.stride(1), out.stride(3))
     bm, bc, warps = _blocks(c)
     if out.numel():
         _bn_act_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            z, out, _vec(scale, acc), _vec(shift, acc), m, c, *act_range, act_vector(slope, act_scale, z, acc),
-            ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
+            z, out, as_acc(scale, acc), as_acc(shift, acc), m, c, *act_range, act_vector(slope, act_scale, z, acc),
+            *geometry, ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
         )
     return out
 
 
-def bn_act_backward_sums(dy: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
-                         act_range: tuple[int, int], slope: float, act_scale: float) -> Tensor:
-    """[2, C] float64: sum(g), sum(g * xhat)."""
+def bn_act_backward_sums(dy: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Pair, beta: Pair,
+                         act_range: tuple[int, int], slope: float, act_scale: float, reduce: bool = True) -> Tensor:
+    """[2, C] float64: sum(g), sum(g * xhat); with ``reduce=False`` the per-program partials [programs,
+    2, C] in the accumulation dtype (for :func:`~.bn_stats.bn_backward_finalize`). gamma / beta: [C],
+    or the (coder, learner) halves."""
     _check_rows(dy, z)
     m, c = z.shape
     acc = acc_dtype(z.dtype)
@@ -138,29 +134,12 @@ def bn_act_backward_sums(dy: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, ga
     programs = max(1, triton.cdiv(m, _ROWS_PER_PROGRAM))
     part = torch.empty((programs, 2, c), device=z.device, dtype=acc)
     if m == 0:
-        return part.zero_().sum(0, dtype=torch.float64)
+        part.zero_()
+        return part.sum(0, dtype=torch.float64) if reduce else part
+    g_lo, g_hi, split = split_halves(gamma, c)
+    b_lo, b_hi, _ = split_halves(beta, c)
     _bn_act_bwd_sums_kernel[(programs, triton.cdiv(c, bc))](
-        dy, z, part, *(_vec(t, acc) for t in (mean, invstd, gamma, beta)), m, c, *act_range,
+        dy, z, part, as_acc(mean, acc), as_acc(invstd, acc), g_lo, g_hi, b_lo, b_hi, split, m, c, *act_range,
         act_vector(slope, act_scale, z, acc), _ROWS_PER_PROGRAM, ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
     )
-    return part.sum(0, dtype=torch.float64)
-
-
-def bn_act_backward_apply(dy: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
-                          sums: Tensor, training: bool, act_range: tuple[int, int], slope: float,
-                          act_scale: float) -> Tensor:
-    _check_rows(dy, z)
-    m, c = z.shape
-    acc = acc_dtype(z.dtype)
-    if training:
-        mean_g, mean_gx = (sums / max(m, 1)).to(acc).unbind(0)
-    else:
-        mean_g = mean_gx = torch.zeros(c, device=z.device, dtype=acc)
-    dz = torch.empty_like(z)
-    bm, bc, warps = _blocks(c)
-    if dz.numel():
-        _bn_act_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            dy, z, dz, *(_vec(t, acc) for t in (mean, invstd, gamma, beta, mean_g, mean_gx)), m, c, *act_range,
-            act_vector(slope, act_scale, z, acc), ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
-        )
-    return dz
+    return part.sum(0, dtype=torch.float64) if reduce else part

@@ -4,8 +4,10 @@ out[m, o] = sum over taps t and input channels c of  P(x)[pixel(m) + offset(t), 
 
 - rows m are output pixels (n, oh, ow); the output is written as [rows, out channels] (NHWC);
 - the input is read through its four strides, so NCHW, channels_last and sliced tensors all work;
-- P is an optional prologue (:class:`Prologue`): BN-apply + activation of the previous layer, applied
-  while loading, so the normalised / activated tensor never exists in memory;
+- P is an optional prologue applied while loading: BN-apply + activation of the previous layer
+  (:class:`Prologue`), so the normalised / activated tensor never exists in memory; or, when x is an
+  output gradient, the backward of the next layer's BN + activation (:class:`GradPrologue`), so the
+  gradient of its pre-norm input is never stored either;
 - the epilogue writes per-tile partial sums and sums of squares of every output channel (the batch
   statistics, reduced without atomics, hence deterministic);
 - centre-only channel ranges: input channels [skip_lo, skip_hi) are read at the centre tap only, and
@@ -14,14 +16,26 @@ out[m, o] = sum over taps t and input channels c of  P(x)[pixel(m) + offset(t), 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Prologue, acc_dtype, apply_prologue, conv_output_size, dot_dtype, dot_precision, prologue_args, tl_dtype
+from .common import (
+    GradPrologue,
+    Prologue,
+    acc_dtype,
+    conv_output_size,
+    dot_dtype,
+    dot_precision,
+    dummy,
+    load_operand,
+    operand_args,
+    prologue_kind,
+    tl_dtype,
+)
 from .tuning import gemm_configs, prune_by_width
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU
@@ -38,18 +52,17 @@ _GPU_CONFIGS = [
 
 
 @triton.jit
-def _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, c_start, c_end, sxc, offs_n, n_mask, COUT,
-                         scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+def _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, c_start, c_end, sxc, offs_n,
+                         n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
                          PROLOGUE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     for c0 in range(c_start, c_end, BLOCK_K):
         offs_k = c0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < c_end
         mask2d = valid[:, None] & k_mask[None, :]
-        a = tl.load(row_ptr[:, None] + offs_k[None, :] * sxc, mask=mask2d, other=0.0)
-        if PROLOGUE:
-            a = apply_prologue(a, offs_k, mask2d, scale_ptr, shift_ptr, k_mask, act_lo, act_hi, pos, neg, ACC)
-        b = tl.load(w_tap_ptr + offs_k[:, None] * COUT + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = load_operand(x_ptr, saved_ptr, row_off[:, None] + offs_k[None, :] * sxc, mask2d, offs_k, k_mask, CIN,
+                         scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg, PROLOGUE, ACC)
+        b = tl.load(w_tap_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
     return acc
 
@@ -58,16 +71,16 @@ def _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, c_start, c_end, sxc, of
     configs=gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", _GPU_CONFIGS),
     key=["CIN", "COUT", "KH", "KW", "PROLOGUE", "STATS"],
     prune_configs_by={"early_config_prune": prune_by_width("COUT", "BLOCK_N", "CIN", "BLOCK_K")},
-    reset_to_zero=["part_ptr"],
 )
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr,
+    x_ptr, saved_ptr, w_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, coef_ptr,
     N, H, W, CIN, OH, OW, COUT,
     sxn, sxc, sxh, sxw,
+    w_off, swt, swk, swn,
     conv_stride, pad,
     skip_lo, skip_hi, cen_lo, cen_hi,
-    act_lo, act_hi, act_ptr,
+    act_lo, act_hi, act_ptr, part_rows,
     KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -93,19 +106,19 @@ def _conv_fwd_kernel(
         ih = oh * conv_stride - pad + tap // KW
         iw = ow * conv_stride - pad + tap % KW
         valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row_ptr = x_ptr + img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        w_tap_ptr = w_ptr + tap * CIN * COUT
+        row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        w_tap_ptr = w_ptr + w_off + tap * swt
         if tap == (KH // 2) * KW + KW // 2:
-            acc = _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, 0, CIN, sxc, offs_n, n_mask, COUT,
-                                       scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+            acc = _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, 0, CIN, sxc,
+                                       offs_n, n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
                                        PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
         else:
             if centre_only == 0:
-                acc = _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, 0, skip_lo, sxc, offs_n, n_mask, COUT,
-                                           scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+                acc = _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, 0, skip_lo,
+                                           sxc, offs_n, n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
                                            PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
-                acc = _accumulate_channels(acc, row_ptr, valid, w_tap_ptr, skip_hi, CIN, sxc, offs_n, n_mask, COUT,
-                                           scale_ptr, shift_ptr, act_lo, act_hi, pos, neg,
+                acc = _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, skip_hi, CIN,
+                                           sxc, offs_n, n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
                                            PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
 
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -116,6 +129,19 @@ def _conv_fwd_kernel(
         part_row = part_ptr + pid_m.to(tl.int64) * 2 * COUT
         tl.store(part_row + offs_n, tl.sum(v, axis=0), mask=n_mask)
         tl.store(part_row + COUT + offs_n, tl.sum(v * v, axis=0), mask=n_mask)
+        # the partials are sized for the smallest BLOCK_M; rows past this launch's tiles must read as zero,
+        # and zeroing them here saves a memset launch (a few rows per program at most)
+        zero = tl.zeros((BLOCK_N,), dtype=ACC)
+        row_stride = tl.full((), 2, tl.int64) * COUT
+        for r in range(pid_m + tl.num_programs(0), part_rows, tl.num_programs(0)):
+            tail_row = part_ptr + r * row_stride
+            tl.store(tail_row + offs_n, zero, mask=n_mask)
+            tl.store(tail_row + COUT + offs_n, zero, mask=n_mask)
+
+
+def _partials(rows: int, cout: int, like: Tensor, acc: torch.dtype) -> Tensor:
+    """Uninitialised: the kernel writes every row (a test fills it with NaN to check that)."""
+    return torch.empty((rows, 2, cout), device=like.device, dtype=acc)
 
 
 def _min_block_m() -> int:
@@ -129,9 +155,10 @@ def conv2d_implicit_gemm(
     stride: int = 1,
     padding: int = 0,
     *,
-    prologue: Optional[Prologue] = None,
+    prologue: Union[Prologue, GradPrologue, None] = None,
     skip_range: tuple[int, int] = (0, 0),
     centre_range: tuple[int, int] = (0, 0),
+    transposed_weight: bool = False,
     stats: bool = False,
     reduce_stats: bool = True,
     out_dtype: Optional[torch.dtype] = None,
@@ -140,10 +167,23 @@ def conv2d_implicit_gemm(
     reduced over tiles in float64, or with ``reduce_stats=False`` the per-tile partials [tiles, 2, COUT]
     in the accumulation dtype (float64 for float64 data, else float32) for :func:`bn_finalize`.
 
-    x: [N, CIN, H, W] with any strides. w_packed: [k*k, CIN, COUT] contiguous (see :func:`pack_weight`).
+    x: [N, CIN, H, W] with any strides. w_packed: [k*k, CIN, COUT] contiguous (see :func:`pack_weight`);
+    with ``transposed_weight`` it is the packed [k*k, COUT, CIN] weight of the convolution whose input
+    gradient this one is (stride 1, 'same' padding), read with its taps flipped and its channel axes
+    swapped in place (the weights the forward packed serve the backward, no copy).
+    ``prologue``: what x goes through as it is loaded: a :class:`Prologue` (the previous layer's BN +
+    activation) or a :class:`GradPrologue` (x is an output gradient; dAct + dBN of the layer after).
     """
     n, cin, h, w = x.shape
+    if not w_packed.is_contiguous():
+        raise ValueError("the packed weight must be contiguous")
     taps, wcin, cout = w_packed.shape
+    w_strides = (0, wcin * cout, cout, 1)  # (offset, tap, in, out) in elements
+    if transposed_weight:
+        if stride != 1 or 2 * padding != kernel_size - 1:
+            raise ValueError("a transposed weight serves the input gradient of a stride-1 'same' convolution only")
+        taps, cout, wcin = w_packed.shape
+        w_strides = ((taps - 1) * cout * wcin, -cout * wcin, 1, wcin)
     if taps != kernel_size * kernel_size or wcin != cin:
         raise ValueError(f"packed weight {tuple(w_packed.shape)} does not fit {cin} channels and kernel {kernel_size}")
     oh, ow = conv_output_size(h, w, kernel_size, stride, padding)
@@ -151,18 +191,19 @@ def conv2d_implicit_gemm(
     acc = acc_dtype(x.dtype)
     out = torch.empty((m, cout), device=x.device, dtype=out_dtype or x.dtype)
     rows = triton.cdiv(m, _min_block_m()) if stats else 1
-    part = torch.zeros((rows, 2, cout), device=x.device, dtype=acc)
-    scale, shift, act_lo, act_hi, acts = prologue_args(prologue, x, acc)
+    part = _partials(rows, cout, x, acc) if stats else dummy(x, acc)
+    saved, scale, shift, coef, act_lo, act_hi, acts = operand_args(prologue, x, acc)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
     if m > 0 and cout > 0:
         _conv_fwd_kernel[grid](
-            x, w_packed, out, part, scale, shift,
+            x, saved, w_packed, out, part, scale, shift, coef,
             n, h, w, cin, oh, ow, cout,
             *x.stride(),
+            *w_strides,
             stride, padding,
             *skip_range, *centre_range,
-            act_lo, act_hi, acts,
-            KH=kernel_size, KW=kernel_size, PROLOGUE=prologue is not None, STATS=stats,
+            act_lo, act_hi, acts, rows,
+            KH=kernel_size, KW=kernel_size, PROLOGUE=prologue_kind(prologue), STATS=stats,
             ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         )
     if not stats:
@@ -180,9 +221,3 @@ def unpack_weight(packed: Tensor, kernel_size: int) -> Tensor:
     """Inverse of :func:`pack_weight`."""
     taps, i, o = packed.shape
     return packed.reshape(kernel_size, kernel_size, i, o).permute(3, 2, 0, 1)
-
-
-def pack_input_grad_weight(weight: Tensor) -> Tensor:
-    """The packed weight whose stride-1 'same' convolution is the input gradient of ``weight``'s:
-    swap in/out and flip the taps."""
-    return pack_weight(weight.transpose(0, 1).flip(-1, -2))

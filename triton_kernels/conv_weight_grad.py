@@ -4,7 +4,8 @@ dw[t, c, o] = sum over output pixels m of  P(x)[pixel(m) + offset(t), c] * dy[m,
 
 A GEMM per tap, reduced over the (long) pixel axis in splits whose partial results are summed after.
 The prologue recomputes the normalised / activated input from the saved pre-norm tensor, so backward
-never needs it stored. Tiles that only hold weights a centre-only range makes structurally zero
+never needs it stored; a second prologue on dy applies the next layer's dAct + dBN as it is loaded, so
+that gradient is never stored either. Tiles that only hold weights a centre-only range makes structurally zero
 (see :mod:`.conv_implicit_gemm`) are skipped.
 """
 from __future__ import annotations
@@ -16,7 +17,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Prologue, acc_dtype, apply_prologue, conv_output_size, dot_dtype, dot_precision, prologue_args, tl_dtype
+from .common import (
+    GradPrologue,
+    Prologue,
+    acc_dtype,
+    conv_output_size,
+    dot_dtype,
+    dot_precision,
+    grad_prologue_args,
+    load_operand,
+    prologue_args,
+    prologue_kind,
+    tl_dtype,
+)
 from .tuning import gemm_configs, prune_by_width
 
 # (BLOCK_M = pixels per step, BLOCK_C, BLOCK_O, warps, stages) tried on a GPU
@@ -33,19 +46,21 @@ _ROWS_PER_SPLIT = 4096  # pixels each program reduces over (a multiple of every 
 
 @triton.autotune(
     configs=gemm_configs("BLOCK_M", "BLOCK_O", "BLOCK_C", _GPU_CONFIGS),
-    key=["CIN", "COUT", "KH", "KW", "PROLOGUE"],
+    key=["CIN", "COUT", "KH", "KW", "PROLOGUE", "DY_PROLOGUE"],
     prune_configs_by={"early_config_prune": prune_by_width("COUT", "BLOCK_O", "CIN", "BLOCK_C")},
 )
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, scale_ptr, shift_ptr,
+    saved_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr,
     N, H, W, CIN, OH, OW, COUT,
     sxn, sxc, sxh, sxw,
     conv_stride, pad,
     skip_lo, skip_hi, cen_lo, cen_hi,
     act_lo, act_hi, act_ptr,
+    g_act_lo, g_act_hi, g_act_ptr,
     rows_per_split,
-    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, DY_PROLOGUE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -67,6 +82,8 @@ def _conv_wgrad_kernel(
 
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
+    g_pos = tl.load(g_act_ptr)
+    g_neg = tl.load(g_act_ptr + 1)
     acc = tl.zeros((BLOCK_C, BLOCK_O), dtype=ACC)
     if is_centre | (structurally_zero == 0):
         M = N * OH * OW
@@ -81,12 +98,12 @@ def _conv_wgrad_kernel(
             iw = (pix % OW) * conv_stride - pad + ks
             valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             mask_a = valid[:, None] & c_mask[None, :]
-            row_ptr = x_ptr + img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            a = tl.load(row_ptr[:, None] + offs_c[None, :] * sxc, mask=mask_a, other=0.0)
-            if PROLOGUE:
-                a = apply_prologue(a, offs_c, mask_a, scale_ptr, shift_ptr, c_mask, act_lo, act_hi, pos, neg, ACC)
-            b = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_o[None, :],
-                        mask=m_mask[:, None] & o_mask[None, :], other=0.0)
+            row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            a = load_operand(x_ptr, x_ptr, row_off[:, None] + offs_c[None, :] * sxc, mask_a, offs_c, c_mask, CIN,
+                             scale_ptr, shift_ptr, scale_ptr, act_lo, act_hi, pos, neg, PROLOGUE, ACC)
+            b = load_operand(dy_ptr, saved_ptr, offs_m[:, None].to(tl.int64) * COUT + offs_o[None, :],
+                             m_mask[:, None] & o_mask[None, :], offs_o, o_mask, COUT,
+                             g_scale_ptr, g_shift_ptr, g_coef_ptr, g_act_lo, g_act_hi, g_pos, g_neg, DY_PROLOGUE, ACC)
             acc = tl.dot(tl.trans(a.to(DOT)), b.to(DOT), acc, input_precision=PRECISION)
 
     dw_ptrs = dw_ptr + ((pid_s * KH * KW + tap) * CIN + offs_c[:, None]).to(tl.int64) * COUT + offs_o[None, :]
@@ -101,11 +118,13 @@ def conv2d_weight_grad(
     padding: int = 0,
     *,
     prologue: Optional[Prologue] = None,
+    dy_prologue: Optional[GradPrologue] = None,
     skip_range: tuple[int, int] = (0, 0),
     centre_range: tuple[int, int] = (0, 0),
 ) -> Tensor:
     """The packed weight gradient [k*k, CIN, COUT] (accumulation dtype) of the convolution of ``x``
-    (any strides, prologue applied) whose output gradient is ``dy`` as [N*OH*OW, COUT] contiguous."""
+    (any strides, ``prologue`` applied) whose output gradient is ``dy`` as [N*OH*OW, COUT] contiguous
+    (``dy_prologue`` applied: dy is then the gradient after the next BN + activation)."""
     n, cin, h, w = x.shape
     oh, ow = conv_output_size(h, w, kernel_size, stride, padding)
     m, cout = dy.shape
@@ -119,16 +138,19 @@ def conv2d_weight_grad(
     if m == 0:
         return dw.zero_().sum(0)
     scale, shift, act_lo, act_hi, acts = prologue_args(prologue, x, acc)
+    saved, g_scale, g_shift, g_coef, g_lo, g_hi, g_acts = grad_prologue_args(dy_prologue, dy, acc)
     grid = lambda meta: (taps * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)  # noqa: E731
     _conv_wgrad_kernel[grid](
         x, dy, dw, scale, shift,
+        saved, g_scale, g_shift, g_coef,
         n, h, w, cin, oh, ow, cout,
         *x.stride(),
         stride, padding,
         *skip_range, *centre_range,
         act_lo, act_hi, acts,
+        g_lo, g_hi, g_acts,
         _ROWS_PER_SPLIT,
-        KH=kernel_size, KW=kernel_size, PROLOGUE=prologue is not None,
+        KH=kernel_size, KW=kernel_size, PROLOGUE=prologue_kind(prologue), DY_PROLOGUE=prologue_kind(dy_prologue),
         ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
     )
     return dw.sum(0) if splits > 1 else dw[0]

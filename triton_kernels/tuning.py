@@ -1,10 +1,21 @@
 """Block-size configurations for autotuning: a handful on a GPU (tuned for H100 in benchmarks/), one
-small one under the interpreter (which cannot autotune over several and is slow on big tiles)."""
+small one under the interpreter (which cannot autotune over several and is slow on big tiles).
+
+``PNNH_TRITON_AUTOTUNE=0`` keeps only the first GPU configuration of each kernel: every variant then
+compiles once instead of once per configuration, which is what a correctness run on a GPU wants (the
+first GPU session ran out of time compiling, ~40 s per block configuration); benchmarks leave it on.
+"""
 from __future__ import annotations
+
+import os
 
 import triton
 
 from .common import interpreting
+
+
+def autotuning() -> bool:
+    return os.environ.get("PNNH_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
 def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
@@ -15,7 +26,8 @@ def gemm_configs(m: str, n: str, k: str, gpu: list[tuple]) -> list[triton.Config
     """Configs over block names (m, n, k); ``gpu`` rows are (BM, BN, BK, warps, stages)."""
     if interpreting():
         return [_cfg(1, 1, **{m: 32, n: 16, k: 16})]
-    return [_cfg(w, s, **{m: bm, n: bn, k: bk}) for bm, bn, bk, w, s in gpu]
+    rows = gpu if autotuning() else gpu[:1]
+    return [_cfg(w, s, **{m: bm, n: bn, k: bk}) for bm, bn, bk, w, s in rows]
 
 
 def prune_by_width(n_arg: str, n_block: str, k_arg: str, k_block: str):
