@@ -60,6 +60,18 @@ def _window(t, K: tl.constexpr, k):
 
 
 @triton.jit
+def _packed_position(offs, n_in, n_out, K: tl.constexpr, KC, KL):
+    """(i, o, then the coder window's and the learner window's row, column, inside) of flat offsets into
+    a packed [K*K, n_in, n_out] weight (flat: older Triton compilers take no nested tuples)."""
+    o = offs % n_out
+    i = (offs // n_out) % n_in
+    t = offs // (n_out * n_in)
+    rc, sc, in_c = _window(t, K, KC)
+    rl, sl, in_l = _window(t, K, KL)
+    return i, o, rc, sc, in_c, rl, sl, in_l
+
+
+@triton.jit
 def _pack_kernel(enc_ptr, l1_ptr, l2_ptr, dec_ptr, out_ptr, const_ptr,
                  CIN, CC, HID, COUT, KC, KL, size1, size2,
                  K: tl.constexpr, TIED: tl.constexpr, BLOCK: tl.constexpr):
@@ -67,22 +79,14 @@ def _pack_kernel(enc_ptr, l1_ptr, l2_ptr, dec_ptr, out_ptr, const_ptr,
     C1 = CC + HID
     if tl.program_id(1) == 0:  # layer 1: [t, i, o], o < CC the encoder, else the learner
         mask = offs < size1
-        o = offs % C1
-        i = (offs // C1) % CIN
-        t = offs // (C1 * CIN)
-        rc, sc, in_c = _window(t, K, KC)
-        rl, sl, in_l = _window(t, K, KL)
+        i, o, rc, sc, in_c, rl, sl, in_l = _packed_position(offs, CIN, C1, K, KC, KL)
         coder = o < CC
         v_c = tl.load(enc_ptr + ((o * CIN + i) * KC + rc) * KC + sc, mask=mask & coder & in_c, other=0.0)
         v_l = tl.load(l1_ptr + (((o - CC) * CIN + i) * KL + rl) * KL + sl, mask=mask & (o >= CC) & in_l, other=0.0)
         tl.store(out_ptr + offs, tl.where(coder, v_c, v_l), mask=mask)
     else:  # layer 2: [t, i, o], i < CC the decoder times the gain, else the learner
         mask = offs < size2
-        o = offs % COUT
-        i = (offs // COUT) % C1
-        t = offs // (COUT * C1)
-        rc, sc, in_c = _window(t, K, KC)
-        rl, sl, in_l = _window(t, K, KL)
+        i, o, rc, sc, in_c, rl, sl, in_l = _packed_position(offs, C1, COUT, K, KC, KL)
         coder = i < CC
         if TIED:
             src = ((i * COUT + o) * KC + (KC - 1 - rc)) * KC + (KC - 1 - sc)
