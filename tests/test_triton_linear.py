@@ -1,5 +1,6 @@
-"""The Triton PNNHLinear: its kernels (products with the layer-norm prologue and row-statistics epilogue,
-the fused dAct + dLayerNorm pass) against PyTorch, and the block against the literal reference.
+"""The Triton PNNHLinear: its kernels (products with the layer-norm prologue, its backward on an output
+gradient and the row-statistics epilogue; the LN + activation pass and the dAct + dLayerNorm sums)
+against PyTorch, and the block against the literal reference.
 
 In the interpreter (``TRITON_INTERPRET=1``, CI) on tiny shapes; compiled on a CUDA machine without it.
 """
@@ -15,8 +16,11 @@ from helpers import LINEAR_CASES, TOLERANCES, assert_modules_agree, block_gradch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from pnnh_kernels.triton_kernels.linear_gemm import LnPrologue, ln_gemm, row_statistics  # noqa: E402
-from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_backward, ln_act_forward  # noqa: E402
+import triton  # noqa: E402
+
+from pnnh_kernels.triton_kernels.linear_gemm import ln_gemm, row_statistics  # noqa: E402
+from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_forward, ln_grad_sums  # noqa: E402
+from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue  # noqa: E402
 from triton_devices import device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
 
 pytestmark = requires_a_device
@@ -62,6 +66,33 @@ def test_ln_gemm_product_and_row_statistics(device, m, k, n, split):
         torch.testing.assert_close(stats[2 * seg + 1], torch.rsqrt(cols.var(1, unbiased=False) + 1e-5), **tol(dtype))
 
 
+def test_row_statistics_partials_past_the_launched_tiles_read_as_zero(device, monkeypatch):
+    """The partials are sized for the narrowest BLOCK_N an autotuner may pick; a launch with wider tiles
+    zeroes the tiles it does not own instead of a memset. Forced here: tiles for BLOCK_N 4, NaN-filled."""
+    from pnnh_kernels.triton_kernels import linear_gemm
+
+    monkeypatch.setattr(linear_gemm, "_min_block_n", lambda: 4)
+    monkeypatch.setattr(linear_gemm, "_partials", lambda tiles, m, like, acc: torch.full((tiles, 2, 3, m), float("nan"), dtype=acc, device=like.device))
+    dtype = exact_dtype(device)
+    a, b = torch.randn(9, 6, dtype=dtype, device=device), torch.randn(6, 21, dtype=dtype, device=device)
+    out, part = linear_gemm.ln_gemm(a, b, stats_split=8)
+    assert part.shape[0] == 6 and part.shape[0] > triton.cdiv(21, linear_gemm._ln_gemm_kernel.configs[0].kwargs["BLOCK_N"])
+    stats = row_statistics(part, 1e-5)
+    torch.testing.assert_close(stats[0], out[:, :8].mean(1), **tol(dtype))
+    torch.testing.assert_close(stats[3], torch.rsqrt(out[:, 8:].var(1, unbiased=False) + 1e-5), **tol(dtype))
+
+
+def test_ln_gemm_writes_into_a_strided_out(device):
+    dtype = exact_dtype(device)
+    a, b = torch.randn(7, 5, dtype=dtype, device=device), torch.randn(5, 3, dtype=dtype, device=device)
+    buffer = torch.full((3, 7), float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    out, _ = ln_gemm(a, b, out=buffer.t())
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer.t(), (a @ b).to(buffer.dtype), **tol(dtype))
+    with pytest.raises(ValueError, match="is not"):
+        ln_gemm(a, b, out=buffer)
+
+
 @pytest.mark.parametrize("gelu, slope, scale", [(True, 0.0, 1.0), (False, 0.2, 1.3)], ids=["gelu", "leaky"])
 def test_ln_gemm_prologues(device, gelu, slope, scale):
     dtype = exact_dtype(device)
@@ -77,30 +108,76 @@ def test_ln_gemm_prologues(device, gelu, slope, scale):
 
 
 @pytest.mark.parametrize("act, gelu", [(True, True), (True, False), (False, False)], ids=["gelu", "leaky", "none"])
-def test_ln_act_forward_and_backward_match_autograd(device, act, gelu):
+def test_ln_act_forward_matches_autograd(device, act, gelu):
     dtype = exact_dtype(device)
-    tokens, width, lo, cn = 21, 13, 4, 7
+    tokens, width = 21, 13
     slope, scale = (0.0, 1.2) if gelu else (0.3, 1.1)
     z = torch.randn(tokens, width, dtype=dtype, device=device)
-    gamma = 0.5 + torch.rand(cn, dtype=dtype, device=device)
-    beta = torch.randn(cn, dtype=dtype, device=device)
-    zz = z[:, lo : lo + cn].clone().requires_grad_()
-    gg, bb = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
-    y = F.layer_norm(zz, (cn,), gg, bb, eps=1e-5)
+    gamma = 0.5 + torch.rand(width, dtype=dtype, device=device)
+    beta = torch.randn(width, dtype=dtype, device=device)
+    y = F.layer_norm(z, (width,), gamma, beta, eps=1e-5)
     y = _act(y, gelu, slope, scale) if act else y
-
-    mean, var = zz.detach().mean(1), zz.detach().var(1, unbiased=False)
+    mean, var = z.mean(1), z.var(1, unbiased=False)
     stats = torch.stack([mean, torch.rsqrt(var + 1e-5)] * 2)
-    torch.testing.assert_close(ln_act_forward(zz.detach().contiguous(), stats, gamma, beta, act, gelu, slope, scale), y.detach(), **tol(dtype))
+    torch.testing.assert_close(ln_act_forward(z, stats, gamma, beta, act, gelu, slope, scale), y, **tol(dtype))
 
-    dy = torch.randn(tokens, width, dtype=dtype, device=device)
-    expected = torch.autograd.grad(y, (zz, gg, bb), dy[:, lo : lo + cn])
-    dz = torch.zeros_like(z)
-    dgamma, dbeta = ln_act_backward(dy, z, dz, lo, cn, stats[0], stats[1], gamma, beta, act, gelu, slope, scale)
-    torch.testing.assert_close(dz[:, lo : lo + cn], expected[0], **tol(dtype))
-    torch.testing.assert_close(dgamma.to(dtype), expected[1], **tol(dtype))
-    torch.testing.assert_close(dbeta.to(dtype), expected[2], **tol(dtype))
-    assert dz[:, :lo].abs().sum() == 0 and dz[:, lo + cn :].abs().sum() == 0
+
+def _segmented_block_grads(u, dy, split, gamma, beta, gelu, slope, scale):
+    """du, d gamma, d beta of y = [LN(u[:, :split]), act(LN(u[:, split:]))] * gamma + beta, by autograd."""
+    uu, gg, bb = (t.detach().clone().requires_grad_() for t in (u, gamma, beta))
+    h = _segment_ln(uu, split) * gg + bb if 0 < split < u.shape[1] else F.layer_norm(uu, (u.shape[1],), eps=1e-5) * gg + bb
+    y = torch.cat([h[:, :split], _act(h[:, split:], gelu, slope, scale)], 1)
+    return torch.autograd.grad(y, (uu, gg, bb), dy)
+
+
+@pytest.mark.parametrize("split, gelu", [(5, True), (5, False), (0, False), (17, True)], ids=["two_gelu", "two_leaky", "all_act", "no_act"])
+def test_ln_grad_prologue_matches_autograd(device, split, gelu):
+    """The sums pass and the gradient prologue against autograd of the segmented LN + activation: du
+    itself (through an identity product), du @ W (an input gradient), du^T @ X and du^T @ LN(z) (weight
+    gradients: tokens along the reduced axis, the second with both prologues), and the norm's
+    parameter gradients, with gamma / beta given as the two segments' halves."""
+    dtype = exact_dtype(device)
+    tokens, width, n_out = 19, 17, 11
+    slope, scale = (0.0, 1.2) if gelu else (0.2, 1.3)
+    g = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    u = rand(tokens, width) * 2 + 1
+    gamma, beta = 0.5 + rand(width).abs(), rand(width)
+    stats = row_statistics(ln_gemm(u, torch.eye(width, dtype=dtype, device=device), stats_split=split)[1], 1e-5)
+    norm = LnPrologue(stats, (gamma[:split], gamma[split:]), (beta[:split], beta[split:]), split, gelu, slope, scale)
+    dy = rand(tokens, width)
+    du_ref, dgamma_ref, dbeta_ref = _segmented_block_grads(u, dy, split, gamma, beta, gelu, slope, scale)
+
+    grad, dgamma, dbeta = ln_grad_sums(dy, u, norm)
+    torch.testing.assert_close(dgamma.to(dtype), dgamma_ref, **tol(dtype))
+    torch.testing.assert_close(dbeta.to(dtype), dbeta_ref, **tol(dtype))
+    eye = torch.eye(width, dtype=dtype, device=device)
+    torch.testing.assert_close(ln_gemm(dy, eye, prologue_a=grad)[0], du_ref, **tol(dtype))
+    w = rand(n_out, width)
+    torch.testing.assert_close(ln_gemm(dy, w.t(), prologue_a=grad)[0], du_ref @ w.t(), **tol(dtype))
+    x = rand(tokens, n_out)
+    torch.testing.assert_close(ln_gemm(dy.t(), x, prologue_a=grad.t())[0], du_ref.t() @ x, **tol(dtype))
+    z = rand(tokens, 9)
+    hidden, h = _prologue(z, 4, gelu, slope, scale)
+    torch.testing.assert_close(ln_gemm(dy.t(), z, prologue_a=grad.t(), prologue_b=hidden)[0], du_ref.t() @ h, **tol(dtype))
+
+
+def test_ln_gemm_refuses_mismatched_prologues(device):
+    dtype = exact_dtype(device)
+    u, dy = torch.randn(6, 5, dtype=dtype, device=device), torch.randn(6, 5, dtype=dtype, device=device)
+    stats = torch.stack([u.mean(1), torch.rsqrt(u.var(1, unbiased=False) + 1e-5)] * 2)
+    grad, _, _ = ln_grad_sums(dy, u, LnPrologue(stats, torch.ones(5), torch.zeros(5), 2, False, 0.0, 1.0))
+    with pytest.raises(ValueError, match="saved tensor"):
+        ln_gemm(dy.t(), torch.randn(6, 3, dtype=dtype, device=device), prologue_a=grad)  # dy^T without grad.t()
+    with pytest.raises(ValueError, match="gradient prologue goes on A"):
+        ln_gemm(torch.randn(3, 6, dtype=dtype, device=device), dy, prologue_b=grad)
+    with pytest.raises(ValueError, match="same activation"):
+        ln_gemm(dy.t(), u, prologue_a=grad.t(), prologue_b=LnPrologue(stats, torch.ones(5), torch.zeros(5), 2, True, 0.0, 1.0))
+    with pytest.raises(ValueError, match=r"\[4, 6\]"):
+        ln_grad_sums(dy, u, LnPrologue(stats[:, :5], torch.ones(5), torch.zeros(5), 2, False, 0.0, 1.0))
 
 
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))

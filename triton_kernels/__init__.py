@@ -14,8 +14,11 @@
 - :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
   and the reduction of fused dActivation + dBN (its apply is a :class:`GradPrologue`).
 - :mod:`.linear_gemm`: PNNHLinear's matrix products, with a layer-norm + activation prologue on either
-  operand (coder and learner columns normalised separately) and row-statistics epilogues.
-- :mod:`.ln_act_rows`: PNNHLinear's layer-norm + activation pass and the fused dActivation + dLayerNorm.
+  operand (coder and learner columns normalised separately), its backward on an output gradient, and
+  row-statistics epilogues.
+- :mod:`.ln_tiles`: those layer-norm prologues (:class:`LnPrologue`, :class:`LnGradPrologue`) on a tile.
+- :mod:`.ln_act_rows`: PNNHLinear's layer-norm + activation pass and the reductions of the fused
+  dActivation + dLayerNorm (its apply is an :class:`LnGradPrologue`).
 
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
 The autograd glue lives in :mod:`pnnh_kernels.backends.triton_conv_op` and ``.triton_linear_op``.
@@ -24,11 +27,13 @@ from .bn_act_rows import bn_act_backward_sums, bn_act_forward
 from .common import GradPrologue, Prologue, interpreting
 from .conv_implicit_gemm import conv2d_implicit_gemm
 from .conv_weight_grad import conv2d_weight_grad
-from .linear_gemm import LnPrologue, ln_gemm, row_statistics
-from .ln_act_rows import ln_act_backward, ln_act_forward
+from .linear_gemm import ln_gemm, row_statistics
+from .ln_act_rows import ln_act_forward, ln_grad_sums
+from .ln_tiles import LnGradPrologue, LnPrologue
 
 __all__ = [
     "GradPrologue",
+    "LnGradPrologue",
     "LnPrologue",
     "Prologue",
     "bn_act_backward_sums",
@@ -36,8 +41,8 @@ __all__ = [
     "conv2d_implicit_gemm",
     "conv2d_weight_grad",
     "interpreting",
-    "ln_act_backward",
     "ln_act_forward",
     "ln_gemm",
+    "ln_grad_sums",
     "row_statistics",
 ]

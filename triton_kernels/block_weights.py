@@ -1,5 +1,6 @@
 """The conv block's two layer weights in the implicit-GEMM kernels' packed layout, and their gradients
-back in the parameters' shapes: one launch each way.
+back in the parameters' shapes: one launch each way. PNNHLinear's weights are the 1x1 case: its
+products read ``w1[0]`` ([in, C1]) and ``w2[0]`` ([C1, out]) and their transposes through strides.
 
 Layer 1 reads x through ``[W_e; W_1]`` and layer 2 reads its input through ``[g * W_d, W_2]`` along
 input channels, both as ``[k*k, in, out]`` with every kernel zero-padded to the shared size K (see
@@ -47,7 +48,12 @@ class BlockShape(NamedTuple):
 
 
 def block_shape(enc: Tensor, learn1: Tensor, learn2: Tensor) -> BlockShape:
-    return BlockShape(enc.shape[1], enc.shape[0], learn1.shape[0], learn2.shape[0], enc.shape[-1], learn1.shape[-1])
+    """Of conv weights ([out, in, k, k]) or linear ones ([out, in]: the 1x1 case, same memory layout)."""
+
+    def kernel_size(w: Tensor) -> int:
+        return w.shape[-1] if w.dim() == 4 else 1
+
+    return BlockShape(enc.shape[1], enc.shape[0], learn1.shape[0], learn2.shape[0], kernel_size(enc), kernel_size(learn1))
 
 
 @triton.jit

@@ -1,27 +1,31 @@
 """The matrix products of PNNHLinear, with its layer-norm fusions.
 
-out[i, j] = sum_r P(A)[i, r] * B[r, j]   or   sum_r A[i, r] * P(B)[r, j]
+out[i, j] = sum_r P_A(A)[i, r] * P_B(B)[r, j]
 
 - A and B are read through their strides, so transposed views cost nothing;
-- the prologue P (:class:`LnPrologue`) is the previous layer's layer norm + activation, applied to one
-  operand while it is loaded, so the normalised / activated tensor never exists in memory: on A for a
-  forward product (A's rows are tokens), on B for a weight gradient (B's rows are tokens). Each token
-  has two column segments with their own statistics: [0, split) the coder (no activation) and
-  [split, width) the learner (activation);
+- the prologues (:mod:`.ln_tiles`) run on an operand while it is loaded, so what they produce never
+  exists in memory:
+  - on A, the previous layer's layer norm + activation (:class:`LnPrologue`; A's rows are tokens), or
+    the backward of the next one on an output gradient (:class:`LnGradPrologue`; A = dY, rows are
+    tokens, or A = dY^T of a weight gradient, columns are tokens);
+  - on B, layer norm + activation (B's rows are tokens: the input of a weight gradient).
+  Each token has two column segments with their own statistics: [0, split) the coder (no activation)
+  and [split, width) the learner (activation);
 - the epilogue writes per-tile row statistics of ``out`` for the next layer norm, per segment: the
   count, the tile mean and the sum of squared deviations from it, which :func:`row_statistics`
   combines with Chan's formula (a sum of squares minus a squared mean would cancel badly).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_dtype, act_vector, dot_dtype, dot_precision, tl_dtype
+from .common import acc_dtype, act_vector, as_acc, device_constants, dot_dtype, dot_precision, dummy, interpreting, tl_dtype
+from .ln_tiles import LnGradPrologue, LnPrologue, halves, ln_act_tile, ln_grad_tile
 from .tuning import gemm_configs, prune_by_width
 
 _GPU_CONFIGS = [
@@ -31,55 +35,6 @@ _GPU_CONFIGS = [
     (64, 64, 32, 4, 4),
     (128, 128, 64, 8, 3),
 ]
-
-
-class LnPrologue(NamedTuple):
-    """Layer norm + activation of a token-major operand: ``stats`` is [4, tokens] (mean and rstd of
-    segment 0, then of segment 1); ``gamma``/``beta`` cover the whole width; columns >= ``split``
-    use segment 1 and the activation (``gelu``, or the scaled leaky family of ``slope``/``scale``)."""
-
-    stats: Tensor
-    gamma: Tensor
-    beta: Tensor
-    split: int
-    gelu: bool
-    slope: float
-    scale: float
-
-
-@triton.jit
-def activation(y, pos, neg, GELU: tl.constexpr):
-    """scale * GELU(y) (pos = scale) or the scaled leaky family (pos, neg slopes)."""
-    if GELU:
-        return pos * y * 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    return tl.where(y > 0, y * pos, y * neg)
-
-
-@triton.jit
-def activation_derivative(y, pos, neg, GELU: tl.constexpr):
-    if GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327
-        return pos * (cdf + y * pdf)
-    return tl.where(y > 0, pos, neg)
-
-
-@triton.jit
-def ln_act_tile(v, tok, tok_mask, ch, ch_mask, stats_ptr, T, gamma_ptr, beta_ptr, split, pos, neg,
-                GELU: tl.constexpr, ACC: tl.constexpr):
-    """Layer norm (+ activation on the second segment) of a [tokens, channels] tile; zero outside the masks."""
-    second = ch >= split
-    m0 = tl.load(stats_ptr + tok, mask=tok_mask, other=0.0)
-    r0 = tl.load(stats_ptr + T + tok, mask=tok_mask, other=0.0)
-    m1 = tl.load(stats_ptr + 2 * T + tok, mask=tok_mask, other=0.0)
-    r1 = tl.load(stats_ptr + 3 * T + tok, mask=tok_mask, other=0.0)
-    mean = tl.where(second[None, :], m1[:, None], m0[:, None])
-    rstd = tl.where(second[None, :], r1[:, None], r0[:, None])
-    g = tl.load(gamma_ptr + ch, mask=ch_mask, other=0.0)
-    b = tl.load(beta_ptr + ch, mask=ch_mask, other=0.0)
-    y = (v.to(ACC) - mean) * rstd * g[None, :] + b[None, :]
-    y = tl.where(second[None, :], activation(y, pos, neg, GELU), y)
-    return tl.where(tok_mask[:, None] & ch_mask[None, :], y, 0.0)
 
 
 @triton.jit
@@ -96,16 +51,17 @@ def _segment_stats(part_ptr, acc, valid, seg_mask, offs_m, m_mask, M, ACC: tl.co
 
 @triton.autotune(
     configs=gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", _GPU_CONFIGS),
-    key=["N", "K", "PRO_A", "PRO_B", "STATS", "GELU"],
+    key=["N", "K", "PRO_A", "A_TOKENS_ALONG_K", "PRO_B", "STATS", "GELU"],
     prune_configs_by={"early_config_prune": prune_by_width("N", "BLOCK_N", "K", "BLOCK_K")},
-    reset_to_zero=["part_ptr"],
 )
 @triton.jit
 def _ln_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, part_ptr, stats_ptr, gamma_ptr, beta_ptr, act_ptr,
-    M, N, K, sam, sak, sbk, sbn, T, split, stats_split,
-    PRO_A: tl.constexpr, PRO_B: tl.constexpr, STATS: tl.constexpr, GELU: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    a_ptr, b_ptr, out_ptr, part_ptr,
+    saved_ptr, ssm, ssk, stats_a, coef_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a,
+    stats_b, gb_lo, gb_hi, bb_lo, bb_hi, split_b, act_ptr,
+    M, N, K, sam, sak, sbk, sbn, som, son, T, stats_split, part_tiles,
+    PRO_A: tl.constexpr, A_TOKENS_ALONG_K: tl.constexpr, PRO_B: tl.constexpr, STATS: tl.constexpr,
+    GELU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -116,87 +72,198 @@ def _ln_gemm_kernel(
     n_mask = offs_n < N
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
+    rows_m = offs_m[:, None].to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        cols_k = offs_k[None, :].to(tl.int64)
+        a = tl.load(a_ptr + rows_m * sam + cols_k * sak, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * sbk + offs_n[None, :] * sbn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if PRO_A:  # A's rows are tokens, its columns the normalised channels
-            a = ln_act_tile(a, offs_m, m_mask, offs_k, k_mask, stats_ptr, T, gamma_ptr, beta_ptr, split, pos, neg, GELU, ACC)
+        if PRO_A == 1:  # A's rows are tokens, its columns the normalised channels
+            a = ln_act_tile(a, offs_m[:, None], m_mask[:, None], offs_k[None, :], k_mask[None, :], stats_a, T,
+                            ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)
+        elif PRO_A == 2:  # A is an output gradient: dAct + dLN against the saved pre-norm tensor
+            u = tl.load(saved_ptr + rows_m * ssm + cols_k * ssk, mask=a_mask, other=0.0)
+            if A_TOKENS_ALONG_K:  # dY^T of a weight gradient
+                a = ln_grad_tile(a, u, offs_k[None, :], k_mask[None, :], offs_m[:, None], m_mask[:, None], stats_a,
+                                 coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)
+            else:
+                a = ln_grad_tile(a, u, offs_m[:, None], m_mask[:, None], offs_k[None, :], k_mask[None, :], stats_a,
+                                 coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)
         if PRO_B:  # B's rows are tokens
-            b = ln_act_tile(b, offs_k, k_mask, offs_n, n_mask, stats_ptr, T, gamma_ptr, beta_ptr, split, pos, neg, GELU, ACC)
+            b = ln_act_tile(b, offs_k[:, None], k_mask[:, None], offs_n[None, :], n_mask[None, :], stats_b, T,
+                            gb_lo, gb_hi, bb_lo, bb_hi, split_b, pos, neg, GELU, ACC)
         acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
 
     valid = m_mask[:, None] & n_mask[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + rows_m * som + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=valid)
     if STATS:  # part: [tiles of N, 2 segments, 3, M]
         tile = part_ptr + pid_n.to(tl.int64) * 6 * M
         _segment_stats(tile, acc, valid, n_mask & (offs_n < stats_split), offs_m, m_mask, M, ACC)
         _segment_stats(tile + 3 * M, acc, valid, n_mask & (offs_n >= stats_split), offs_m, m_mask, M, ACC)
+        # the partials are sized for the narrowest BLOCK_N: the last column of programs zeroes the tiles
+        # past this launch's (their counts must read 0), which saves a memset launch
+        if pid_n == tl.num_programs(1) - 1:
+            zero = tl.zeros((BLOCK_M,), dtype=ACC)
+            tile_stride = tl.full((), 6, tl.int64) * M
+            for t in range(tl.num_programs(1), part_tiles):
+                tail = part_ptr + t * tile_stride
+                for f in tl.static_range(6):
+                    tl.store(tail + f * M + offs_m, zero, mask=m_mask)
+
+
+def _partials(tiles: int, m: int, like: Tensor, acc: torch.dtype) -> Tensor:
+    """Uninitialised: the kernel writes every tile (a test fills it with NaN to check that)."""
+    return torch.empty((tiles, 2, 3, m), device=like.device, dtype=acc)
 
 
 def _min_block_n() -> int:
     return min(c.kwargs["BLOCK_N"] for c in _ln_gemm_kernel.configs)
 
 
+def _norm_args(p: Union[LnPrologue, LnGradPrologue], acc: torch.dtype) -> tuple:
+    """(stats, gamma lo, gamma hi, beta lo, beta hi, split) kernel arguments of a prologue."""
+    g_lo, g_hi = halves(p.gamma, p.split)
+    b_lo, b_hi = halves(p.beta, p.split)
+    return (as_acc(p.stats, acc), as_acc(g_lo, acc), as_acc(g_hi, acc), as_acc(b_lo, acc), as_acc(b_hi, acc), p.split)
+
+
+def _check_prologue(p, operand: Tensor, name: str, tokens_axis: int) -> int:
+    """The token count of a prologue on ``operand`` (checked against its vectors)."""
+    if isinstance(p, LnGradPrologue) and p.saved.shape != operand.shape:
+        raise ValueError(f"{name}: the saved tensor {tuple(p.saved.shape)} must match the gradient {tuple(operand.shape)}"
+                         " (a transposed gradient takes the prologue's .t())")
+    tokens = operand.shape[tokens_axis]
+    shapes = [p.stats] + ([p.coef] if isinstance(p, LnGradPrologue) else [])
+    if any(t.shape != (4, tokens) for t in shapes):
+        raise ValueError(f"{name}: per-token vectors must be [4, {tokens}], got {[tuple(t.shape) for t in shapes]}")
+    return tokens
+
+
 def ln_gemm(
     a: Tensor,
     b: Tensor,
     *,
-    prologue_a: Optional[LnPrologue] = None,
+    prologue_a: Optional[Union[LnPrologue, LnGradPrologue]] = None,
     prologue_b: Optional[LnPrologue] = None,
     stats_split: Optional[int] = None,
     out_dtype: Optional[torch.dtype] = None,
+    out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """``a @ b`` ([M, K] @ [K, N], any strides) as a contiguous [M, N], with at most one prologue, and
-    with ``stats_split`` the epilogue's row-statistics partials [tiles, 2, 3, M] of the segments
-    [0, stats_split) and [stats_split, N) (see :func:`row_statistics`)."""
-    if prologue_a is not None and prologue_b is not None:
-        raise ValueError("one prologue per product")
+    """``P_A(a) @ P_B(b)`` ([M, K] @ [K, N], any strides) as a new contiguous [M, N] in ``out_dtype``
+    (default a's), or written into ``out`` (any strides: a transposed view, say); with ``stats_split``
+    also the epilogue's row-statistics partials [tiles, 2, 3, M] of the segments [0, stats_split) and
+    [stats_split, N) (see :func:`row_statistics`). When both prologues are given they share the
+    activation and the token count."""
     m, k = a.shape
     k2, n = b.shape
     if k != k2:
         raise ValueError(f"inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
+    if isinstance(prologue_b, LnGradPrologue):
+        raise ValueError("the gradient prologue goes on A (dY or dY^T)")
+    pros = [p for p in (prologue_a, prologue_b) if p is not None]
+    if len({(p.gelu, p.slope, p.scale) for p in pros}) > 1:
+        raise ValueError("both prologues must use the same activation")
     acc = acc_dtype(a.dtype)
-    out = torch.empty((m, n), device=a.device, dtype=out_dtype or a.dtype)
+    a_grad = isinstance(prologue_a, LnGradPrologue)
+    a_tokens_axis = prologue_a.tokens_axis if a_grad else 0
+    tokens = [_check_prologue(prologue_a, a, "prologue_a", a_tokens_axis)] if prologue_a is not None else []
+    if prologue_b is not None:
+        tokens.append(_check_prologue(prologue_b, b, "prologue_b", 0))
+    if len(set(tokens)) > 1:
+        raise ValueError(f"the prologues disagree on the token count: {tokens}")
+    unused = dummy(a, acc)
+    none_args = (unused, unused, unused, unused, unused, 0)
+    a_args = _norm_args(prologue_a, acc) if prologue_a is not None else none_args
+    b_args = _norm_args(prologue_b, acc) if prologue_b is not None else none_args
+    saved = prologue_a.saved if a_grad else a
+    coef = as_acc(prologue_a.coef, acc) if a_grad else unused
+    acts = act_vector(pros[0].slope, pros[0].scale, a, acc) if pros else unused
+    if out is None:
+        out = torch.empty((m, n), device=a.device, dtype=out_dtype or a.dtype)
+    elif out.shape != (m, n):
+        raise ValueError(f"out {tuple(out.shape)} is not [{m}, {n}]")
     stats = stats_split is not None
-    part = torch.zeros((triton.cdiv(n, _min_block_n()) if stats else 1, 2, 3, m if stats else 1), device=a.device, dtype=acc)
-    pro = prologue_a if prologue_a is not None else prologue_b
-    if pro is not None:
-        args = (pro.stats.to(acc).contiguous(), pro.gamma.to(acc).contiguous(), pro.beta.to(acc).contiguous(),
-                act_vector(pro.slope, pro.scale, a, acc), pro.stats.shape[1], pro.split)
-    else:
-        dummy = a.new_zeros(4, dtype=acc)
-        args = (dummy, dummy, dummy, dummy, 1, 0)
-    stats_ptr, gamma, beta, acts, tokens, split = args
+    part = _partials(triton.cdiv(n, _min_block_n()), m, a, acc) if stats else unused
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     if m > 0 and n > 0:
+        stats_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a = a_args
         _ln_gemm_kernel[grid](
-            a, b, out, part, stats_ptr, gamma, beta, acts,
-            m, n, k, *a.stride(), *b.stride(), tokens, split, stats_split if stats else n,
-            PRO_A=prologue_a is not None, PRO_B=prologue_b is not None, STATS=stats,
-            GELU=pro is not None and pro.gelu,
+            a, b, out, part,
+            saved, *saved.stride(), stats_a, coef, ga_lo, ga_hi, ba_lo, ba_hi, split_a,
+            *b_args, acts,
+            m, n, k, *a.stride(), *b.stride(), *out.stride(), tokens[0] if tokens else 1, stats_split if stats else n,
+            part.shape[0] if stats else 0,
+            PRO_A=0 if prologue_a is None else (2 if a_grad else 1), A_TOKENS_ALONG_K=a_tokens_axis == 1,
+            PRO_B=prologue_b is not None, STATS=stats, GELU=bool(pros) and pros[0].gelu,
             ACC=tl_dtype(acc), DOT=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype),
         )
     if not stats:
         return out, None
-    # the autotuner may pick a wider BLOCK_N than the smallest: tiles it did not write stay zero-count
     return out, part
+
+
+@triton.jit
+def _segment_moments(part_ptr, seg: tl.constexpr, tiles, M, offs, mask, BLOCK: tl.constexpr):
+    """(count, mean, M2) of one segment of each row from the tiles' partials, in float64 (Chan's formula)."""
+    m64 = tl.full((), 1, tl.int64) * M
+    n = tl.zeros((BLOCK,), dtype=tl.float64)
+    s = tl.zeros((BLOCK,), dtype=tl.float64)
+    for t in range(0, tiles):
+        base = part_ptr + (t * 6 + seg * 3) * m64
+        c = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
+        s += c * tl.load(base + M + offs, mask=mask, other=0.0).to(tl.float64)
+        n += c
+    mean = s / tl.maximum(n, 1.0)
+    m2 = tl.zeros((BLOCK,), dtype=tl.float64)
+    for t in range(0, tiles):
+        base = part_ptr + (t * 6 + seg * 3) * m64
+        c = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
+        d = tl.load(base + M + offs, mask=mask, other=0.0).to(tl.float64) - mean
+        m2 += tl.load(base + 2 * M + offs, mask=mask, other=0.0).to(tl.float64) + c * d * d
+    return n, mean, m2
+
+
+@triton.jit
+def _rstd(m2, n, eps, F64: tl.constexpr):
+    var = m2 / tl.maximum(n, 1.0) + eps
+    if F64:
+        return 1.0 / tl.sqrt(var)
+    return (1.0 / tl.sqrt_rn(var.to(tl.float32))).to(tl.float64)  # correctly rounded, as torch's
+
+
+@triton.jit
+def _row_statistics_kernel(part_ptr, out_ptr, tiles, M, const_ptr, F64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    eps = tl.load(const_ptr)
+    n0, mean0, m2_0 = _segment_moments(part_ptr, 0, tiles, M, offs, mask, BLOCK)
+    n1, mean1, m2_1 = _segment_moments(part_ptr, 1, tiles, M, offs, mask, BLOCK)
+    rstd0 = _rstd(m2_0, n0, eps, F64)
+    empty = n1 == 0  # a layer with one norm: its second segment repeats the first
+    mean1 = tl.where(empty, mean0, mean1)
+    rstd1 = tl.where(empty, rstd0, _rstd(m2_1, n1, eps, F64))
+    dt = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs, mean0.to(dt), mask=mask)
+    tl.store(out_ptr + M + offs, rstd0.to(dt), mask=mask)
+    tl.store(out_ptr + 2 * M + offs, mean1.to(dt), mask=mask)
+    tl.store(out_ptr + 3 * M + offs, rstd1.to(dt), mask=mask)
 
 
 def row_statistics(part: Tensor, eps: float) -> Tensor:
     """[4, M] (mean, rstd of segment 0, then of segment 1) from :func:`ln_gemm`'s partials, in the
-    partials' dtype; a segment without columns gets segment 0's statistics."""
-    p = part.double()
-    count, mean_t, m2_t = p[:, :, 0], p[:, :, 1], p[:, :, 2]  # [tiles, 2, M]
-    total = count.sum(0)
-    mean = (count * mean_t).sum(0) / total.clamp_min(1)
-    m2 = (m2_t + count * (mean_t - mean) ** 2).sum(0)
-    rstd = torch.rsqrt(m2 / total.clamp_min(1) + eps)
-    empty = total[1] == 0
-    mean[1] = torch.where(empty, mean[0], mean[1])
-    rstd[1] = torch.where(empty, rstd[0], rstd[1])
-    return torch.stack([mean[0], rstd[0], mean[1], rstd[1]]).to(part.dtype)
+    partials' dtype, one launch; a segment without columns gets segment 0's statistics."""
+    if part.dim() != 4 or part.shape[1:3] != (2, 3):
+        raise ValueError(f"partials {tuple(part.shape)} are not [tiles, 2, 3, M]")
+    m = part.shape[3]
+    out = torch.empty((4, m), device=part.device, dtype=part.dtype)
+    block = 16 if interpreting() else 256
+    if m > 0:
+        _row_statistics_kernel[(triton.cdiv(m, block),)](
+            part.contiguous(), out, part.shape[0], m, device_constants((eps,), part.device, torch.float64),
+            F64=part.dtype == torch.float64, BLOCK=block,
+        )
+    return out

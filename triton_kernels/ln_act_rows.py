@@ -2,9 +2,10 @@
 
 - :func:`ln_act_forward`: layer norm + activation with precomputed row statistics (the last layer's
   output; the hidden layer's is applied inside the next product's prologue instead);
-- :func:`ln_act_backward`: dActivation fused into the layer-norm backward of a column range, recomputing
-  the normalised input from the pre-norm one; also returns d(gamma), d(beta) from per-program column
-  partials summed in float64 (no atomics, deterministic).
+- :func:`ln_grad_sums`: the reductions of the fused dActivation + dLayerNorm, recomputing the normalised
+  input from the pre-norm one: each token's coefficients, which the gradient products then apply while
+  loading (:class:`~.ln_tiles.LnGradPrologue`: the input gradient itself is never stored), and
+  d(gamma), d(beta) from per-program column partials summed in float64 (no atomics, deterministic).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_dtype, act_vector, interpreting, tl_dtype
-from .linear_gemm import activation_derivative, ln_act_tile
+from .common import acc_dtype, act_vector, as_acc, interpreting, load_split, tl_dtype
+from .ln_tiles import LnGradPrologue, LnPrologue, halves, ln_act_tile, ln_grad_parts, segment_value
 
 
 def _blocks(width: int) -> tuple[int, int, int]:
@@ -26,71 +27,68 @@ def _blocks(width: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _ln_act_fwd_kernel(u_ptr, y_ptr, stats_ptr, gamma_ptr, beta_ptr, act_ptr, T, C, split,
+def _ln_act_fwd_kernel(u_ptr, y_ptr, stats_ptr, g_lo, g_hi, b_lo, b_hi, act_ptr, T, C, split,
                        GELU: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask, c_mask = offs_m < T, offs_c < C
     ptrs = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
     u = tl.load(u_ptr + ptrs, mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-    y = ln_act_tile(u, offs_m, m_mask, offs_c, c_mask, stats_ptr, T, gamma_ptr, beta_ptr, split,
-                    tl.load(act_ptr), tl.load(act_ptr + 1), GELU, ACC)
+    y = ln_act_tile(u, offs_m[:, None], m_mask[:, None], offs_c[None, :], c_mask[None, :], stats_ptr, T,
+                    g_lo, g_hi, b_lo, b_hi, split, tl.load(act_ptr), tl.load(act_ptr + 1), GELU, ACC)
     tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
-def _grad_tile(dy_ptr, sdy, z_ptr, sz, rows, m_mask, cols, c_mask, mean, rstd, gamma_ptr, beta_ptr, pos, neg,
-               ACT: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr):
-    """(xhat, g = dy * act'(y), dxhat = g * gamma) of a tile, zero outside the masks."""
-    mask = m_mask[:, None] & c_mask[None, :]
-    z = tl.load(z_ptr + rows[:, None] * sz + cols[None, :], mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(ACC)
-    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-    gam = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0)
-    if ACT:
-        bet = tl.load(beta_ptr + cols, mask=c_mask, other=0.0)
-        dy = dy * activation_derivative(xhat * gam[None, :] + bet[None, :], pos, neg, GELU)
-    g = tl.where(mask, dy, 0.0)
-    return xhat, g, g * gam[None, :]
-
-
-@triton.jit
-def _ln_act_bwd_kernel(dy_ptr, sdy, z_ptr, sz, dz_ptr, sdz, part_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
-                       act_ptr, T, lo, width,
-                       ACT: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ln_grad_sums_kernel(dy_ptr, sdy, u_ptr, su, stats_ptr, g_lo, g_hi, b_lo, b_hi, act_ptr, coef_ptr, part_ptr,
+                         T, C, split, GELU: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One read of dy and u per program of BLOCK_M tokens: the row sums of dxhat = g * gamma and
+    dxhat * xhat per segment (-> the coefficients) and the column partials of d(gamma), d(beta)."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < T
-    rows = offs_m.to(tl.int64)
-    mean = tl.load(mean_ptr + offs_m, mask=m_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_m, mask=m_mask, other=0.0)
+    tok, tok_mask = offs_m[:, None], m_mask[:, None]
+    rows = tok.to(tl.int64)
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
-    # pass 1: the row means of dxhat and dxhat * xhat (dxhat = g * gamma)
-    s1 = tl.zeros((BLOCK_M,), dtype=ACC)
-    s2 = tl.zeros((BLOCK_M,), dtype=ACC)
-    for c0 in range(0, width, BLOCK_C):
+    s1_lo = tl.zeros((BLOCK_M,), dtype=ACC)
+    s2_lo = tl.zeros((BLOCK_M,), dtype=ACC)
+    s1_hi = tl.zeros((BLOCK_M,), dtype=ACC)
+    s2_hi = tl.zeros((BLOCK_M,), dtype=ACC)
+    part = part_ptr + pid.to(tl.int64) * 2 * C
+    for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < width
-        xhat, g, dxh = _grad_tile(dy_ptr + lo, sdy, z_ptr + lo, sz, rows, m_mask, offs_c, c_mask, mean, rstd,
-                                  gamma_ptr, beta_ptr, pos, neg, ACT, GELU, ACC)
-        s1 += tl.sum(dxh, axis=1)
-        s2 += tl.sum(dxh * xhat, axis=1)
-    s1 = s1 / width
-    s2 = s2 / width
-    # pass 2: dz, and this program's column partials of d(gamma) = sum g * xhat and d(beta) = sum g
-    for c0 in range(0, width, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < width
-        xhat, g, dxh = _grad_tile(dy_ptr + lo, sdy, z_ptr + lo, sz, rows, m_mask, offs_c, c_mask, mean, rstd,
-                                  gamma_ptr, beta_ptr, pos, neg, ACT, GELU, ACC)
-        dz = rstd[:, None] * (dxh - s1[:, None] - xhat * s2[:, None])
-        mask = m_mask[:, None] & c_mask[None, :]
-        tl.store(dz_ptr + lo + rows[:, None] * sdz + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-        part = part_ptr + pid.to(tl.int64) * 2 * width
+        c_mask = offs_c < C
+        ch, ch_mask = offs_c[None, :], c_mask[None, :]
+        mask = tok_mask & ch_mask
+        second = ch >= split
+        dy = tl.load(dy_ptr + rows * sdy + ch, mask=mask, other=0.0)
+        u = tl.load(u_ptr + rows * su + ch, mask=mask, other=0.0)
+        mean = segment_value(stats_ptr, 0, T, tok, tok_mask, second)
+        rstd = segment_value(stats_ptr, 1, T, tok, tok_mask, second)
+        gam = load_split(g_lo, g_hi, ch, split, ch_mask)
+        bet = load_split(b_lo, b_hi, ch, split, ch_mask)
+        xhat, g = ln_grad_parts(dy, u, mean, rstd, gam, bet, second, mask, pos, neg, GELU, ACC)
+        dxh = g * gam
+        s1_lo += tl.sum(tl.where(second, 0.0, dxh), axis=1)
+        s2_lo += tl.sum(tl.where(second, 0.0, dxh * xhat), axis=1)
+        s1_hi += tl.sum(tl.where(second, dxh, 0.0), axis=1)
+        s2_hi += tl.sum(tl.where(second, dxh * xhat, 0.0), axis=1)
         tl.store(part + offs_c, tl.sum(g * xhat, axis=0), mask=c_mask)
-        tl.store(part + width + offs_c, tl.sum(g, axis=0), mask=c_mask)
+        tl.store(part + C + offs_c, tl.sum(g, axis=0), mask=c_mask)
+    width_lo = tl.maximum(tl.minimum(split, C), 1).to(ACC)
+    width_hi = tl.maximum(C - split, 1).to(ACC)
+    tl.store(coef_ptr + offs_m, s1_lo / width_lo, mask=m_mask)
+    tl.store(coef_ptr + T + offs_m, s2_lo / width_lo, mask=m_mask)
+    tl.store(coef_ptr + 2 * T + offs_m, s1_hi / width_hi, mask=m_mask)
+    tl.store(coef_ptr + 3 * T + offs_m, s2_hi / width_hi, mask=m_mask)
+
+
+def _norm_pointers(gamma, beta, split: int, acc: torch.dtype) -> tuple:
+    g_lo, g_hi = halves(gamma, split)
+    b_lo, b_hi = halves(beta, split)
+    return as_acc(g_lo, acc), as_acc(g_hi, acc), as_acc(b_lo, acc), as_acc(b_hi, acc)
 
 
 def ln_act_forward(u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: bool, gelu: bool,
@@ -100,33 +98,38 @@ def ln_act_forward(u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: b
     acc = acc_dtype(u.dtype)
     y = torch.empty_like(u)
     block_m, block_c, warps = _blocks(c)
+    split = 0 if act else c
     if t > 0 and c > 0:
         _ln_act_fwd_kernel[(triton.cdiv(t, block_m), triton.cdiv(c, block_c))](
-            u, y, stats.to(acc).contiguous(), gamma.to(acc).contiguous(), beta.to(acc).contiguous(),
-            act_vector(slope, scale, u, acc), t, c, 0 if act else c,
+            u, y, as_acc(stats, acc), *_norm_pointers(gamma, beta, split, acc),
+            act_vector(slope, scale, u, acc), t, c, split,
             GELU=gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )
     return y
 
 
-def ln_act_backward(dy: Tensor, z: Tensor, dz: Tensor, lo: int, width: int, mean: Tensor, rstd: Tensor,
-                    gamma: Tensor, beta: Tensor, act: bool, gelu: bool, slope: float, scale: float) -> tuple[Tensor, Tensor]:
-    """Writes dz[:, lo:lo+width] for y = act(LN(z[:, lo:lo+width])) given dy[:, lo:lo+width] (rows with unit
-    column stride); returns (d gamma, d beta) in float64."""
-    t = z.shape[0]
-    for name, m in (("dy", dy), ("z", z), ("dz", dz)):
-        if m.dim() != 2 or m.stride(1) != 1 or m.shape[0] != t or m.shape[1] < lo + width:
-            raise ValueError(f"{name} must be a [{t}, >= {lo + width}] matrix with unit column stride, got {tuple(m.shape)}")
-    acc = acc_dtype(z.dtype)
-    block_m, block_c, warps = _blocks(width)
+def ln_grad_sums(dy: Tensor, u: Tensor, norm: LnPrologue) -> tuple[LnGradPrologue, Tensor, Tensor]:
+    """The backward of ``y = act(LN(u))`` (``norm``: the forward's statistics, parameters, segments and
+    activation) for dy and u [T, C] (unit column stride): the :class:`LnGradPrologue` that turns dy into
+    du inside the gradient products, and (d gamma, d beta) over all C columns in float64."""
+    t, c = u.shape
+    for name, m in (("dy", dy), ("u", u)):
+        if m.dim() != 2 or m.shape != (t, c) or (m.numel() and m.stride(1) != 1):
+            raise ValueError(f"{name} must be a [{t}, {c}] matrix with unit column stride, got {tuple(m.shape)} / {m.stride()}")
+    if norm.stats.shape != (4, t):
+        raise ValueError(f"the row statistics must be [4, {t}], got {tuple(norm.stats.shape)}")
+    acc = acc_dtype(u.dtype)
+    block_m, block_c, warps = _blocks(c)
     programs = triton.cdiv(t, block_m)
-    part = torch.zeros((max(programs, 1), 2, width), device=z.device, dtype=acc)
-    if t > 0 and width > 0:
-        _ln_act_bwd_kernel[(programs,)](
-            dy, dy.stride(0), z, z.stride(0), dz, dz.stride(0), part,
-            mean.to(acc).contiguous(), rstd.to(acc).contiguous(), gamma.to(acc).contiguous(), beta.to(acc).contiguous(),
-            act_vector(slope, scale, z, acc), t, lo, width,
-            ACT=act, GELU=gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+    coef = torch.empty((4, t), device=u.device, dtype=acc)
+    # every program writes its row of column partials; zeros only for an empty launch
+    part = (torch.empty if t > 0 and c > 0 else torch.zeros)((max(programs, 1), 2, c), device=u.device, dtype=acc)
+    if t > 0 and c > 0:
+        _ln_grad_sums_kernel[(programs,)](
+            dy, dy.stride(0), u, u.stride(0), as_acc(norm.stats, acc), *_norm_pointers(norm.gamma, norm.beta, norm.split, acc),
+            act_vector(norm.slope, norm.scale, u, acc), coef, part, t, c, norm.split,
+            GELU=norm.gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )
     sums = part.sum(0, dtype=torch.float64)
-    return sums[0], sums[1]
+    grad = LnGradPrologue(u, norm.stats, coef, norm.gamma, norm.beta, norm.split, norm.gelu, norm.slope, norm.scale)
+    return grad, sums[0], sums[1]
