@@ -124,8 +124,8 @@ def _min_block_n() -> int:
     return min(c.kwargs["BLOCK_N"] for c in _ln_gemm_kernel.configs)
 
 
-def _norm_args(p: Union[LnPrologue, LnGradPrologue], acc: torch.dtype) -> tuple:
-    """(stats, gamma lo, gamma hi, beta lo, beta hi, split) kernel arguments of a prologue."""
+def _norm_args(p: LnPrologue, acc: torch.dtype) -> tuple:
+    """(stats, gamma lo, gamma hi, beta lo, beta hi, split) kernel arguments of a layer norm."""
     g_lo, g_hi = halves(p.gamma, p.split)
     b_lo, b_hi = halves(p.beta, p.split)
     return (as_acc(p.stats, acc), as_acc(g_lo, acc), as_acc(g_hi, acc), as_acc(b_lo, acc), as_acc(b_hi, acc), p.split)
@@ -137,7 +137,7 @@ def _check_prologue(p, operand: Tensor, name: str, tokens_axis: int) -> int:
         raise ValueError(f"{name}: the saved tensor {tuple(p.saved.shape)} must match the gradient {tuple(operand.shape)}"
                          " (a transposed gradient takes the prologue's .t())")
     tokens = operand.shape[tokens_axis]
-    shapes = [p.stats] + ([p.coef] if isinstance(p, LnGradPrologue) else [])
+    shapes = [p.norm.stats, p.coef] if isinstance(p, LnGradPrologue) else [p.stats]
     if any(t.shape != (4, tokens) for t in shapes):
         raise ValueError(f"{name}: per-token vectors must be [4, {tokens}], got {[tuple(t.shape) for t in shapes]}")
     return tokens
@@ -164,7 +164,7 @@ def ln_gemm(
         raise ValueError(f"inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
     if isinstance(prologue_b, LnGradPrologue):
         raise ValueError("the gradient prologue goes on A (dY or dY^T)")
-    pros = [p for p in (prologue_a, prologue_b) if p is not None]
+    pros = [p.norm if isinstance(p, LnGradPrologue) else p for p in (prologue_a, prologue_b) if p is not None]
     if len({(p.gelu, p.slope, p.scale) for p in pros}) > 1:
         raise ValueError("both prologues must use the same activation")
     acc = acc_dtype(a.dtype)
@@ -177,8 +177,8 @@ def ln_gemm(
         raise ValueError(f"the prologues disagree on the token count: {tokens}")
     unused = dummy(a, acc)
     none_args = (unused, unused, unused, unused, unused, 0)
-    a_args = _norm_args(prologue_a, acc) if prologue_a is not None else none_args
-    b_args = _norm_args(prologue_b, acc) if prologue_b is not None else none_args
+    a_args = _norm_args(pros[0], acc) if prologue_a is not None else none_args
+    b_args = _norm_args(pros[-1], acc) if prologue_b is not None else none_args
     saved = prologue_a.saved if a_grad else a
     coef = as_acc(prologue_a.coef, acc) if a_grad else unused
     acts = act_vector(pros[0].slope, pros[0].scale, a, acc) if pros else unused

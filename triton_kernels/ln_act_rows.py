@@ -131,5 +131,5 @@ def ln_grad_sums(dy: Tensor, u: Tensor, norm: LnPrologue) -> tuple[LnGradPrologu
             GELU=norm.gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )
     sums = part.sum(0, dtype=torch.float64)
-    grad = LnGradPrologue(u, norm.stats, coef, norm.gamma, norm.beta, norm.split, norm.gelu, norm.slope, norm.scale)
+    grad = LnGradPrologue(norm, u, coef)
     return grad, sums[0], sums[1]

@@ -41,7 +41,7 @@ class LnPrologue(NamedTuple):
 
 class LnGradPrologue(NamedTuple):
     """The backward of ``y = act(LN(u))`` applied to the gradient ``dy`` as it is loaded, so the
-    gradient of the pre-norm ``u`` never exists in memory::
+    gradient of the pre-norm ``u`` never exists in memory (``norm``: the forward's)::
 
         du = rstd * (g * gamma - c1 - xhat * c2),  xhat = (u - mean) * rstd,  g = dy * act'(xhat * gamma + beta)
 
@@ -49,15 +49,9 @@ class LnGradPrologue(NamedTuple):
     over the segment (:func:`~.ln_act_rows.ln_grad_sums`). ``saved`` is ``u`` laid out like the operand
     the prologue rides on (``u.t()`` for a transposed gradient: then ``tokens_axis`` is 1)."""
 
+    norm: LnPrologue
     saved: Tensor
-    stats: Tensor
     coef: Tensor
-    gamma: Pair
-    beta: Pair
-    split: int
-    gelu: bool
-    slope: float
-    scale: float
     tokens_axis: int = 0
 
     def t(self) -> "LnGradPrologue":
