@@ -41,7 +41,7 @@ def _ln_act_fwd_kernel(u_ptr, y_ptr, stats_ptr, g_lo, g_hi, b_lo, b_hi, act_ptr,
 
 @triton.jit
 def _ln_grad_sums_kernel(dy_ptr, sdy, u_ptr, su, stats_ptr, g_lo, g_hi, b_lo, b_hi, act_ptr, coef_ptr, part_ptr,
-                         T, C, split, GELU: tl.constexpr, ACC: tl.constexpr,
+                         T, C, split, width_lo, width_hi, GELU: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """One read of dy and u per program of BLOCK_M tokens: the row sums of dxhat = g * gamma and
     dxhat * xhat per segment (-> the coefficients) and the column partials of d(gamma), d(beta)."""
@@ -77,8 +77,6 @@ def _ln_grad_sums_kernel(dy_ptr, sdy, u_ptr, su, stats_ptr, g_lo, g_hi, b_lo, b_
         s2_hi += tl.sum(tl.where(second, dxh * xhat, 0.0), axis=1)
         tl.store(part + offs_c, tl.sum(g * xhat, axis=0), mask=c_mask)
         tl.store(part + C + offs_c, tl.sum(g, axis=0), mask=c_mask)
-    width_lo = tl.maximum(tl.minimum(split, C), 1).to(ACC)
-    width_hi = tl.maximum(C - split, 1).to(ACC)
     tl.store(coef_ptr + offs_m, s1_lo / width_lo, mask=m_mask)
     tl.store(coef_ptr + T + offs_m, s2_lo / width_lo, mask=m_mask)
     tl.store(coef_ptr + 2 * T + offs_m, s1_hi / width_hi, mask=m_mask)
@@ -128,6 +126,7 @@ def ln_grad_sums(dy: Tensor, u: Tensor, norm: LnPrologue) -> tuple[LnGradPrologu
         _ln_grad_sums_kernel[(programs,)](
             dy, dy.stride(0), u, u.stride(0), as_acc(norm.stats, acc), *_norm_pointers(norm.gamma, norm.beta, norm.split, acc),
             act_vector(norm.slope, norm.scale, u, acc), coef, part, t, c, norm.split,
+            max(min(norm.split, c), 1), max(c - norm.split, 1),  # the segments' widths (an empty one divides 0)
             GELU=norm.gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )
     sums = part.sum(0, dtype=torch.float64)
