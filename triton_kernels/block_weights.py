@@ -133,6 +133,12 @@ def packed_views(flat: Tensor, shape: BlockShape) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
+def _unravel(offs, inner, k):
+    """(outer, inner, row, column) indices of flat offsets into a contiguous [outer, inner, k, k] tensor."""
+    return offs // (k * k * inner), (offs // (k * k)) % inner, (offs // k) % k, offs % k
+
+
+@triton.jit
 def _unpack_grads_kernel(dw1_ptr, dw2_ptr, d_enc_ptr, d_l1_ptr, d_l2_ptr, d_dec_ptr, const_ptr,
                          CIN, CC, HID, COUT, KC, KL,
                          K: tl.constexpr, TIED: tl.constexpr, BLOCK: tl.constexpr):
@@ -144,10 +150,7 @@ def _unpack_grads_kernel(dw1_ptr, dw2_ptr, d_enc_ptr, d_l1_ptr, d_l2_ptr, d_dec_
     pl = (K - KL) // 2
     if seg == 0:  # d W_e [CC, CIN, KC, KC]; tied: plus the decoder's share, transposed and flipped
         mask = offs < CC * CIN * KC * KC
-        s = offs % KC
-        r = (offs // KC) % KC
-        i = (offs // (KC * KC)) % CIN
-        o = offs // (KC * KC * CIN)
+        o, i, r, s = _unravel(offs, CIN, KC)
         g = tl.load(dw1_ptr + (((r + pc) * K + s + pc) * CIN + i) * C1 + o, mask=mask, other=0.0)
         if TIED:  # W_d[i, o, KC-1-r, KC-1-s] = W_e[o, i, r, s], read at layer 2's [t, o, i]
             t2 = (KC - 1 - r + pc) * K + (KC - 1 - s + pc)
@@ -155,26 +158,17 @@ def _unpack_grads_kernel(dw1_ptr, dw2_ptr, d_enc_ptr, d_l1_ptr, d_l2_ptr, d_dec_
         tl.store(d_enc_ptr + offs, g.to(d_enc_ptr.dtype.element_ty), mask=mask)
     elif seg == 1:  # d W_1 [HID, CIN, KL, KL]
         mask = offs < HID * CIN * KL * KL
-        s = offs % KL
-        r = (offs // KL) % KL
-        i = (offs // (KL * KL)) % CIN
-        h = offs // (KL * KL * CIN)
+        h, i, r, s = _unravel(offs, CIN, KL)
         g = tl.load(dw1_ptr + (((r + pl) * K + s + pl) * CIN + i) * C1 + CC + h, mask=mask, other=0.0)
         tl.store(d_l1_ptr + offs, g.to(d_l1_ptr.dtype.element_ty), mask=mask)
     elif seg == 2:  # d W_2 [COUT, HID, KL, KL]
         mask = offs < COUT * HID * KL * KL
-        s = offs % KL
-        r = (offs // KL) % KL
-        h = (offs // (KL * KL)) % HID
-        o = offs // (KL * KL * HID)
+        o, h, r, s = _unravel(offs, HID, KL)
         g = tl.load(dw2_ptr + (((r + pl) * K + s + pl) * C1 + CC + h) * COUT + o, mask=mask, other=0.0)
         tl.store(d_l2_ptr + offs, g.to(d_l2_ptr.dtype.element_ty), mask=mask)
     else:  # d W_d [COUT, CC, KC, KC] (untied only: not launched when tied)
         mask = offs < COUT * CC * KC * KC
-        s = offs % KC
-        r = (offs // KC) % KC
-        i = (offs // (KC * KC)) % CC
-        o = offs // (KC * KC * CC)
+        o, i, r, s = _unravel(offs, CC, KC)
         g = tl.load(dw2_ptr + (((r + pc) * K + s + pc) * C1 + i) * COUT + o, mask=mask, other=0.0)
         tl.store(d_dec_ptr + offs, (gain * g).to(d_dec_ptr.dtype.element_ty), mask=mask)
 
