@@ -78,14 +78,15 @@ def _linear_block_triton_backward(
     acc = acc_dtype(x.dtype)
     dy = dy.contiguous()  # the sums pass reads rows with unit column stride (dy of a .sum() is expanded)
     hidden = _hidden_norm(stats1, gc, bc, g1, b1, *act)
-    du, dg2, db2 = ln_grad_sums(dy, u, LnPrologue(stats2, g2, b2, 0 if final_act else shape.cout, *act))
-    dh, _ = ln_gemm(dy, w2[0].t(), prologue_a=du)
+    # dln2 / dln1: dAct + dLN of each layer as a load prologue (du / dz exist only inside the products)
+    dln2, dg2, db2 = ln_grad_sums(dy, u, LnPrologue(stats2, g2, b2, 0 if final_act else shape.cout, *act))
+    dh, _ = ln_gemm(dy, w2[0].t(), prologue_a=dln2)
     dw2 = torch.empty_like(w2, dtype=acc)  # written in the packed layout, through a transposed view
-    ln_gemm(dy.t(), z, prologue_a=du.t(), prologue_b=hidden, out=dw2[0].t())
-    dz, dg_hidden, db_hidden = ln_grad_sums(dh, z, hidden)
-    dx, _ = ln_gemm(dh, w1[0].t(), prologue_a=dz)
+    ln_gemm(dy.t(), z, prologue_a=dln2.t(), prologue_b=hidden, out=dw2[0].t())
+    dln1, dg_hidden, db_hidden = ln_grad_sums(dh, z, hidden)
+    dx, _ = ln_gemm(dh, w1[0].t(), prologue_a=dln1)
     dw1 = torch.empty_like(w1, dtype=acc)
-    ln_gemm(dh.t(), x, prologue_a=dz.t(), out=dw1[0].t())
+    ln_gemm(dh.t(), x, prologue_a=dln1.t(), out=dw1[0].t())
     d_enc, d_l1, d_l2, d_dec = unpack_block_weight_grads(dw1, dw2, enc, learn1, learn2, dec, gain)
 
     def fresh(t, like):  # copies: a custom op's outputs may not alias each other
