@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Pair, device_constants, interpreting, load_split, split_halves
+from .common import Pair, device_constants, interpreting, inverse_sqrt, load_split, split_halves
 
 def _grid(c: int) -> tuple[int, int]:
     """(programs, BLOCK_C) over c channels; BLOCK_T, the partial rows per step, follows."""
@@ -67,12 +67,7 @@ def _bn_finalize_kernel(part_ptr, tiles, C, const_ptr, run_mean_ptr, run_var_ptr
         mean = tl.load(run_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float64)
         var = tl.load(run_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float64)
         unbiased = var
-    # the square root in the output dtype: correctly rounded float32 (sqrt_rn; plain sqrt is approximate on
-    # CUDA), or float64 only for float64 data, which the backend takes in the interpreter alone
-    if F64:
-        invstd = 1.0 / tl.sqrt(var + eps)
-    else:
-        invstd = (1.0 / tl.sqrt_rn((var + eps).to(tl.float32))).to(tl.float64)
+    invstd = inverse_sqrt(var + eps, F64)
     sc = load_split(gamma_lo, gamma_hi, offs_c, split, c_mask).to(tl.float64) * invstd
     sh = load_split(beta_lo, beta_hi, offs_c, split, c_mask).to(tl.float64) - mean * sc
     tl.store(mean_ptr + offs_c, mean.to(mean_ptr.dtype.element_ty), mask=c_mask)

@@ -172,6 +172,16 @@ def load_split(lo_ptr, hi_ptr, offs_c, split, c_mask):
 
 
 @triton.jit
+def inverse_sqrt(v, F64: tl.constexpr):
+    """1 / sqrt(v) of a float64 value, the square root taken in the output dtype: correctly rounded
+    float32 (sqrt_rn, as torch's; plain sqrt is approximate on CUDA), or float64 for float64 data
+    (which the backends take in the interpreter alone). Returned as float64."""
+    if F64:
+        return 1.0 / tl.sqrt(v)
+    return (1.0 / tl.sqrt_rn(v.to(tl.float32))).to(tl.float64)
+
+
+@triton.jit
 def act_derivative(y, in_act, pos, neg):
     """d act / d y of the scaled leaky family where ``in_act``, else 1 (identity)."""
     d = tl.where(y > 0, pos, neg)

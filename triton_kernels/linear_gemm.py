@@ -24,8 +24,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_dtype, act_vector, as_acc, device_constants, dot_dtype, dot_precision, dummy, interpreting, tl_dtype
-from .ln_tiles import LnGradPrologue, LnPrologue, halves, ln_act_tile, ln_grad_tile
+from .common import (
+    acc_dtype, act_vector, as_acc, device_constants, dot_dtype, dot_precision, dummy, interpreting, inverse_sqrt, tl_dtype,
+)
+from .ln_tiles import LnGradPrologue, LnPrologue, affine_pointers, ln_act_tile, ln_grad_tile
 from .tuning import gemm_configs, prune_by_width
 
 _GPU_CONFIGS = [
@@ -126,9 +128,7 @@ def _min_block_n() -> int:
 
 def _norm_args(p: LnPrologue, acc: torch.dtype) -> tuple:
     """(stats, gamma lo, gamma hi, beta lo, beta hi, split) kernel arguments of a layer norm."""
-    g_lo, g_hi = halves(p.gamma, p.split)
-    b_lo, b_hi = halves(p.beta, p.split)
-    return (as_acc(p.stats, acc), as_acc(g_lo, acc), as_acc(g_hi, acc), as_acc(b_lo, acc), as_acc(b_hi, acc), p.split)
+    return (as_acc(p.stats, acc), *affine_pointers(p.gamma, p.beta, p.split, acc), p.split)
 
 
 def _check_prologue(p, operand: Tensor, name: str, tokens_axis: int) -> int:
@@ -229,10 +229,7 @@ def _segment_moments(part_ptr, seg: tl.constexpr, tiles, M, offs, mask, BLOCK: t
 
 @triton.jit
 def _rstd(m2, n, eps, F64: tl.constexpr):
-    var = m2 / tl.maximum(n, 1.0) + eps
-    if F64:
-        return 1.0 / tl.sqrt(var)
-    return (1.0 / tl.sqrt_rn(var.to(tl.float32))).to(tl.float64)  # correctly rounded, as torch's
+    return inverse_sqrt(m2 / tl.maximum(n, 1.0) + eps, F64)
 
 
 @triton.jit

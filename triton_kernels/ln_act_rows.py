@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import acc_dtype, act_vector, as_acc, interpreting, load_split, tl_dtype
-from .ln_tiles import LnGradPrologue, LnPrologue, halves, ln_act_tile, ln_grad_parts, segment_value
+from .ln_tiles import LnGradPrologue, LnPrologue, affine_pointers, ln_act_tile, ln_grad_parts, segment_value
 
 
 def _blocks(width: int) -> tuple[int, int, int]:
@@ -83,12 +83,6 @@ def _ln_grad_sums_kernel(dy_ptr, sdy, u_ptr, su, stats_ptr, g_lo, g_hi, b_lo, b_
     tl.store(coef_ptr + 3 * T + offs_m, s2_hi / width_hi, mask=m_mask)
 
 
-def _norm_pointers(gamma, beta, split: int, acc: torch.dtype) -> tuple:
-    g_lo, g_hi = halves(gamma, split)
-    b_lo, b_hi = halves(beta, split)
-    return as_acc(g_lo, acc), as_acc(g_hi, acc), as_acc(b_lo, acc), as_acc(b_hi, acc)
-
-
 def ln_act_forward(u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: bool, gelu: bool,
                    slope: float, scale: float) -> Tensor:
     """act(LN(u)) for contiguous u [T, C] with row statistics ``stats`` [4, T] (both segments equal)."""
@@ -99,7 +93,7 @@ def ln_act_forward(u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: b
     split = 0 if act else c
     if t > 0 and c > 0:
         _ln_act_fwd_kernel[(triton.cdiv(t, block_m), triton.cdiv(c, block_c))](
-            u, y, as_acc(stats, acc), *_norm_pointers(gamma, beta, split, acc),
+            u, y, as_acc(stats, acc), *affine_pointers(gamma, beta, split, acc),
             act_vector(slope, scale, u, acc), t, c, split,
             GELU=gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )
@@ -124,7 +118,7 @@ def ln_grad_sums(dy: Tensor, u: Tensor, norm: LnPrologue) -> tuple[LnGradPrologu
     part = (torch.empty if t > 0 and c > 0 else torch.zeros)((max(programs, 1), 2, c), device=u.device, dtype=acc)
     if t > 0 and c > 0:
         _ln_grad_sums_kernel[(programs,)](
-            dy, dy.stride(0), u, u.stride(0), as_acc(norm.stats, acc), *_norm_pointers(norm.gamma, norm.beta, norm.split, acc),
+            dy, dy.stride(0), u, u.stride(0), as_acc(norm.stats, acc), *affine_pointers(norm.gamma, norm.beta, norm.split, acc),
             act_vector(norm.slope, norm.scale, u, acc), coef, part, t, c, norm.split,
             max(min(norm.split, c), 1), max(c - norm.split, 1),  # the segments' widths (an empty one divides 0)
             GELU=norm.gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,

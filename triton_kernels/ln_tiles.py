@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Union
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import load_split
+from .common import as_acc, load_split
 
 Pair = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -59,12 +60,19 @@ class LnGradPrologue(NamedTuple):
         return self._replace(saved=self.saved.t(), tokens_axis=1 - self.tokens_axis)
 
 
-def halves(t: Pair, split: int) -> tuple[Tensor, Tensor]:
+def _halves(t: Pair, split: int) -> tuple[Tensor, Tensor]:
     """(low, high) pointers of a per-channel vector given whole or as halves: the kernels read channel c
     from ``low[c]`` below ``split`` and from ``high[c - split]`` above."""
     if isinstance(t, Tensor):
         return t, (t[split:] if split < t.shape[0] else t)
     return t
+
+
+def affine_pointers(gamma: Pair, beta: Pair, split: int, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(gamma lo, gamma hi, beta lo, beta hi) kernel arguments in the accumulation dtype."""
+    g_lo, g_hi = _halves(gamma, split)
+    b_lo, b_hi = _halves(beta, split)
+    return as_acc(g_lo, acc), as_acc(g_hi, acc), as_acc(b_lo, acc), as_acc(b_hi, acc)
 
 
 @triton.jit
