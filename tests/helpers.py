@@ -129,12 +129,9 @@ def block_gradcheck(block: nn.Module, x: torch.Tensor, *, fast_mode: bool = Fals
     return torch.autograd.gradcheck(fn, (x, *block.parameters()), fast_mode=fast_mode)
 
 
-def conv_op_args(block: nn.Module, x: torch.Tensor, use_batch: bool = True) -> tuple:
-    """The arguments of a fused conv-block custom op (pnnh::conv_block_fused / _triton) for ``block``."""
-    w, n = block.block_weights(), block.block_norms()
-    act = block.config.activation
-    return (
-        x, w.encoder, w.learner1, w.learner2, w.decoder,
-        n.coder.weight, n.coder.bias, n.learner.weight, n.learner.bias, n.out.weight, n.out.bias,
-        None, None, use_batch, 1e-5, act.slope, act.scale, act.coder_gain, True,
-    )
+def op_args(block: nn.Module, x: torch.Tensor, use_batch: bool = True) -> tuple:
+    """The arguments of a fused block op (:class:`~pnnh_kernels.backends.contract.BlockArgs`) for ``block``, as
+    the custom op takes them (conv: batch statistics, so no running ones)."""
+    from pnnh_kernels.backends.contract import block_args
+
+    return tuple(block_args(x, block.block_weights(), block.block_norms(), block.config, use_batch=use_batch))

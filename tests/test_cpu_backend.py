@@ -1,15 +1,24 @@
 """The C++ 'cpu' backend against the reference: outputs, every gradient, running statistics, gradcheck,
 odd shapes and layouts, the custom ops' registration (opcheck, torch.compile), auto-selection, refusals."""
-import copy
 
 import pytest
 import torch
+from helpers import (
+    BLOCK_CASES,
+    LINEAR_CASES,
+    TOLERANCES,
+    assert_modules_agree,
+    block_gradcheck,
+    op_args,
+    randomize_norms,
+    twin,
+)
 
 import pnnh_kernels as pk
-from helpers import BLOCK_CASES, LINEAR_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, conv_op_args, randomize_norms, twin
 from pnnh_kernels._extension import extension, extension_error
-from pnnh_kernels.backends import cpu_conv_op, fused_conv_op
 from pnnh_kernels.backends.cpu import CpuBackend
+from pnnh_kernels.backends.cpu.conv import conv_block_rows
+from pnnh_kernels.backends.cuda.conv import conv_block_fused
 from pnnh_kernels.backends.registry import select_backend
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
@@ -22,7 +31,7 @@ def cpu_op(request, monkeypatch):
     """The 'cpu' backend runs the channels-last rows op; the planar (NCHW) op is the one the 'cuda'
     backend runs, so its Python half is checked here on the CPU kernels too."""
     if request.param == "planar":
-        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: (fused_conv_op.conv_block_fused, fused_conv_op.ConvBlockFusedFunction))
+        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
     return request.param
 
 
@@ -98,13 +107,13 @@ def test_cpu_backend_gradcheck(options, training):
     assert block_gradcheck(block, torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True))
 
 
-@pytest.mark.parametrize("op", [cpu_conv_op.conv_block_rows, fused_conv_op.conv_block_fused], ids=["rows", "planar"])
+@pytest.mark.parametrize("op", [conv_block_rows.op, conv_block_fused.op], ids=["rows", "planar"])
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False), dict(kernel_size=1)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_custom_ops_pass_opcheck(op, options, layout):
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
-    torch.library.opcheck(op, conv_op_args(block, x))
+    torch.library.opcheck(op, op_args(block, x))
 
 
 @pytest.mark.slow
@@ -173,10 +182,7 @@ def test_cpu_linear_gradcheck_and_opcheck():
 
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (x, *block.parameters()))
-    w, n = block.block_weights(), block.block_norms()
-    args = (x, w.encoder, w.learner1, w.learner2, w.decoder, n.coder.weight, n.coder.bias, n.learner.weight,
-            n.learner.bias, n.out.weight, n.out.bias, 1e-5, 1, 0.0, 1.0, 1.0, True)
-    torch.library.opcheck(torch.ops.pnnh.linear_block_cpu.default, args)
+    torch.library.opcheck(torch.ops.pnnh.linear_block_cpu.default, op_args(block, x))
 
 
 def test_extension_runs_its_passes_on_torchs_thread_pool():
@@ -217,7 +223,7 @@ def test_rows_kernels_match_torch(rows, width, c0, cn):
     torch.testing.assert_close(sums, torch.stack([col.sum(0), col.pow(2).sum(0)]))
 
     slope, scale = 0.2, 1.3
-    act = lambda t: scale * torch.where(t > 0, t, slope * t)  # noqa: E731
+    act = lambda t: scale * torch.where(t > 0, t, slope * t)
     out = torch.full((rows, cn + 2), 7.0, dtype=torch.float64)
     C.rows_bn_act_apply(z, c0, out, 1, mean, invstd, gamma, beta, True, slope, scale)
     xhat = (col - mean) * invstd

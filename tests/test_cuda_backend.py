@@ -5,20 +5,19 @@ everywhere. (tests/test_cuda_sources.py compiles every kernel with nvcc wherever
 """
 import pytest
 import torch
-
-import pnnh_kernels as pk
 from helpers import (
     BLOCK_CASES,
     TOLERANCES,
     assert_modules_agree,
-    conv_op_args,
     gpu_exact_math,
     low_precision_errors,
+    op_args,
     randomize_norms,
     twin,
 )
-from pnnh_kernels.backends.registry import BackendUnavailableError, registered_backends, select_backend
 
+import pnnh_kernels as pk
+from pnnh_kernels.backends.registry import BackendUnavailableError, registered_backends, select_backend
 
 
 def _cuda_ready() -> bool:
@@ -74,11 +73,11 @@ def test_cuda_low_precision_error_within_twice_eager(dtype):
 
 @gpu
 def test_cuda_custom_op_passes_opcheck():
-    from pnnh_kernels.backends.fused_conv_op import conv_block_fused
+    from pnnh_kernels.backends.cuda.conv import conv_block_fused
 
     block = pk.PNNHConv2d(4).cuda()
     x = torch.randn(2, 4, 5, 5, device="cuda", requires_grad=True)
-    torch.library.opcheck(conv_block_fused, conv_op_args(block, x))
+    torch.library.opcheck(conv_block_fused.op, op_args(block, x))
 
 
 def test_cuda_backend_refuses_cpu_tensors_and_linear_with_a_reason():

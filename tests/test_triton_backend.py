@@ -11,36 +11,36 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-
-import pnnh_kernels as pk
 from helpers import (
     BLOCK_CASES,
     TOLERANCES,
     assert_modules_agree,
     block_gradcheck,
-    conv_op_args,
     low_precision_errors,
+    op_args,
     randomize_norms,
     twin,
 )
 
+import pnnh_kernels as pk
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-import triton  # noqa: E402
+import triton
+from triton_devices import ON_GPU, exact_dtype, requires_a_device
 
-from pnnh_kernels.backends.registry import BackendUnavailableError, select_backend  # noqa: E402
-from pnnh_kernels.triton_kernels import (  # noqa: E402
+from pnnh_kernels.backends.registry import BackendUnavailableError, select_backend
+from pnnh_kernels.triton_kernels import (
     Prologue,
     bn_act_backward_sums,
     bn_act_forward,
     conv2d_implicit_gemm,
     conv2d_weight_grad,
 )
-from pnnh_kernels.triton_kernels.bn_stats import bn_backward_finalize, bn_finalize  # noqa: E402
-from pnnh_kernels.triton_kernels.common import GradPrologue  # noqa: E402
-from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_weight, unpack_weight  # noqa: E402
-from triton_devices import ON_GPU, device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
+from pnnh_kernels.triton_kernels.bn_stats import bn_backward_finalize, bn_finalize
+from pnnh_kernels.triton_kernels.common import GradPrologue
+from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_weight, unpack_weight
 
 pytestmark = requires_a_device
 
@@ -135,7 +135,7 @@ def test_bn_finalize_in_eval_reads_the_running_statistics_and_split_affine_halve
     run_var = torch.rand(c, dtype=dtype, device=device) + 0.1
     gamma, beta = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
     block_vectors = [torch.full((c + 3,), float("nan"), dtype=dtype, device=device) for _ in range(3)]
-    mean, invstd, var, scale, shift = bn_finalize(
+    _mean, _invstd, _var, scale, shift = bn_finalize(
         None, 0, 1e-3, (gamma[:split].clone(), gamma[split:].clone()), (beta[:split].clone(), beta[split:].clone()),
         running=(run_mean, run_var), out=tuple(t[3:] for t in block_vectors),
     )
@@ -160,7 +160,7 @@ def test_block_weights_pack_and_their_gradients_unpack_like_torch(device, coder_
     dtype = exact_dtype(device)
     cin, cc, hid, gain = 5, 3, 7, 0.37
     K = max(coder_kernel, learner_kernel)
-    new = lambda *shape: torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)  # noqa: E731
+    new = lambda *shape: torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
     enc, learn1, learn2 = new(cc, cin, coder_kernel, coder_kernel), new(hid, cin, learner_kernel, learner_kernel), new(cin, hid, learner_kernel, learner_kernel)
     dec = None if tied else new(cin, cc, coder_kernel, coder_kernel)
     w1 = torch.cat([pad_kernel(enc, K), pad_kernel(learn1, K)])
@@ -245,7 +245,7 @@ def test_row_passes_match_autograd_of_bn_and_activation(device, training):
     close = dict(zip(("rtol", "atol"), tolerance(device)))
     torch.testing.assert_close(out, y.detach(), **close)
     # the same pass writing an NCHW map (the block's output for NCHW input): rows are (n, h, w) pixels
-    as_map = lambda t: t.view(1, m, 1, c).permute(0, 3, 1, 2)  # noqa: E731  (37 rows: one image of 37 x 1)
+    as_map = lambda t: t.view(1, m, 1, c).permute(0, 3, 1, 2)
     for fmt in (torch.contiguous_format, torch.channels_last):
         out_map = torch.empty((1, c, m, 1), dtype=dtype, device=device, memory_format=fmt)
         bn_act_forward(z.detach(), scale, beta - mean.detach() * scale, (lo, hi), slope, act_scale, out=out_map)
@@ -288,7 +288,7 @@ def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(de
     dz_ref, dgamma_ref, dbeta_ref = torch.autograd.grad(y, (z, gamma_p, beta_p), dy)
     gamma, beta = gamma_p.detach(), beta_p.detach()
     # the affine parameters as two halves (the coder's and the learner's tensors), split at channel 7
-    halves = lambda t: (t[:7].clone(), t[7:].clone())  # noqa: E731
+    halves = lambda t: (t[:7].clone(), t[7:].clone())
 
     sums_part = bn_act_backward_sums(dy, z.detach(), mean, invstd, halves(gamma), halves(beta), (lo, hi), slope, act_scale, reduce=False)
     coef, grads = bn_backward_finalize(sums_part, n * h * w, mean, invstd, halves(gamma), halves(beta), training)
@@ -300,7 +300,7 @@ def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(de
     torch.testing.assert_close(coef[0], scale, **close)  # the forward's scale and shift: rows 0 and 4
     torch.testing.assert_close(coef[4], beta - mean * scale, **close)
     grad_prologue = GradPrologue(z.detach(), coef[0], coef[4], coef[:4], lo, hi, slope, act_scale)
-    nchw = lambda t: t.view(n, h, w, -1).permute(0, 3, 1, 2)  # noqa: E731
+    nchw = lambda t: t.view(n, h, w, -1).permute(0, 3, 1, 2)
 
     # dz itself, through a 1x1 identity convolution
     eye = torch.eye(c, dtype=dtype, device=device)[:, :, None, None]
@@ -394,11 +394,11 @@ def test_triton_block_gradcheck(device, training):
 
 
 def test_triton_custom_op_passes_opcheck(device):
-    from pnnh_kernels.backends.triton_conv_op import conv_block_triton
+    from pnnh_kernels.backends.triton.conv import conv_block_triton
 
     block = pk.PNNHConv2d(4).to(device=device, dtype=exact_dtype(device))
     x = torch.randn(2, 4, 5, 5, dtype=exact_dtype(device), device=device, requires_grad=True)
-    torch.library.opcheck(conv_block_triton, conv_op_args(block, x))
+    torch.library.opcheck(conv_block_triton.op, op_args(block, x))
 
 
 def test_torch_compile_traces_the_triton_backend_without_graph_breaks(device):

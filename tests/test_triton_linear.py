@@ -9,19 +9,28 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    LINEAR_CASES,
+    TOLERANCES,
+    assert_modules_agree,
+    block_gradcheck,
+    low_precision_errors,
+    op_args,
+    randomize_norms,
+    twin,
+)
 
 import pnnh_kernels as pk
-from helpers import LINEAR_CASES, TOLERANCES, assert_modules_agree, block_gradcheck, low_precision_errors, randomize_norms, twin
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-import triton  # noqa: E402
+import triton
+from triton_devices import exact_dtype, requires_a_device
 
-from pnnh_kernels.triton_kernels.linear_gemm import ln_gemm, row_statistics  # noqa: E402
-from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_forward, ln_grad_sums  # noqa: E402
-from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue  # noqa: E402
-from triton_devices import device, exact_dtype, requires_a_device  # noqa: E402,F401  (device: a fixture)
+from pnnh_kernels.triton_kernels.linear_gemm import ln_gemm, row_statistics
+from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_forward, ln_grad_sums
+from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue
 
 pytestmark = requires_a_device
 
@@ -196,10 +205,7 @@ def test_triton_linear_gradcheck_and_opcheck(device):
     randomize_norms(block)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     assert block_gradcheck(block, x, fast_mode=True)
-    w, n = block.block_weights(), block.block_norms()
-    args = (x, w.encoder, w.learner1, w.learner2, w.decoder, n.coder.weight, n.coder.bias, n.learner.weight,
-            n.learner.bias, n.out.weight, n.out.bias, 1e-5, True, 0.0, 1.0, 1.0, True)
-    torch.library.opcheck(torch.ops.pnnh.linear_block_triton.default, args)
+    torch.library.opcheck(torch.ops.pnnh.linear_block_triton.default, op_args(block, x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

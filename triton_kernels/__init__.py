@@ -21,7 +21,7 @@
   dActivation + dLayerNorm (its apply is an :class:`LnGradPrologue`).
 
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
-The autograd glue lives in :mod:`pnnh_kernels.backends.triton_conv_op` and ``.triton_linear_op``.
+The ops built on them live in :mod:`pnnh_kernels.backends.triton` (``conv.py``, ``linear.py``).
 """
 from .bn_act_rows import bn_act_backward_sums, bn_act_forward
 from .common import GradPrologue, Prologue, interpreting

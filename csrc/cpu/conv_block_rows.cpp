@@ -1,5 +1,5 @@
 // The 'cpu' backend's PNNH conv block with a 1x1 coder, forward and backward, whole in C++: the same math and
-// signatures as backends/cpu_conv_op.py (which keeps the k x k coders), there as Python orchestration
+// signatures as pnnh_kernels/backends/cpu/conv.py (which keeps the k x k coders), there as Python orchestration
 // that cost ~2.5 ms a block (about 200 small tensor calls; a PNNH-56 step makes 27 blocks of them), here a
 // few hundred microseconds. The convolutions are ATen's (oneDNN), the passes this extension's rows kernels,
 // the coder rows_coder.cpp's moments algebra.

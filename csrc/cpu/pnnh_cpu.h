@@ -50,7 +50,7 @@ at::Tensor ln_act_backward(const at::Tensor& dy, int64_t dy_c0, const at::Tensor
                            const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
                            const at::Tensor& dz, bool use_act, int64_t kind, double slope, double scale);
 
-// The rows conv block with a 1x1 coder, whole (conv_block_rows.cpp): the signatures of backends/cpu_conv_op.py's
+// The rows conv block with a 1x1 coder, whole (conv_block_rows.cpp): the signatures of pnnh_kernels/backends/cpu/conv.py's
 // op; forward returns (y, x's moments, learner pre-norm rows, u, mean, invstd, batch var), backward the 11
 // gradients (dx and ddec empty when not needed).
 std::vector<at::Tensor> conv_block_rows_1x1(

@@ -2,8 +2,6 @@
 from .base import Backend
 from .cpu import CpuBackend
 from .cuda import CudaBackend
-from .triton import TritonBackend
-from .pytorch import EagerBackend, ReferenceBackend
 from .registry import (
     BackendUnavailableError,
     available_backends,
@@ -13,6 +11,8 @@ from .registry import (
     registered_backends,
     select_backend,
 )
+from .triton import TritonBackend
+from .unfused import EagerBackend, ReferenceBackend
 
 register_backend(ReferenceBackend())
 register_backend(EagerBackend())

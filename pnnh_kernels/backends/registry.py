@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Optional
 
 import torch
-
 from torch import Tensor
 
 from ..block import BlockConfig, BlockWeights
@@ -59,7 +59,8 @@ _INTERNAL_DIRS = (
 
 def _user_stacklevel() -> int:
     """The stack level of the first caller outside pnnh_kernels and torch (where the warning belongs)."""
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level

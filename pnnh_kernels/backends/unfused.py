@@ -1,4 +1,4 @@
-"""The two pure-PyTorch backends: 'reference' (literal, the oracle) and 'eager' (algebraic)."""
+"""The two unfused, pure-PyTorch backends: 'reference' (literal, the oracle) and 'eager' (algebraic)."""
 from __future__ import annotations
 
 from ..eager import conv_block_eager, linear_block_eager

@@ -1,0 +1,75 @@
+"""Pieces the fused conv ops share: the dtype of their statistics, statistics from sums or from the
+running buffers, the contiguous copies the kernels take, and layer 1's two halves."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .contract import BlockArgs
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norm statistics and affine parameters stay float32 for half/bf16 data (as cuDNN's batch norm keeps them)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def stats_from_sums(sums: Tensor, count: int, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, unbiased var) from per-channel [sum, sum of squares] (float64) over ``count`` values."""
+    mean = sums[0] / count
+    var = (sums[1] / count - mean * mean).clamp_min(0.0)
+    invstd = torch.rsqrt(var + eps)
+    unbiased = var * (count / max(count - 1, 1))
+    return mean.to(dtype), invstd.to(dtype), unbiased.to(dtype)
+
+
+def running_stats(a: BlockArgs, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, var) of every channel from the running statistics (eval mode), in ``dtype``."""
+    assert a.running_mean is not None and a.running_var is not None, "eval mode needs the running statistics"
+    mean, var = a.running_mean, a.running_var
+    return mean.to(dtype).contiguous(), torch.rsqrt(var.double() + a.eps).to(dtype), var.to(dtype, copy=True)
+
+
+def contiguous_as(dtype: torch.dtype, *tensors: Tensor) -> list[Tensor]:
+    # the checks first: a no-op .to()/.contiguous() still costs a dispatch, and blocks are called often
+    return [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors]
+
+
+def affine_as(a: BlockArgs, dtype: torch.dtype) -> list[Tensor]:
+    """The six affine parameters (coder, learner, out), contiguous in ``dtype``."""
+    return contiguous_as(dtype, *a.affine)
+
+
+#: a half of layer 1: (tensor, channel offset of the half in it)
+Half = tuple[Tensor, int]
+Halves = tuple[Half, Half]
+#: (mean, invstd) or (gamma, beta) of some channels
+TensorPair = tuple[Tensor, Tensor]
+#: (d zc, the decoder's share of d encoder (tied) or None, d decoder (untied) or None)
+CoderGrads = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
+
+
+def layer1_halves(zc: Tensor, zl: Tensor, cc: int) -> Halves:
+    """(tensor, channel offset) of the coder and learner halves of layer 1: one tensor holds both when
+    ``zl`` is empty (coder and learner kernels agreed, one convolution computed them)."""
+    return ((zc, 0), (zc, cc)) if zl.numel() == 0 else ((zc, 0), (zl, 0))
+
+
+def empty_unless(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """``t``, or an empty tensor where a gradient is not computed (ops return tensors, never None)."""
+    return t if t is not None else like.new_empty((0,))
+
+
+def channels_last_grads_like(a: BlockArgs, need_dx: bool) -> list[Tensor]:
+    """Empty gradients as the rows ops return them (dx channels_last, the rest dense), for their fakes."""
+    x = a.x
+    n, cin, h, w = x.shape
+    dense = torch.contiguous_format
+    return [
+        x.new_empty((n, h, w, cin)).permute(0, 3, 1, 2) if need_dx else x.new_empty((0,)),
+        *(torch.empty_like(t, memory_format=dense) for t in (a.encoder, a.learner1, a.learner2)),
+        torch.empty_like(a.decoder, memory_format=dense) if a.decoder is not None else x.new_empty((0,)),
+        *(torch.empty_like(t, memory_format=dense) for t in a.affine),
+    ]

@@ -1,0 +1,108 @@
+"""What the fused backends ('cpu', 'cuda', 'triton') share: what they refuse, how a call becomes their
+op's :class:`~.contract.BlockArgs`, and the running-statistics update (done here, outside the op, so
+the op stays functional for torch.compile)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._extension import extension_error
+from ..block import BlockConfig, BlockNorms, BlockWeights
+from ..norm import uses_batch_statistics
+from .base import Backend
+from .contract import BlockOp, block_args
+
+
+class FusedBackend(Backend):
+    """A backend whose blocks are :class:`~.contract.BlockOp` s: subclasses name them in :meth:`conv_op`
+    and :meth:`linear_op`."""
+
+    fused = True
+    #: the data dtypes its kernels compute in
+    dtypes: tuple[torch.dtype, ...] = ()
+
+    def conv_op(self) -> BlockOp:
+        raise NotImplementedError
+
+    def linear_op(self) -> BlockOp:
+        raise NotImplementedError
+
+    def unsupported_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
+        reason = super().unsupported_reason(op, x, weights, config)
+        if reason:
+            return reason
+        if x.dtype not in self.dtypes:
+            names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"the {self.name} backend computes in {names}, not {x.dtype}"
+        block_tensors = (weights.encoder, weights.learner1, weights.learner2, weights.decoder)
+        if any(t is not None and t.dtype != x.dtype for t in block_tensors):
+            return f"the {self.name} backend needs the weights in the input's dtype (no autocast)"
+        return self._linear_reason(weights, config) if op == "linear" else self._conv_reason(config)
+
+    def _linear_reason(self, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
+        if config.norm != "layer":
+            return f"the {self.name} backend fuses layer norm for PNNHLinear; norm={config.norm!r} runs on 'eager'"
+        if any(b is not None for b in (weights.encoder_bias, weights.learner1_bias, weights.learner2_bias)):
+            return f"the {self.name} backend's PNNHLinear takes no linear biases (a norm follows every linear map)"
+        return None
+
+    def _conv_reason(self, config: BlockConfig) -> Optional[str]:
+        if config.norm != "batch":
+            return f"the {self.name} backend fuses batch norm for PNNHConv2d; norm={config.norm!r} runs on 'eager'"
+        if not config.activation.is_leaky_family:
+            return f"the {self.name} backend fuses the relu/leaky_relu/identity family, not {config.activation.kind}"
+        return None
+
+    def conv2d(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
+        use_batch = uses_batch_statistics(norms.coder, training)
+        running = None
+        if not use_batch:
+            parts = (norms.coder, norms.learner, norms.out)
+            running = (
+                torch.cat([p.running_mean for p in parts]),  # type: ignore[union-attr, misc]
+                torch.cat([p.running_var for p in parts]),  # type: ignore[union-attr, misc]
+            )
+        y, saved = self.conv_op()(block_args(x, weights, norms, config, use_batch=use_batch, running=running))
+        if training and norms.coder is not None and norms.coder.running_mean is not None:
+            _update_running(norms, saved.mean, saved.var, config.momentum)
+        return _like_input(y, x)
+
+    def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
+        rows = self.linear_rows(x)
+        y, _ = self.linear_op()(block_args(rows, weights, norms, config))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def linear_rows(self, x: Tensor) -> Tensor:
+        """The linear block's input as a [tokens, features] matrix."""
+        return x.reshape(-1, x.shape[-1])
+
+
+def _like_input(y: Tensor, x: Tensor) -> Tensor:
+    """The output keeps the input's memory format (the op may return either)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y.contiguous(memory_format=torch.channels_last)
+    return y.contiguous()
+
+
+@torch.no_grad()
+def _update_running(norms: BlockNorms, mean: Tensor, var: Tensor, momentum: float) -> None:
+    targets, sources, start = [], [], 0
+    for params in (norms.coder, norms.learner, norms.out):
+        assert params is not None and params.running_mean is not None and params.running_var is not None
+        width = params.running_mean.shape[0]
+        for buffer, batch in ((params.running_mean, mean), (params.running_var, var)):
+            part = batch[start : start + width]
+            targets.append(buffer)
+            sources.append(part if part.dtype == buffer.dtype else part.to(buffer.dtype))
+        start += width
+    torch._foreach_lerp_(targets, sources, momentum)  # one call for the six buffers
+
+
+class ExtensionBackend(FusedBackend):
+    """A fused backend whose passes are the compiled extension's (around library convolutions)."""
+
+    def unavailable_reason(self) -> Optional[str]:
+        return extension_error()
