@@ -1,6 +1,5 @@
 """The shapes and input layouts the benchmarks time, and the command-line filter over them."""
 import torch
-
 from bench_utils import ConvShape, LinearShape
 
 CIFAR = [ConvShape("cifar-stage1", 128, 16, 32), ConvShape("cifar-stage2", 128, 32, 16), ConvShape("cifar-stage3", 128, 64, 8)]

@@ -11,18 +11,18 @@ another stay side by side, each with its own date, device and command.
 from __future__ import annotations
 
 import datetime
-from typing import Optional
 import json
 import os
 import sys
+from typing import Optional
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_shapes import run_device, run_mode  # noqa: E402
-from bench_utils import copy_bandwidth, cpu_model, device_description, matmul_peak_flops  # noqa: E402
+from bench_shapes import run_device, run_mode
+from bench_utils import copy_bandwidth, cpu_model, device_description, matmul_peak_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

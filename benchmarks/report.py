@@ -104,7 +104,7 @@ def _head_to_head_table(payload) -> list[str]:
             f"| {r['shape']} {'x'.join(map(str, r['dims']))} | {r['dtype']} | {r['layout']} | {r['variant']} | {r['pairs']} | "
             f"{r['eager_median_ms']:.2f} | {r['median_ms']:.2f} | {r['ratio_median']:.2f}x | {q1:.2f}-{q3:.2f} |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _targets(payload) -> list[str]:
@@ -136,7 +136,7 @@ def _targets(payload) -> list[str]:
             if mem is not None and base_mem:
                 ratio = mem / base_mem
                 rows.append(f"| {label} | {name} saved activations vs eager | {ratio:.2f}x | <= {TARGET_MEMORY}x | {'met' if ratio <= TARGET_MEMORY else 'MISSED'} |")
-    for kind, shape, dtype, pass_, name in sorted(best_rows):  # the strict reading: against eager's faster layout
+    for kind, shape, dtype, _pass, name in sorted(best_rows):  # the strict reading: against eager's faster layout
         layout = _eager_layout(payload["records"], shape, dtype)
         pair = h2h.get((shape, dtype, layout, name))
         if pair is None:
@@ -147,8 +147,8 @@ def _targets(payload) -> list[str]:
             f"{ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |"
         )
     if not rows:
-        return lines + ["No fused backend was measured in this run.", ""]
-    return lines + ["| shape | comparison | measured | target | |", "|---|---|---|---|---|", *rows, ""]
+        return [*lines, "No fused backend was measured in this run.", ""]
+    return [*lines, "| shape | comparison | measured | target | |", "|---|---|---|---|---|", *rows, ""]
 
 
 def _models(payload) -> list[str]:
@@ -161,7 +161,7 @@ def _models(payload) -> list[str]:
             f"| {r['variant']} | {'x'.join(map(str, r['dims']))} | {r['parameters']:,} | {r['median_ms']:.1f} | "
             f"{_fmt(r.get('min_ms'), '.1f')} | {r['images_per_s']:.1f} | {r['saved_activation_mb']:.1f} |"
         )
-    return lines + [""]
+    return [*lines, ""]
 
 
 def render_results(results_dir: str, out_path: str) -> None:

@@ -1,12 +1,10 @@
 """Forward and forward+backward of the PNNH conv and linear blocks: every backend against the baselines."""
 import pytest
 import torch
-
 from bench_shapes import LAYOUTS, chosen, parametrize_shapes, run_device
 from bench_utils import conv_block_bytes, conv_block_flops, linear_block_bytes, linear_block_flops
 from timing import measure
 from variants import BASELINES, conv_variant, fused_backends, interpreted, linear_variant
-
 
 
 def _dtypes(device):

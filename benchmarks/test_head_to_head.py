@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
-
 from bench_shapes import LAYOUTS, chosen, parametrize_shapes
 from bench_utils import synchronize
+from variants import conv_variant, fused_backends, interpreted, linear_variant
+
 from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
-from variants import conv_variant, fused_backends, interpreted, linear_variant
 
 
 def _pairs(mode: str) -> int:

@@ -4,11 +4,11 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from bench_utils import saved_activation_bytes, synchronize
+from variants import fused_backends
+
 from pnnh_kernels.backends import refusal_reason, registered_backends
 from pnnh_kernels.models import create_model
-from variants import fused_backends
 
 # (family prefix, depth, image size, batch on cpu, batch on gpu)
 SETS = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from bench_utils import saved_activation_bytes, synchronize
 from conftest import rounds_for
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Callable
 
 import numpy as np
@@ -27,7 +27,7 @@ import numpy as np
 _QUADRATURE_POINTS = 201
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hermite(n: int = _QUADRATURE_POINTS) -> tuple[np.ndarray, np.ndarray]:
     nodes, weights = np.polynomial.hermite_e.hermegauss(n)
     return nodes, weights / math.sqrt(2.0 * math.pi)

@@ -242,4 +242,4 @@ _register_family("residual", "")
 _register_family("plain", "plain_")
 _register_family("pnnh", "pnnh_")
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "PNNHBottleneck", "OptionAShortcut", "VARIANTS"]
+__all__ = ["VARIANTS", "BasicBlock", "Bottleneck", "OptionAShortcut", "PNNHBottleneck", "ResNet"]

@@ -13,6 +13,8 @@ per-location normalisation so every location enters with q = 1, as the kernel ma
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,7 @@ class ScaledLeakyReLU(nn.Module):
 class TransformedSmooth(nn.Module):
     """``output_scale * (phi(input_scale * x + input_shift) + output_shift)`` (DKS)."""
 
-    _FUNCTIONS = {"softplus": F.softplus, "tanh": torch.tanh}
+    _FUNCTIONS: ClassVar[dict] = {"softplus": F.softplus, "tanh": torch.tanh}
 
     def __init__(self, activation: str, input_scale=1.0, input_shift=0.0, output_shift=0.0, output_scale=1.0):
         super().__init__()
@@ -139,4 +141,4 @@ def _register(method: str) -> None:
 for _method in METHODS:
     _register(_method)
 
-__all__ = ["VanillaNet", "ScaledLeakyReLU", "TransformedSmooth", "METHODS"]
+__all__ = ["METHODS", "ScaledLeakyReLU", "TransformedSmooth", "VanillaNet"]

@@ -1,18 +1,18 @@
 """What PNNHConv2d and PNNHLinear share: options, parameters, and the forward call."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .activation import ActivationLike, make_activation
 from .backends import check_backend_name
-from .block import BlockConfig, BlockNorms, BlockWeights, NormParams
+from .block import BlockConfig, BlockNorms, BlockWeights, DeviceLike, NormParams
 from .coder import PNNHCoder
 
 
-def _positive_int(name: str, value) -> int:
+def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
@@ -44,8 +44,8 @@ class PNNHBlockBase(nn.Module):
         momentum: float,
         backend: str,
         make_norm: Callable[[int], nn.Module],
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         in_channels = _positive_int("in_channels", in_channels)
@@ -60,7 +60,7 @@ class PNNHBlockBase(nn.Module):
         )
         self.backend = check_backend_name(backend)
         bias = (norm == "none") if bias is None else bool(bias)  # a norm right after makes a bias redundant
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
         if coder is None:
             coder_channels = _positive_int("coder_channels", in_channels if coder_channels is None else coder_channels)
@@ -112,7 +112,7 @@ class PNNHBlockBase(nn.Module):
         def params(n: Optional[nn.Module]) -> Optional[NormParams]:
             if n is None:
                 return None
-            return NormParams(n.weight, n.bias, getattr(n, "running_mean", None), getattr(n, "running_var", None))
+            return NormParams(*(getattr(n, name, None) for name in ("weight", "bias", "running_mean", "running_var")))
 
         return BlockNorms(params(self.coder_norm), params(self.learner_norm), params(self.out_norm))
 
@@ -120,8 +120,9 @@ class PNNHBlockBase(nn.Module):
         # keep num_batches_tracked as torch.nn.BatchNorm does, so state dicts stay interchangeable
         if self.training and self.config.norm == "batch":
             for n in (self.coder_norm, self.learner_norm, self.out_norm):
-                if n.num_batches_tracked is not None:
-                    n.num_batches_tracked.add_(1)
+                tracked = getattr(n, "num_batches_tracked", None)
+                if tracked is not None:
+                    tracked.add_(1)
 
     def forward(self, x: Tensor) -> Tensor:
         out = type(self)._functional(

@@ -11,7 +11,7 @@ import glob
 import os
 import sys
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,8 +68,8 @@ def _find() -> tuple[Optional[ModuleType], Optional[str]]:
         return None, f"the C++ extension is not built and compiling it failed: {exc}"
 
 
-def extension() -> Optional[ModuleType]:
-    """The compiled kernels module, or None (see :func:`extension_error`)."""
+def extension() -> Any:
+    """The compiled kernels module (untyped: pybind11), or None (see :func:`extension_error`)."""
     return _load()[0]
 
 

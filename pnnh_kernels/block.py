@@ -13,13 +13,16 @@ kernels, a transposed convolution with the same weight for k x k kernels).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .activation import Activation
+
+#: what a module's ``device=`` takes
+DeviceLike = Union[torch.device, str, int, None]
 
 NORMS_CONV = ("batch", "none")
 NORMS_LINEAR = ("batch", "layer", "none")
@@ -62,7 +65,7 @@ class BlockNorms(NamedTuple):
 class BlockConfig:
     """Everything about a block that is not a tensor."""
 
-    activation: Activation = Activation()
+    activation: Activation = field(default_factory=Activation)
     norm: str = "batch"
     final_activation: bool = True
     eps: float = 1e-5

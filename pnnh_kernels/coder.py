@@ -4,10 +4,12 @@ One :class:`PNNHCoder` can be handed to several blocks (``coder=``) to share it 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+
+from .block import DeviceLike
 
 
 def orthogonal_kernel_(weight: Tensor) -> Tensor:
@@ -43,8 +45,8 @@ class PNNHCoder(nn.Module):
         tied: bool = True,
         out_channels: Optional[int] = None,
         bias: bool = False,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -61,7 +63,7 @@ class PNNHCoder(nn.Module):
         self.in_channels, self.coder_channels, self.out_channels = in_channels, coder_channels, out_channels
         self.kernel_size, self.tied = kernel_size, tied
         tail = () if kernel_size is None else (kernel_size, kernel_size)
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.encoder = nn.Parameter(torch.empty(coder_channels, in_channels, *tail, **factory))
         self.decoder = None if tied else nn.Parameter(torch.empty(out_channels, coder_channels, *tail, **factory))
         self.encoder_bias = nn.Parameter(torch.zeros(coder_channels, **factory)) if bias else None

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ._block_module import PNNHBlockBase
 from .activation import ActivationLike
-from .block import NORMS_CONV
+from .block import NORMS_CONV, DeviceLike
 from .coder import PNNHCoder
 from .functional import pnnh_conv2d
 
@@ -53,8 +54,8 @@ class PNNHConv2d(PNNHBlockBase):
         eps: float = 1e-5,
         momentum: float = 0.1,
         backend: str = "auto",
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         for name, k in (("kernel_size", kernel_size), ("coder_kernel_size", coder_kernel_size)):
             if not isinstance(k, int) or k < 1 or k % 2 == 0:

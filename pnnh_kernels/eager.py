@@ -10,6 +10,8 @@ channels (when their kernel sizes agree). Everything runs on cuDNN / oneDNN thro
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,7 +20,7 @@ from .block import BlockConfig, BlockNorms, BlockWeights, decoder_linear_weight,
 from .norm import normalize
 
 
-def _cat_bias(a, b, a_len: int, b_len: int, like: Tensor):
+def _cat_bias(a: Optional[Tensor], b: Optional[Tensor], a_len: int, b_len: int, like: Tensor) -> Optional[Tensor]:
     if a is None and b is None:
         return None
     a = a if a is not None else like.new_zeros(a_len)

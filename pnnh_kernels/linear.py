@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ._block_module import PNNHBlockBase
 from .activation import ActivationLike
-from .block import NORMS_LINEAR
+from .block import NORMS_LINEAR, DeviceLike
 from .coder import PNNHCoder
 from .functional import pnnh_linear
 
@@ -41,8 +42,8 @@ class PNNHLinear(PNNHBlockBase):
         eps: float = 1e-5,
         momentum: float = 0.1,
         backend: str = "auto",
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         if norm not in NORMS_LINEAR:
             raise ValueError(f"PNNHLinear norm must be one of {NORMS_LINEAR}, got {norm!r}")

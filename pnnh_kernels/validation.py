@@ -1,6 +1,7 @@
 """Clear errors for bad input, checked once before any backend runs."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
 
 
-def _tensors(weights: BlockWeights, norms: BlockNorms):
+def _tensors(weights: BlockWeights, norms: BlockNorms) -> Iterator[tuple[str, Tensor]]:
     for name, t in weights._asdict().items():
         if t is not None:
             yield name, t
@@ -65,7 +66,7 @@ def _check_common(x: Tensor, weights: BlockWeights, norms: BlockNorms, config: B
     for name, t in _tensors(weights, norms):
         if t.device != x.device:
             raise RuntimeError(f"input is on {x.device} but {name} is on {t.device}; move the module with .to()")
-        if name.endswith("running_mean") or name.endswith("running_var"):
+        if name.endswith(("running_mean", "running_var")):
             continue
         if t.dtype != x.dtype and not _autocast_enabled(x.device.type):
             raise TypeError(

@@ -2,6 +2,8 @@ import warnings
 
 import pytest
 import torch
+from helpers import gpu_exact_math
+from triton_devices import DEVICES
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +13,11 @@ def _seed_and_quiet():
         # the one-time 'falling back to eager' notice is tested on its own in test_dispatch.py
         warnings.filterwarnings("ignore", message="pnnh_kernels: falling back")
         yield
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device the Triton tests run on (triton_devices.py)."""
+    if request.param == "cuda":
+        gpu_exact_math()
+    return request.param

@@ -29,7 +29,7 @@ def test_wrong_channel_count(backend):
 def test_wrong_dtype(backend):
     with pytest.raises(TypeError, match="input dtype must be"):
         pk.PNNHConv2d(4, backend=backend)(torch.ones(2, 4, 3, 3, dtype=torch.int64))
-    with pytest.raises(TypeError, match="does not match .* dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"does not match .* dtype torch.float32"):
         pk.PNNHConv2d(4, backend=backend)(torch.randn(2, 4, 3, 3, dtype=torch.float64))
 
 
@@ -39,7 +39,7 @@ def test_device_mismatch(backend):
 
 
 def test_not_a_tensor(backend):
-    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"must be a torch.Tensor"):
         pk.PNNHLinear(4, backend=backend)([[1.0, 2.0, 3.0, 4.0]])
 
 

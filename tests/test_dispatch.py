@@ -47,7 +47,7 @@ def clean_registry(monkeypatch):
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown backend 'nope'.*auto.*eager.*reference"):
+    with pytest.raises(ValueError, match=r"unknown backend 'nope'.*auto.*eager.*reference"):
         pk.PNNHConv2d(4, backend="nope")
     block = pk.PNNHConv2d(4)
     block.backend = "nope"

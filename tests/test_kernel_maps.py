@@ -22,7 +22,7 @@ def normal_mean(fn):
 def bivariate_mean(fn, c):
     """E[fn(u, v)] for standard normals of correlation c, by 2-D quadrature."""
     s = math.sqrt(1 - c * c)
-    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
     return integrate.dblquad(lambda y, x: fn(x, c * x + s * y) * pdf(x) * pdf(y), -9, 9, -9, 9, epsabs=1e-9)[0]
 
 
@@ -70,7 +70,7 @@ def test_deeper_nets_need_more_linear_activations():
 
 
 def test_shallow_net_cannot_reach_the_target():
-    with pytest.raises(ValueError, match="reaches C\\(0\\) = 0.3183 at most"):
+    with pytest.raises(ValueError, match=r"reaches C\(0\) = 0\.3183 at most"):
         tat_leaky_relu(1, 0.9)
     with pytest.raises(ValueError, match="c_val_0_target"):
         tat_leaky_relu(10, 1.5)
@@ -81,7 +81,7 @@ def test_dks_conditions_hold(activation):
     depth, zeta = 19, 1.5
     p = dks_activation(activation, depth, zeta)
     f, df = p.numpy_fn(), p.numpy_derivative()
-    q_map = lambda q: normal_mean(lambda z: f(math.sqrt(q) * z) ** 2)  # noqa: E731
+    q_map = lambda q: normal_mean(lambda z: f(math.sqrt(q) * z) ** 2)
     assert q_map(1.0) == pytest.approx(1.0, abs=1e-6)  # Q(1) = 1
     assert (q_map(1.0 + 1e-4) - q_map(1.0 - 1e-4)) / 2e-4 == pytest.approx(1.0, abs=1e-5)  # Q'(1) = 1
     assert normal_mean(f) == pytest.approx(0.0, abs=1e-7)  # C(0) = 0

@@ -143,7 +143,7 @@ def test_pnnh_bottleneck_equals_its_literal_form():
     torch.manual_seed(0)
     block = PNNHBottleneck(16, final_activation=True).double().train()
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
-    bn = lambda z: F.batch_norm(z, None, None, training=True)  # noqa: E731  (fresh BNs are affine 1/0)
+    bn = lambda z: F.batch_norm(z, None, None, training=True)
     enc, w1, w2, w3 = block.coder.encoder, block.layer1[0].weight, block.layer2[0].weight, block.layer3.weight
     z_c = bn(F.conv2d(x, enc))
     h1 = F.relu(torch.cat([z_c, -z_c, bn(F.conv2d(x, w1))], 1))
@@ -241,7 +241,7 @@ def test_signal_scale_survives_a_deep_vanilla_net_at_init(name):
 
 def test_tat_net_shapes_the_kernel_as_designed():
     """At init the network's C map sends c = 0 to about the TAT target 0.9; EOC-ReLU nets degenerate to ~1."""
-    model, features = _wide_vanilla_features("tat_vanilla56")
+    _model, features = _wide_vanilla_features("tat_vanilla56")
     c_tat = _output_correlation(features[-1])
     assert abs(c_tat - 0.9) < 0.06, c_tat
     _, eoc_features = _wide_vanilla_features("eoc_vanilla56")

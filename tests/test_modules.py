@@ -1,10 +1,10 @@
 """PNNHConv2d / PNNHLinear as modules: drop-in shapes, shared coders, state dicts, torch.compile."""
 import pytest
 import torch
+from helpers import TOLERANCES, assert_modules_agree, twin
 from torch import nn
 
 import pnnh_kernels as pk
-from helpers import TOLERANCES, assert_modules_agree, twin
 
 
 def test_drop_in_for_a_stride1_basic_block():

@@ -1,9 +1,9 @@
 """The literal reference and the algebraic eager block compute the same function, gradients and stats."""
 import pytest
 import torch
+from helpers import TOLERANCES, assert_modules_agree, randomize_norms, twin
 
 import pnnh_kernels as pk
-from helpers import TOLERANCES, assert_modules_agree, randomize_norms, twin
 
 CONV_CASES = {
     "default": dict(),

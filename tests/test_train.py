@@ -115,7 +115,7 @@ def test_feature_reuse_freezes_exactly_what_it_must():
     for _ in range(3):
         kind, dropped, changed = step()
         assert kind == TYPE1 and dropped
-        in_dropped = lambda n: any(n.startswith(d + ".") for d in dropped)  # noqa: E731
+        in_dropped = lambda n: any(n.startswith(d + ".") for d in dropped)
         assert not any(in_dropped(n) for n in changed)  # dropped blocks did not run: unchanged
         assert any(n.startswith("head") for n in changed)
         kind, dropped2, changed = step()

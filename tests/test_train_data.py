@@ -60,14 +60,14 @@ def test_cifar_errors(tmp_path):
     with pytest.raises(DatasetError, match="expected the folder cifar-10-batches-py"):
         load_dataset("cifar10", str(tmp_path))
     _write_cifar(str(tmp_path), corrupt="data_batch_3")
-    with pytest.raises(DatasetError, match="data_batch_3.*malformed"):
+    with pytest.raises(DatasetError, match=r"data_batch_3.*malformed"):
         load_dataset("cifar10", str(tmp_path))
     os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
-    with pytest.raises(DatasetError, match="malformed|missing"):
+    with pytest.raises(DatasetError, match=r"malformed|missing"):
         load_dataset("cifar10", str(tmp_path))
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         f.write(b"not a pickle")
-    with pytest.raises(DatasetError, match="data_batch_3.*malformed"):
+    with pytest.raises(DatasetError, match=r"data_batch_3.*malformed"):
         load_dataset("cifar10", str(tmp_path))
 
 
@@ -95,7 +95,7 @@ def test_imagefolder(tmp_path):
 
 
 def test_imagefolder_errors(tmp_path):
-    with pytest.raises(DatasetError, match="needs .*train"):
+    with pytest.raises(DatasetError, match=r"needs .*train"):
         load_dataset("imagefolder", str(tmp_path))
     _write_imagefolder(str(tmp_path))
     os.makedirs(tmp_path / "val" / "bird")
@@ -105,7 +105,7 @@ def test_imagefolder_errors(tmp_path):
     with open(tmp_path / "train" / "cat" / "0.png", "wb") as f:
         f.write(b"broken")
     bundle = load_dataset("imagefolder", str(tmp_path), image_size=8)
-    with pytest.raises(DatasetError, match="cannot decode image .*0.png"):
+    with pytest.raises(DatasetError, match=r"cannot decode image .*0.png"):
         bundle.train[0]
 
 

@@ -1,21 +1,21 @@
 """Where the Triton tests run: CPU tensors under ``TRITON_INTERPRET=1`` (CI), CUDA tensors compiled on a
-GPU machine without it. Test modules import ``device`` (a fixture), ``DEVICES`` and ``exact_dtype``."""
+GPU machine without it. Test modules import ``DEVICES``, ``exact_dtype`` and ``requires_a_device``; the
+``device`` fixture (conftest.py) runs a test once per entry of ``DEVICES``."""
+
+import os
+
 import pytest
 import torch
 
-from helpers import gpu_exact_math
-from pnnh_kernels.triton_kernels import interpreting
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on the CPU (no triton import needed to know it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 DEVICES = (["cpu"] if interpreting() else []) + (["cuda"] if torch.cuda.is_available() and not interpreting() else [])
 ON_GPU = "cuda" in DEVICES
 requires_a_device = pytest.mark.skipif(not DEVICES, reason="no CUDA device, and TRITON_INTERPRET=1 is not set")
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    if request.param == "cuda":
-        gpu_exact_math()
-    return request.param
 
 
 def exact_dtype(device: str) -> torch.dtype:

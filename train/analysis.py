@@ -10,7 +10,7 @@ The PNNH paper measured DISTS; these are cheaper measures of the same question.
 from __future__ import annotations
 
 import csv
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     if hasattr(model, "convs"):
         return list(model.convs)
     if hasattr(model, "blocks"):
-        return [model.patch_embed] + list(model.blocks)
+        return [model.patch_embed, *list(model.blocks)]
     raise ValueError(f"do not know the layers of {type(model).__name__}")
 
 

@@ -81,7 +81,7 @@ _CIFAR = {
 def _cifar_members(root: str, spec: dict) -> Callable[[str], bytes]:
     """A reader of the archive's members, from the extracted folder or the .tar.gz itself."""
     if os.path.isfile(root) and tarfile.is_tarfile(root):
-        tar = tarfile.open(root)
+        tar = tarfile.open(root)  # noqa: SIM115  (the closure below reads members lazily)
         names = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
 
         def read(name: str) -> bytes:

@@ -70,7 +70,7 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 

@@ -35,7 +35,7 @@ class BlockShape(NamedTuple):
     kl: int
 
     @property
-    def K(self) -> int:  # noqa: N802  (the design's name)
+    def K(self) -> int:
         return max(self.kc, self.kl)
 
     @property

@@ -18,7 +18,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Pair, acc_dtype, act_derivative, act_vector, as_acc, interpreting, load_split, split_halves, tl_dtype
+from .common import (
+    Pair,
+    acc_dtype,
+    act_derivative,
+    act_vector,
+    as_acc,
+    interpreting,
+    load_split,
+    split_halves,
+    tl_dtype,
+)
 
 _ROWS_PER_PROGRAM = 2048  # of the reduction pass; a multiple of BLOCK_M
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .common import Pair, device_constants, interpreting, inverse_sqrt, load_split, split_halves
 
+
 def _grid(c: int) -> tuple[int, int]:
     """(programs, BLOCK_C) over c channels; BLOCK_T, the partial rows per step, follows."""
     block_c = 16 if interpreting() else min(256, triton.next_power_of_2(max(c, 1)))

@@ -193,7 +193,7 @@ def conv2d_implicit_gemm(
     rows = triton.cdiv(m, _min_block_m()) if stats else 1
     part = _partials(rows, cout, x, acc) if stats else dummy(x, acc)
     saved, scale, shift, coef, act_lo, act_hi, acts = operand_args(prologue, x, acc)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
     if m > 0 and cout > 0:
         _conv_fwd_kernel[grid](
             x, saved, w_packed, out, part, scale, shift, coef,
@@ -219,5 +219,5 @@ def pack_weight(weight: Tensor) -> Tensor:
 
 def unpack_weight(packed: Tensor, kernel_size: int) -> Tensor:
     """Inverse of :func:`pack_weight`."""
-    taps, i, o = packed.shape
+    _taps, i, o = packed.shape
     return packed.reshape(kernel_size, kernel_size, i, o).permute(3, 2, 0, 1)

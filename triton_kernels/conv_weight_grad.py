@@ -139,7 +139,7 @@ def conv2d_weight_grad(
         return dw.zero_().sum(0)
     scale, shift, act_lo, act_hi, acts = prologue_args(prologue, x, acc)
     saved, g_scale, g_shift, g_coef, g_lo, g_hi, g_acts = grad_prologue_args(dy_prologue, dy, acc)
-    grid = lambda meta: (taps * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)  # noqa: E731
+    grid = lambda meta: (taps * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)
     _conv_wgrad_kernel[grid](
         x, dy, dw, scale, shift,
         saved, g_scale, g_shift, g_coef,

@@ -25,7 +25,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    acc_dtype, act_vector, as_acc, device_constants, dot_dtype, dot_precision, dummy, interpreting, inverse_sqrt, tl_dtype,
+    acc_dtype,
+    act_vector,
+    as_acc,
+    device_constants,
+    dot_dtype,
+    dot_precision,
+    dummy,
+    interpreting,
+    inverse_sqrt,
+    tl_dtype,
 )
 from .ln_tiles import LnGradPrologue, LnPrologue, affine_pointers, ln_act_tile, ln_grad_tile
 from .tuning import gemm_configs, prune_by_width
@@ -188,7 +197,7 @@ def ln_gemm(
         raise ValueError(f"out {tuple(out.shape)} is not [{m}, {n}]")
     stats = stats_split is not None
     part = _partials(triton.cdiv(n, _min_block_n()), m, a, acc) if stats else unused
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     if m > 0 and n > 0:
         stats_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a = a_args
         _ln_gemm_kernel[grid](
@@ -212,14 +221,14 @@ def _segment_moments(part_ptr, seg: tl.constexpr, tiles, M, offs, mask, BLOCK: t
     m64 = tl.full((), 1, tl.int64) * M
     n = tl.zeros((BLOCK,), dtype=tl.float64)
     s = tl.zeros((BLOCK,), dtype=tl.float64)
-    for t in range(0, tiles):
+    for t in range(tiles):
         base = part_ptr + (t * 6 + seg * 3) * m64
         c = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
         s += c * tl.load(base + M + offs, mask=mask, other=0.0).to(tl.float64)
         n += c
     mean = s / tl.maximum(n, 1.0)
     m2 = tl.zeros((BLOCK,), dtype=tl.float64)
-    for t in range(0, tiles):
+    for t in range(tiles):
         base = part_ptr + (t * 6 + seg * 3) * m64
         c = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
         d = tl.load(base + M + offs, mask=mask, other=0.0).to(tl.float64) - mean

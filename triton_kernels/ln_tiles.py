@@ -55,7 +55,7 @@ class LnGradPrologue(NamedTuple):
     coef: Tensor
     tokens_axis: int = 0
 
-    def t(self) -> "LnGradPrologue":
+    def t(self) -> LnGradPrologue:
         """The same prologue for the transposed gradient (``dy.t()``)."""
         return self._replace(saved=self.saved.t(), tokens_axis=1 - self.tokens_axis)
 
