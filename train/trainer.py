@@ -1,4 +1,5 @@
 """The training loop: one function, :func:`train`, driven by a :class:`TrainConfig`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -118,7 +119,14 @@ def _memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _batches(bundle: DataBundle, order: torch.Tensor, batch_size: int, workers: int, device: torch.device, channels_last: bool = False):
+def _batches(
+    bundle: DataBundle,
+    order: torch.Tensor,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    channels_last: bool = False,
+):
     """Yield (x, y) batches in ``order``; tensors data sets are sliced directly (no worker overhead)."""
     data = bundle.train
     fmt = _memory_format(channels_last)
@@ -126,7 +134,10 @@ def _batches(bundle: DataBundle, order: torch.Tensor, batch_size: int, workers: 
         images, labels = data.tensors
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            yield images[idx].to(device, non_blocking=True, memory_format=fmt), labels[idx].to(device, non_blocking=True)
+            yield (
+                images[idx].to(device, non_blocking=True, memory_format=fmt),
+                labels[idx].to(device, non_blocking=True),
+            )
         return
     loader = DataLoader(Subset(data, order.tolist()), batch_size=batch_size, num_workers=workers, shuffle=False)
     for x, y in loader:
@@ -187,139 +198,224 @@ def train(config: TrainConfig) -> dict:
         shutdown(info)
 
 
-def _train(config: TrainConfig, info: DistInfo) -> dict:
+@dataclass
+class _Run:
+    """What one training run holds between its steps."""
+
+    config: TrainConfig
+    info: DistInfo
+    device: torch.device
+    bundle: DataBundle
+    model: nn.Module  # the bare model: state dicts, evaluation
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    reuse: Optional[FeatureReuse]
+    steps_per_epoch: int
+    start_epoch: int = 0
+    best_acc: float = 0.0
+    history: list = field(default_factory=list)
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.config.out_dir, "last.pt")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.config.out_dir, "metrics.jsonl")
+
+
+def _set_up(config: TrainConfig, info: DistInfo) -> _Run:
+    """The data, the model on its device, the optimizer, schedule, loss scaler and feature reuse."""
     seed_everything(config.seed)
     device = _device(config, info)
     bundle = load_dataset(config.dataset, config.data_root, config.image_size, config.seed)
     model = build_model(config, bundle).to(device, memory_format=_memory_format(config.channels_last))
-    raw_model = model
-
     steps_per_epoch = math.ceil(len(bundle.train) / info.world_size / config.batch_size)
-    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.momentum, config.nesterov)
-    scheduler = make_scheduler(optimizer, config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch))
+    optimizer = make_optimizer(
+        model, config.optimizer, config.lr, config.weight_decay, config.momentum, config.nesterov
+    )
+    scheduler = make_scheduler(
+        optimizer, config.epochs * steps_per_epoch, round(config.warmup_epochs * steps_per_epoch)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    reuse = FeatureReuse(raw_model, config.reuse_drop_rate, config.reuse_every, config.seed) if config.feature_reuse else None
+    reuse = (
+        FeatureReuse(model, config.reuse_drop_rate, config.reuse_every, config.seed) if config.feature_reuse else None
+    )
+    return _Run(config, info, device, bundle, model, optimizer, scheduler, scaler, reuse, steps_per_epoch)
 
-    start_epoch, best_acc, history = 0, 0.0, []
-    last_path = os.path.join(config.out_dir, "last.pt")
-    resume_path = last_path if config.resume == "auto" else config.resume
-    if resume_path and (config.resume != "auto" or os.path.isfile(last_path)):
-        state = load_checkpoint(resume_path, map_location=device)
-        saved = TrainConfig.from_dict(state["config"])
-        if (saved.model, saved.dataset) != (config.model, config.dataset):
-            raise ValueError(f"checkpoint {resume_path} trained {saved.model} on {saved.dataset}, not {config.model} on {config.dataset}")
-        if (saved.epochs, saved.batch_size, saved.lr) != (config.epochs, config.batch_size, config.lr):
-            raise ValueError(
-                f"checkpoint {resume_path} follows a schedule of {saved.epochs} epochs, batch {saved.batch_size}, lr {saved.lr}; "
-                "resume with the same --epochs/--batch-size/--lr, or start a new run"
-            )
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_acc, history = state["epoch"], state["best_acc"], list(state["history"])
 
-    if info.enabled:
-        ids = [info.local_rank] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=reuse is not None)
-    step_model = torch.compile(model) if config.compile else model
-    autocast = _autocast(config, device)
+def _resume(run: _Run) -> None:
+    """Continue from a checkpoint (``--resume PATH``, or last.pt under ``--resume auto`` when it exists)."""
+    config = run.config
+    resume_path = run.last_path if config.resume == "auto" else config.resume
+    if not resume_path or (config.resume == "auto" and not os.path.isfile(run.last_path)):
+        return
+    state = load_checkpoint(resume_path, map_location=run.device)
+    saved = TrainConfig.from_dict(state["config"])
+    if (saved.model, saved.dataset) != (config.model, config.dataset):
+        raise ValueError(
+            f"checkpoint {resume_path} trained {saved.model} on {saved.dataset}, not {config.model} on {config.dataset}"
+        )
+    if (saved.epochs, saved.batch_size, saved.lr) != (config.epochs, config.batch_size, config.lr):
+        raise ValueError(
+            f"checkpoint {resume_path} follows a schedule of {saved.epochs} epochs, batch {saved.batch_size}, lr {saved.lr}; "
+            "resume with the same --epochs/--batch-size/--lr, or start a new run"
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch, run.best_acc, run.history = state["epoch"], state["best_acc"], list(state["history"])
 
-    if info.is_main:
-        os.makedirs(config.out_dir, exist_ok=True)
-        with open(os.path.join(config.out_dir, "config.json"), "w") as f:
-            json.dump(asdict(config), f, indent=2)
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"training {config.model} ({n_params:,} parameters) on {config.dataset} [{device}, {info.world_size} process(es)]", flush=True)
 
-    metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
-    if info.is_main:  # the file always holds exactly the epochs the checkpoint has seen
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-    end_epoch = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
-    for epoch in range(start_epoch, end_epoch):
-        # everything random in an epoch derives from (seed, epoch): a resume at an epoch boundary is exact
-        epoch_seed = _seed_for(config.seed, epoch)
-        seed_everything(epoch_seed)
-        generator = torch.Generator().manual_seed(epoch_seed)
-        if reuse is not None:
-            reuse.reseed(epoch_seed)
-        if hasattr(bundle.train, "epoch"):
-            bundle.train.epoch = epoch
-        order = torch.randperm(len(bundle.train), generator=generator)[info.rank :: info.world_size]
+def _step_model(run: _Run) -> nn.Module:
+    """The model the training steps call: wrapped for DDP and compiled when asked."""
+    model = run.model
+    if run.info.enabled:
+        ids = [run.info.local_rank] if run.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=run.reuse is not None)
+    return torch.compile(model) if run.config.compile else model
 
-        model.train()
-        loss_sum = correct = count = 0.0
-        progress = _Progress(config.progress and info.is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
-        start = time.perf_counter()
-        for x, y in _batches(bundle, order, config.batch_size, config.workers, device, config.channels_last):
-            if bundle.augment is not None:
-                x = bundle.augment(x, generator)
-            kind = reuse.begin_step() if reuse is not None else NORMAL
-            with autocast:
-                out = step_model(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if reuse is not None:
-                reuse.filter_gradients(kind)
-                reuse.end_step(kind)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.item() * y.numel()
-            correct += (out.argmax(1) == y).sum().item()
-            count += y.numel()
-            progress.update(loss=loss.item(), acc=correct / count, lr=scheduler.get_last_lr()[0])
-        progress.close()
-        elapsed = time.perf_counter() - start
-        loss_sum, correct, count, elapsed_sum = all_reduce_sum([loss_sum, correct, count, elapsed], info)
-        test_loss, test_acc = evaluate(raw_model, bundle.test, device, autocast=autocast, channels_last=config.channels_last)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / count,
-            "train_acc": correct / count,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "lr": scheduler.get_last_lr()[0],
-            "images_per_s": count / (elapsed_sum / info.world_size),  # all images over the mean epoch time
-            "epoch_time_s": elapsed,
-        }
-        history.append(record)
-        best_acc = max(best_acc, test_acc)
-        if info.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            state = {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "best_acc": best_acc,
-                "history": history,
-                "config": asdict(config),
-            }
-            save_atomic(state, last_path)
-            if test_acc >= best_acc:
-                save_atomic({"model": raw_model.state_dict(), "config": asdict(config), "epoch": epoch + 1}, os.path.join(config.out_dir, "best.pt"))
-            print(
-                f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
-                f"test loss {test_loss:.4f} acc {test_acc:.4f}  {record['images_per_s']:.0f} img/s",
-                flush=True,
-            )
-    if info.enabled:
-        print(f"rank {info.rank}: parameter checksum {parameter_checksum(raw_model):.10e}", flush=True)
-    final = history[-1] if history else {}
+
+def _start_outputs(run: _Run) -> None:
+    """config.json, the opening line, and metrics.jsonl holding exactly the epochs the checkpoint has seen."""
+    config = run.config
+    os.makedirs(config.out_dir, exist_ok=True)
+    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+        json.dump(asdict(config), f, indent=2)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(
+        f"training {config.model} ({n_params:,} parameters) on {config.dataset} [{run.device}, {run.info.world_size} process(es)]",
+        flush=True,
+    )
+    with open(run.metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in run.history)
+
+
+def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tuple[float, float, float, float]:
+    """One epoch of steps; returns (loss sum, correct, count, seconds) of this process."""
+    config, info, bundle, reuse = run.config, run.info, run.bundle, run.reuse
+    # everything random in an epoch derives from (seed, epoch): a resume at an epoch boundary is exact
+    epoch_seed = _seed_for(config.seed, epoch)
+    seed_everything(epoch_seed)
+    generator = torch.Generator().manual_seed(epoch_seed)
+    if reuse is not None:
+        reuse.reseed(epoch_seed)
+    if hasattr(bundle.train, "epoch"):
+        bundle.train.epoch = epoch
+    order = torch.randperm(len(bundle.train), generator=generator)[info.rank :: info.world_size]
+
+    step_model.train()
+    loss_sum = correct = count = 0.0
+    progress = _Progress(config.progress and info.is_main, run.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+    start = time.perf_counter()
+    for x, y in _batches(bundle, order, config.batch_size, config.workers, run.device, config.channels_last):
+        if bundle.augment is not None:
+            x = bundle.augment(x, generator)
+        out, loss = _train_step(run, step_model, autocast, x, y, epoch)
+        loss_sum += loss * y.numel()
+        correct += (out.argmax(1) == y).sum().item()
+        count += y.numel()
+        progress.update(loss=loss, acc=correct / count, lr=run.scheduler.get_last_lr()[0])
+    progress.close()
+    return loss_sum, correct, count, time.perf_counter() - start
+
+
+def _train_step(run: _Run, step_model: nn.Module, autocast, x: torch.Tensor, y: torch.Tensor, epoch: int):
+    """Forward, backward and the optimizer step on one batch; returns (output, loss value)."""
+    kind = run.reuse.begin_step() if run.reuse is not None else NORMAL
+    with autocast:
+        out = step_model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=run.config.label_smoothing)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.reuse is not None:
+        run.reuse.filter_gradients(kind)
+        run.reuse.end_step(kind)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return out, loss.item()
+
+
+def _epoch_record(run: _Run, epoch: int, totals: tuple[float, float, float, float], autocast) -> dict:
+    """The epoch's metrics, over every process, with the test set's loss and accuracy."""
+    elapsed = totals[3]
+    loss_sum, correct, count, elapsed_sum = all_reduce_sum(list(totals), run.info)
+    test_loss, test_acc = evaluate(
+        run.model, run.bundle.test, run.device, autocast=autocast, channels_last=run.config.channels_last
+    )
     return {
-        "model": config.model,
-        "parameters": sum(p.numel() for p in raw_model.parameters()),
-        "final": final,
-        "best_test_acc": best_acc,
-        "out_dir": os.path.abspath(config.out_dir),
-        "checkpoint": os.path.abspath(last_path),
-        "metrics": os.path.abspath(metrics_path),
-        "history": history,
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / count,
+        "train_acc": correct / count,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "lr": run.scheduler.get_last_lr()[0],
+        "images_per_s": count / (elapsed_sum / run.info.world_size),  # all images over the mean epoch time
+        "epoch_time_s": elapsed,
     }
+
+
+def _save_epoch(run: _Run, record: dict) -> None:
+    """metrics.jsonl, last.pt (everything a resume needs), best.pt when the test accuracy is the best yet."""
+    config, epoch = run.config, record["epoch"]
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "best_acc": run.best_acc,
+        "history": run.history,
+        "config": asdict(config),
+    }
+    save_atomic(state, run.last_path)
+    if record["test_acc"] >= run.best_acc:
+        save_atomic(
+            {"model": run.model.state_dict(), "config": asdict(config), "epoch": epoch},
+            os.path.join(config.out_dir, "best.pt"),
+        )
+    print(
+        f"epoch {epoch:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
+        f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  {record['images_per_s']:.0f} img/s",
+        flush=True,
+    )
+
+
+def _summary(run: _Run) -> dict:
+    return {
+        "model": run.config.model,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "final": run.history[-1] if run.history else {},
+        "best_test_acc": run.best_acc,
+        "out_dir": os.path.abspath(run.config.out_dir),
+        "checkpoint": os.path.abspath(run.last_path),
+        "metrics": os.path.abspath(run.metrics_path),
+        "history": run.history,
+    }
+
+
+def _train(config: TrainConfig, info: DistInfo) -> dict:
+    run = _set_up(config, info)
+    _resume(run)
+    step_model = _step_model(run)
+    autocast = _autocast(config, run.device)
+    if info.is_main:
+        _start_outputs(run)
+    end_epoch = config.epochs if config.stop_after is None else min(config.epochs, run.start_epoch + config.stop_after)
+    for epoch in range(run.start_epoch, end_epoch):
+        totals = _train_epoch(run, epoch, step_model, autocast)
+        record = _epoch_record(run, epoch, totals, autocast)
+        run.history.append(record)
+        run.best_acc = max(run.best_acc, record["test_acc"])
+        if info.is_main:
+            _save_epoch(run, record)
+    if info.enabled:
+        print(f"rank {info.rank}: parameter checksum {parameter_checksum(run.model):.10e}", flush=True)
+    return _summary(run)
