@@ -1,46 +1,14 @@
-// The one binding file: exposes the CPU kernels and, when built with CUDA, sends CUDA tensors to the CUDA
-// ones, so Python calls one function per pass whatever the device.
+// The one binding file: exposes the CPU kernels (channels-last rows, the coder algebra) and, when built with
+// CUDA, the 'cuda' backend's planar passes.
 #include <torch/extension.h>
 
 #include "cpu/pnnh_cpu.h"
 #include "cpu/rows_coder.h"
 #ifdef PNNH_WITH_CUDA
 #include "cuda/pnnh_cuda.h"
-#define PNNH_ON_CUDA(tensor, call) \
-  if ((tensor).is_cuda()) return call
-#else
-#define PNNH_ON_CUDA(tensor, call)
 #endif
 
 namespace {
-
-at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn) {
-  PNNH_ON_CUDA(z, pnnh::cuda::channel_sums_torch(z, c0, cn));
-  return pnnh::channel_sums(z, c0, cn);
-}
-
-void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
-                  const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
-                  double slope, double scale) {
-  PNNH_ON_CUDA(z, pnnh::cuda::bn_act_apply_torch(z, c0, out, mean, invstd, gamma, beta, use_act, slope, scale));
-  pnnh::bn_act_apply(z, c0, out, mean, invstd, gamma, beta, use_act, slope, scale);
-}
-
-at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
-                                const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
-                                bool use_act, double slope, double scale) {
-  PNNH_ON_CUDA(x, pnnh::cuda::bn_act_backward_sums_torch(dy, x, c0, mean, invstd, gamma, beta, use_act, slope, scale));
-  return pnnh::bn_act_backward_sums(dy, x, c0, mean, invstd, gamma, beta, use_act, slope, scale);
-}
-
-void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
-                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
-                           const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
-                           double slope, double scale) {
-  PNNH_ON_CUDA(x, pnnh::cuda::bn_act_backward_apply_torch(dy, x, c0, dx, mean, invstd, gamma, beta, sums, training,
-                                                          use_act, slope, scale));
-  pnnh::bn_act_backward_apply(dy, x, c0, dx, mean, invstd, gamma, beta, sums, training, use_act, slope, scale);
-}
 
 // the coder algebra's parts as tuples, for their unit tests (tests/test_rows_coder.py)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> coder_fold(
@@ -63,10 +31,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pnnh_kernels compiled kernels";
-  m.def("channel_sums", &channel_sums, "per-channel sum and sum of squares (float64)");
-  m.def("bn_act_apply", &bn_act_apply, "fused batch-norm apply + activation");
-  m.def("bn_act_backward_sums", &bn_act_backward_sums, "fused dReLU + dBN reductions");
-  m.def("bn_act_backward_apply", &bn_act_backward_apply, "fused dReLU + dBN input gradient");
+#ifdef PNNH_WITH_CUDA
+  // the 'cuda' backend's planar passes (backends/cuda/conv.py), CUDA tensors only
+  m.def("channel_sums", &pnnh::cuda::channel_sums_torch, "per-channel sum and sum of squares (float64)");
+  m.def("bn_act_apply", &pnnh::cuda::bn_act_apply_torch, "fused batch-norm apply + activation");
+  m.def("bn_act_backward_sums", &pnnh::cuda::bn_act_backward_sums_torch, "fused dAct + dBN reductions");
+  m.def("bn_act_backward_apply", &pnnh::cuda::bn_act_backward_apply_torch, "fused dAct + dBN input gradient");
+#endif
   // channels-last rows: the CPU backend's layout (CPU tensors only)
   m.def("rows_channel_sums", &pnnh::rows_channel_sums, "per-channel sum and sum of squares over rows (float64)");
   m.def("rows_batch_stats", &pnnh::rows_batch_stats, "batch-norm (mean, invstd, unbiased var) over rows");

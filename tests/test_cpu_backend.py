@@ -13,6 +13,7 @@ from helpers import (
     randomize_norms,
     twin,
 )
+from planar_cpu_kernels import planar_cpu_kernels, run_cuda_op_on_cpu_kernels
 
 import pnnh_kernels as pk
 from pnnh_kernels._extension import extension, extension_error
@@ -29,8 +30,9 @@ CASES = BLOCK_CASES
 @pytest.fixture(params=["rows", "planar"])
 def cpu_op(request, monkeypatch):
     """The 'cpu' backend runs the channels-last rows op; the planar (NCHW) op is the one the 'cuda'
-    backend runs, so its Python half is checked here on the CPU kernels too."""
+    backend runs, so its Python half is checked here too, on the test-only planar CPU passes."""
     if request.param == "planar":
+        run_cuda_op_on_cpu_kernels(monkeypatch)
         monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
     return request.param
 
@@ -45,7 +47,9 @@ def test_cpu_backend_matches_reference(case, training, dtype, cpu_op):
     assert_modules_agree(ref, fused, torch.randn(3, 5, 7, 6, dtype=dtype), *TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 7, 7), (2, 6, 1, 1), (3, 6, 13, 1), (1, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"])
+@pytest.mark.parametrize(
+    "shape", [(1, 6, 7, 7), (2, 6, 1, 1), (3, 6, 13, 1), (1, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"]
+)
 def test_cpu_backend_odd_shapes(shape, cpu_op):
     ref = pk.PNNHConv2d(6, backend="reference").double()
     rtol, atol = TOLERANCES[torch.float64]
@@ -99,7 +103,9 @@ def test_cpu_backend_batch1_eval_uses_running_statistics():
     torch.testing.assert_close(twin(ref, "cpu")(x), ref(x))
 
 
-@pytest.mark.parametrize("options", [dict(), dict(tied=False, coder_kernel_size=3), dict(activation="leaky_relu", negative_slope=0.3)])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(tied=False, coder_kernel_size=3), dict(activation="leaky_relu", negative_slope=0.3)]
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_cpu_backend_gradcheck(options, training):
     block = pk.PNNHConv2d(3, hidden_channels=4, backend="cpu", **options).double().train(training)
@@ -107,26 +113,32 @@ def test_cpu_backend_gradcheck(options, training):
     assert block_gradcheck(block, torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True))
 
 
-@pytest.mark.parametrize("op", [conv_block_rows.op, conv_block_fused.op], ids=["rows", "planar"])
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False), dict(kernel_size=1)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_custom_ops_pass_opcheck(op, options, layout):
+def test_custom_ops_pass_opcheck(cpu_op, options, layout):
+    op = (conv_block_rows if cpu_op == "rows" else conv_block_fused).op
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     torch.library.opcheck(op, op_args(block, x))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make, shape", [
-    (lambda: pk.PNNHConv2d(4, backend="cpu"), (2, 4, 5, 5)),
-    (lambda: pk.PNNHLinear(4, hidden_features=6, activation="gelu", backend="cpu"), (3, 4)),
-], ids=["conv", "linear"])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: pk.PNNHConv2d(4, backend="cpu"), (2, 4, 5, 5)),
+        (lambda: pk.PNNHLinear(4, hidden_features=6, activation="gelu", backend="cpu"), (3, 4)),
+    ],
+    ids=["conv", "linear"],
+)
 def test_torch_compile_traces_the_cpu_backend_without_graph_breaks(make, shape):
     """Eager calls take an autograd.Function; under torch.compile the custom op must be what is traced."""
     block = make().double().train()
     reference = twin(block, "reference")
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    assert_modules_agree(reference, compiled, torch.randn(shape, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1)
+    assert_modules_agree(
+        reference, compiled, torch.randn(shape, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1
+    )
 
 
 def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
@@ -151,7 +163,13 @@ def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: (pk.PNNHConv2d(4, backend="cpu", dtype=torch.bfloat16), torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)), "float32/float64"),
+        (
+            lambda: (
+                pk.PNNHConv2d(4, backend="cpu", dtype=torch.bfloat16),
+                torch.randn(2, 4, 3, 3, dtype=torch.bfloat16),
+            ),
+            "float32/float64",
+        ),
         (lambda: (pk.PNNHConv2d(4, backend="cpu", norm="none"), torch.randn(2, 4, 3, 3)), "fuses batch norm"),
         (lambda: (pk.PNNHLinear(4, backend="cpu", norm="batch"), torch.randn(2, 4)), "fuses layer norm for PNNHLinear"),
         (lambda: (pk.PNNHLinear(4, backend="cpu", bias=True), torch.randn(2, 4)), "takes no linear biases"),
@@ -190,15 +208,26 @@ def test_extension_runs_its_passes_on_torchs_thread_pool():
     assert extension().with_openmp
 
 
-def test_kernels_reject_bad_arguments():
-    C = extension()
+def test_planar_kernels_reject_bad_arguments():
+    C = planar_cpu_kernels()
     z = torch.randn(2, 4, 5)
     with pytest.raises(RuntimeError, match="channel range out of bounds"):
         C.channel_sums(z, 2, 4)
     with pytest.raises(RuntimeError, match="contiguous"):
         C.channel_sums(z.transpose(0, 2), 0, 1)
     with pytest.raises(RuntimeError, match="data's dtype"):
-        C.bn_act_apply(z, 0, torch.empty(2, 4, 5), torch.zeros(4, dtype=torch.float64), torch.ones(4), torch.ones(4), torch.zeros(4), True, 0.0, 1.0)
+        C.bn_act_apply(
+            z,
+            0,
+            torch.empty(2, 4, 5),
+            torch.zeros(4, dtype=torch.float64),
+            torch.ones(4),
+            torch.ones(4),
+            torch.zeros(4),
+            True,
+            0.0,
+            1.0,
+        )
 
 
 def _norm_params(cn, dtype=torch.float64):
@@ -264,12 +293,14 @@ def test_rows_kernels_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="must have the range's"):
         C.rows_bn_act_backward_sums(torch.randn(6, 4), z, 0, *params, True, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="float64"):
-        C.rows_bn_act_backward_apply(torch.randn(6, 3), z, 0, torch.empty_like(z), *params, torch.zeros(2, 3), True, True, 0.0, 1.0)
+        C.rows_bn_act_backward_apply(
+            torch.randn(6, 3), z, 0, torch.empty_like(z), *params, torch.zeros(2, 3), True, True, 0.0, 1.0
+        )
 
 
-def test_channel_sums_match_torch():
+def test_planar_channel_sums_match_torch():
     z = torch.randn(3, 7, 11, dtype=torch.float64)
-    sums = extension().channel_sums(z, 2, 4)
+    sums = planar_cpu_kernels().channel_sums(z, 2, 4)
     torch.testing.assert_close(sums[0], z[:, 2:6].sum((0, 2)))
     torch.testing.assert_close(sums[1], z[:, 2:6].pow(2).sum((0, 2)))
 
@@ -288,14 +319,16 @@ def test_rows_batch_stats_match_torch(dtype):
 
 def _ln_act_autograd(z, c0, cn, gamma, beta, kind, slope, scale, use_act):
     """act(LN(z[:, c0:c0+cn])) in float64 autograd: the pass's reference."""
-    y = torch.nn.functional.layer_norm(z[:, c0:c0 + cn], (cn,), gamma, beta, 1e-5)
+    y = torch.nn.functional.layer_norm(z[:, c0 : c0 + cn], (cn,), gamma, beta, 1e-5)
     if not use_act:
         return y
     return scale * (torch.nn.functional.gelu(y) if kind == 1 else torch.nn.functional.leaky_relu(y, slope))
 
 
 @pytest.mark.parametrize("width", [1536, 37], ids=["vector-body", "odd"])
-@pytest.mark.parametrize("act", [(1, 0.0, 1.3, True), (0, 0.2, 1.4, True), (0, 0.0, 1.0, False)], ids=["gelu", "leaky", "none"])
+@pytest.mark.parametrize(
+    "act", [(1, 0.0, 1.3, True), (0, 0.2, 1.4, True), (0, 0.0, 1.0, False)], ids=["gelu", "leaky", "none"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ln_act_passes_match_autograd(width, act, dtype):
     """The fused layer-norm + activation passes, forward and backward, against float64 autograd. Wide gammas
@@ -314,8 +347,8 @@ def test_ln_act_passes_match_autograd(width, act, dtype):
     leaves = [t.clone().requires_grad_() for t in (z64, gamma64, beta64)]
     expected = _ln_act_autograd(*leaves[:1], c0, width, *leaves[1:], kind, slope, scale, use_act)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out[:, 4:4 + width].double(), expected.detach(), **tol)
-    assert out[:, :4].abs().sum() == 0 and out[:, 4 + width:].abs().sum() == 0  # nothing written outside the range
+    torch.testing.assert_close(out[:, 4 : 4 + width].double(), expected.detach(), **tol)
+    assert out[:, :4].abs().sum() == 0 and out[:, 4 + width :].abs().sum() == 0  # nothing written outside the range
 
     expected.backward(dy64)
     dz = torch.zeros_like(z)
@@ -339,6 +372,12 @@ def test_ln_act_backward_in_place_over_its_input_gradient(kind):
     p_apart = C.ln_act_backward(dy, c0, z, c0, cn, stats, gamma, beta, apart, True, kind, 0.1, 1.2)
     inplace = dy.clone()
     p_inplace = C.ln_act_backward(inplace, c0, z, c0, cn, stats, gamma, beta, inplace, True, kind, 0.1, 1.2)
-    torch.testing.assert_close(inplace[:, c0:c0 + cn], apart[:, c0:c0 + cn], rtol=0, atol=0)
+    torch.testing.assert_close(inplace[:, c0 : c0 + cn], apart[:, c0 : c0 + cn], rtol=0, atol=0)
     torch.testing.assert_close(p_inplace, p_apart, rtol=0, atol=0)
     torch.testing.assert_close(inplace[:, :c0], dy[:, :c0], rtol=0, atol=0)  # outside the range: untouched
+
+
+def test_the_installed_extension_has_no_planar_cpu_passes():
+    # they are test scaffolding (tests/planar_cpu/); built without CUDA, the extension has no planar passes
+    if not extension().with_cuda:
+        assert not hasattr(extension(), "channel_sums")

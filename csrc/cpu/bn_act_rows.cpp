@@ -3,7 +3,7 @@
 // A tensor is a contiguous [rows, ld] matrix (NHWC: rows = N*H*W pixels, ld = channels); a pass covers
 // the column range [c0, c0 + cn) of every row, so the coder and learner halves of one layer-1 output are
 // read in place. Every pass walks memory in order, row after row, with the channels as the vector lanes
-// (the planar NCHW passes in bn_act_planar.cpp stride through memory channel by channel instead, which
+// (planar NCHW passes, as the 'cuda' backend's kernels run them, stride through memory channel by channel, which
 // small feature maps turn into a cache miss per row).
 //
 // When every operand's range is its whole row (the usual case: separate coder and learner matrices), a

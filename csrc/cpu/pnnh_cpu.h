@@ -8,22 +8,7 @@
 
 namespace pnnh {
 
-at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn);
-
-void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
-                  const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
-                  double slope, double scale);
-
-at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
-                                const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
-                                bool use_act, double slope, double scale);
-
-void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
-                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
-                           const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
-                           double slope, double scale);
-
-// The same passes over channels-last rows: [rows, channels] matrices, a column range [c0, c0 + cn) each.
+// The passes over channels-last rows: [rows, channels] matrices, a column range [c0, c0 + cn) each.
 at::Tensor rows_channel_sums(const at::Tensor& z, int64_t c0, int64_t cn);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_batch_stats(const at::Tensor& z, int64_t c0, int64_t cn, double eps);

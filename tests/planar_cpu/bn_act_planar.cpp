@@ -1,4 +1,4 @@
-// Fused batch-norm + activation passes for the PNNH block on the CPU.
+// Fused batch-norm + activation passes on planar tensors, on the CPU (test-only: see planar_cpu.h).
 //
 // Tensors are viewed as planar [outer, channels, inner] (NCHW: outer = N, inner = H*W), contiguous.
 // Channel ranges [c0, c0 + cn) of a wider tensor let one pass read or write the coder and the learner
@@ -8,7 +8,7 @@
 // The activation is the scaled leaky family: act(a) = scale * (a > 0 ? a : slope * a)
 // (relu: slope 0; identity: slope 1). `use_act = false` skips it (the coder half, the last layer
 // without a final activation).
-#include "pnnh_cpu.h"
+#include "planar_cpu.h"
 #include "norm_checks.h"
 #include "vector_clones.h"
 

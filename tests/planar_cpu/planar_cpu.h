@@ -1,0 +1,25 @@
+// The planar (NCHW) batch-norm + activation passes on the CPU: the 'cuda' backend's op (backends/cuda/conv.py)
+// with these in place of its CUDA kernels, so that its Python half is tested without a GPU. Test-only: the
+// tests compile them on first use (tests/planar_cpu_kernels.py); nothing installed calls them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace pnnh {
+
+at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn);
+
+void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
+                  const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
+                  double slope, double scale);
+
+at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
+                                const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+                                bool use_act, double slope, double scale);
+
+void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
+                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
+                           const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
+                           double slope, double scale);
+
+}  // namespace pnnh

@@ -1,0 +1,30 @@
+"""The test-only planar CPU passes (tests/planar_cpu/): compiled on first use, then cached by torch.
+
+They stand in for the 'cuda' backend's CUDA kernels so that its op (backends/cuda/conv.py), which
+calls the passes through ``extension()``, runs on CPU tensors in the tests."""
+
+import functools
+import pathlib
+from types import ModuleType
+
+from torch.utils.cpp_extension import load
+
+_SOURCES = pathlib.Path(__file__).resolve().parent / "planar_cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def planar_cpu_kernels() -> ModuleType:
+    return load(
+        name="pnnh_test_planar_cpu",
+        sources=[str(_SOURCES / "bindings.cpp"), str(_SOURCES / "bn_act_planar.cpp")],
+        extra_include_paths=[str(_SOURCES.parents[1] / "csrc" / "cpu")],  # norm_checks.h, vector_clones.h
+        extra_cflags=["-O2", "-std=c++17", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+def run_cuda_op_on_cpu_kernels(monkeypatch) -> None:
+    """Make the 'cuda' backend's op call the planar CPU passes (for the rest of the test)."""
+    from pnnh_kernels.backends.cuda import conv
+
+    monkeypatch.setattr(conv, "extension", planar_cpu_kernels)
