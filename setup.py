@@ -10,6 +10,7 @@
   ``pnnh_kernels._extension`` compiles the C++ sources on first use (shipped as package data).
 - ``PNNH_NO_EXTENSION=1`` skips compiling altogether.
 """
+
 import glob
 import os
 
@@ -17,7 +18,11 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MAPPED = {"models": "pnnh_kernels.models", "train": "pnnh_kernels.train", "triton_kernels": "pnnh_kernels.triton_kernels"}
+MAPPED = {
+    "models": "pnnh_kernels.models",
+    "train": "pnnh_kernels.train",
+    "triton_kernels": "pnnh_kernels.triton_kernels",
+}
 
 
 def _packages():
@@ -61,9 +66,13 @@ def _extensions():
     # vectorise those loops on AVX2 / SSE, which have no masked arithmetic; nothing here reads FP exception flags.
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
     sources = [os.path.join("csrc", "bindings.cpp"), *cpu_sources]
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and (
-        cpp_extension.CUDA_HOME is not None or os.environ.get("FORCE_CUDA") == "1"
+    cuda_sources = sorted(
+        glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+    )
+    use_cuda = (
+        bool(cuda_sources)
+        and torch.version.cuda is not None
+        and (cpp_extension.CUDA_HOME is not None or os.environ.get("FORCE_CUDA") == "1")
     )
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -75,7 +84,9 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
         )
     else:
-        ext = cpp_extension.CppExtension("pnnh_kernels._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+        ext = cpp_extension.CppExtension(
+            "pnnh_kernels._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"]
+        )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -84,6 +95,7 @@ ext_modules, ext_cmdclass = _extensions()
 setup(
     packages=packages,
     package_dir=package_dir,
+    package_data={"pnnh_kernels": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithSources, **ext_cmdclass},
     zip_safe=False,

@@ -1,9 +1,19 @@
 """The shapes and input layouts the benchmarks time, and the command-line filter over them."""
+
 import torch
 from bench_utils import ConvShape, LinearShape
 
-CIFAR = [ConvShape("cifar-stage1", 128, 16, 32), ConvShape("cifar-stage2", 128, 32, 16), ConvShape("cifar-stage3", 128, 64, 8)]
-RESNET34 = [ConvShape("r34-stage1", 64, 64, 56), ConvShape("r34-stage2", 64, 128, 28), ConvShape("r34-stage3", 64, 256, 14), ConvShape("r34-stage4", 64, 512, 7)]
+CIFAR = [
+    ConvShape("cifar-stage1", 128, 16, 32),
+    ConvShape("cifar-stage2", 128, 32, 16),
+    ConvShape("cifar-stage3", 128, 64, 8),
+]
+RESNET34 = [
+    ConvShape("r34-stage1", 64, 64, 56),
+    ConvShape("r34-stage2", 64, 128, 28),
+    ConvShape("r34-stage3", 64, 256, 14),
+    ConvShape("r34-stage4", 64, 512, 7),
+]
 VIT_CPU = [LinearShape("vit-s-mlp", 8 * 197, 384)]
 VIT_FULL = [LinearShape("vit-s-mlp", 64 * 197, 384), LinearShape("vit-b-mlp", 64 * 197, 768)]
 # channels_last is measured beside NCHW because it is the faster layout for plain PyTorch on some devices

@@ -1,4 +1,5 @@
 """What the benchmarks measure besides time: FLOPs, bytes, saved-activation memory, the device's matmul peak."""
+
 from __future__ import annotations
 
 import platform
@@ -44,7 +45,7 @@ def linear_block_flops(shape: LinearShape, hidden_ratio: int = 4) -> float:
 
 
 def _block_traffic(pixels: int, cin: int, c1: int, cout: int, backward: bool) -> int:
-    """Elements the fused dataflow of design.md must move (every tensor once per pass that reads or writes
+    """Elements the fused dataflow (docs/DESIGN.md) must move (every tensor once per pass that reads or writes
     it; the statistics, the weights and the scalars are small and left out):
 
     forward   conv1 x -> z | conv2 with the norm prologue z -> u | norm + act u -> y

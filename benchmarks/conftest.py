@@ -8,6 +8,7 @@ Each run writes ``benchmarks/results/<device>.json`` (or ``--bench-results DIR``
 ``RESULTS.md`` beside it from every JSON file there, so CPU rows from one machine and GPU rows from
 another stay side by side, each with its own date, device and command.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,9 +33,18 @@ def pytest_addoption(parser):
     group.addoption("--bench-full", action="store_true", help="every shape, torch.compile on every shape")
     group.addoption("--bench-smoke", action="store_true", help="one tiny shape, one round")
     group.addoption("--bench-results", default=None, help="folder for the JSON and RESULTS.md (default: benchmarks/)")
-    group.addoption("--bench-dtype", action="append", default=None, help="only these dtypes (float32, bfloat16, ...); repeatable")
-    group.addoption("--bench-layout", action="append", default=None, help="only these conv input layouts (nchw, channels_last); repeatable")
-    group.addoption("--bench-shape", action="append", default=None, help="only shapes whose label starts with this; repeatable")
+    group.addoption(
+        "--bench-dtype", action="append", default=None, help="only these dtypes (float32, bfloat16, ...); repeatable"
+    )
+    group.addoption(
+        "--bench-layout",
+        action="append",
+        default=None,
+        help="only these conv input layouts (nchw, channels_last); repeatable",
+    )
+    group.addoption(
+        "--bench-shape", action="append", default=None, help="only shapes whose label starts with this; repeatable"
+    )
 
 
 class Collector:

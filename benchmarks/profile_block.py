@@ -5,6 +5,7 @@
 Prints, per backend, the wall time per step, the host (CPU) time spent issuing work, the GPU kernel time
 and the number of kernels launched: when host time exceeds kernel time the block is launch-bound.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def main() -> None:
         host_us = max((e.cpu_time_total for e in events if e.key.startswith("ProfilerStep")), default=0) or sum(
             e.self_cpu_time_total for e in events
         )
-        print(f"{name:10} {wall * 1e3:8.2f} {host_us / steps / 1e3:8.2f} {kernel_us / steps / 1e3:9.2f} {kernels / steps:8.0f}")
+        print(
+            f"{name:10} {wall * 1e3:8.2f} {host_us / steps / 1e3:8.2f} {kernel_us / steps / 1e3:9.2f} {kernels / steps:8.0f}"
+        )
         if args.table:
             print(events.table(sort_by="self_cpu_time_total", row_limit=15))
 

@@ -1,4 +1,5 @@
 """Render benchmarks/RESULTS.md from the JSON files of the benchmark runs (one per device)."""
+
 from __future__ import annotations
 
 import glob
@@ -39,7 +40,11 @@ def _index(records):
 
 def _best_layout(records, kind, shape, dtype, pass_, variant):
     """The fastest record of a variant over the input layouts measured (None if it has none)."""
-    rows = [r for r in records if (r["kind"], r["shape"], r["dtype"], r["pass_"], r["variant"]) == (kind, shape, dtype, pass_, variant)]
+    rows = [
+        r
+        for r in records
+        if (r["kind"], r["shape"], r["dtype"], r["pass_"], r["variant"]) == (kind, shape, dtype, pass_, variant)
+    ]
     return min(rows, key=_ms, default=None)
 
 
@@ -54,13 +59,23 @@ def _block_tables(payload) -> list[str]:
         lines += [f"#### {kind} block, {shape} ({dims}), {where}, {pass_}", ""]
         first = variants.get("eager") or next(iter(variants.values()))
         if first.get("traffic_mb") is not None:
-            lines += [f"Roofline: {first['traffic_mb']:.1f} MB of compulsory traffic, {first['flop_per_byte']:.1f} FLOP/byte for the PNNH block (`bench_utils._block_traffic`; the `residual` row is rated against its own block's).", ""]
-        lines += ["| variant | median ms | min ms | vs eager | vs compile | saved act. MB | mem vs eager | GFLOP/s | of matmul peak | of roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"Roofline: {first['traffic_mb']:.1f} MB of compulsory traffic, {first['flop_per_byte']:.1f} FLOP/byte for the PNNH block (`bench_utils._block_traffic`; the `residual` row is rated against its own block's).",
+                "",
+            ]
+        lines += [
+            "| variant | median ms | min ms | vs eager | vs compile | saved act. MB | mem vs eager | GFLOP/s | of matmul peak | of roofline |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, r in sorted(variants.items(), key=lambda kv: _ms(kv[1])):
             speed = _ms(base) / _ms(r) if base else None
             vs_comp = _ms(comp) / _ms(r) if comp else None
             mem = r.get("saved_activation_mb")
-            mem_ratio = mem / base["saved_activation_mb"] if (mem is not None and base and base.get("saved_activation_mb")) else None
+            mem_ratio = (
+                mem / base["saved_activation_mb"]
+                if (mem is not None and base and base.get("saved_activation_mb"))
+                else None
+            )
             lines.append(
                 f"| {name} | {r['median_ms']:.2f} | {_fmt(r.get('min_ms'))} | {_fmt(speed)}x | {_fmt(vs_comp)}{'x' if vs_comp else ''} | "
                 f"{_fmt(mem, '.1f')} | {_fmt(mem_ratio)}{'x' if mem_ratio else ''} | {r['gflops']:.1f} | {100 * r['peak_fraction']:.1f}% | "
@@ -74,7 +89,8 @@ def _head_to_head(payload) -> dict:
     """(shape, dtype, layout, variant) -> the interleaved block record (see test_head_to_head.py)."""
     return {
         (r["shape"], r["dtype"], r["layout"], r["variant"]): r
-        for r in payload["records"] if r["kind"] == "head_to_head" and r.get("block") != "model"
+        for r in payload["records"]
+        if r["kind"] == "head_to_head" and r.get("block") != "model"
     }
 
 
@@ -88,13 +104,18 @@ def _eager_layout(records, shape, dtype) -> str:
 
 
 def _head_to_head_table(payload) -> list[str]:
-    rows = sorted((r for r in payload["records"] if r["kind"] == "head_to_head"), key=lambda r: (r.get("block") == "model", r["shape"], r["layout"], r["variant"]))
+    rows = sorted(
+        (r for r in payload["records"] if r["kind"] == "head_to_head"),
+        key=lambda r: (r.get("block") == "model", r["shape"], r["layout"], r["variant"]),
+    )
     if not rows:
         return []
     lines = [
-        "### Head to head (interleaved forward+backward steps)", "",
+        "### Head to head (interleaved forward+backward steps)",
+        "",
         "Each round times one step of eager and one of the backend back to back (alternating which goes first);",
-        "the ratio is the median over rounds of eager's time over the backend's, with its quartiles.", "",
+        "the ratio is the median over rounds of eager's time over the backend's, with its quartiles.",
+        "",
         "| shape (block, or model: a training step) | dtype | layout | backend | rounds | eager median ms | backend median ms | ratio (median) | quartiles |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -125,17 +146,25 @@ def _targets(payload) -> list[str]:
                 for base, goal in TARGETS_GPU.items():
                     if base in variants:
                         ratio = _ms(variants[base]) / _ms(r)
-                        rows.append(f"| {label} | {name} vs {base} | {ratio:.2f}x | >= {goal}x | {'met' if ratio >= goal else 'MISSED'} |")
+                        rows.append(
+                            f"| {label} | {name} vs {base} | {ratio:.2f}x | >= {goal}x | {'met' if ratio >= goal else 'MISSED'} |"
+                        )
             if not gpu and dtype == "float32":
                 pair = h2h.get((shape, dtype, layout, name))
-                ratio, how = (pair["ratio_median"], "interleaved") if pair else (_ms(variants["eager"]) / _ms(r), "best rounds")
-                rows.append(f"| {label} | {name} vs eager ({how}) | {ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |")
+                ratio, how = (
+                    (pair["ratio_median"], "interleaved") if pair else (_ms(variants["eager"]) / _ms(r), "best rounds")
+                )
+                rows.append(
+                    f"| {label} | {name} vs eager ({how}) | {ratio:.2f}x | >= {TARGET_CPU}x | {'met' if ratio >= TARGET_CPU else 'MISSED'} |"
+                )
                 if kind == "conv":
                     best_rows.add((kind, shape, dtype, pass_, name))
             mem, base_mem = r.get("saved_activation_mb"), variants["eager"].get("saved_activation_mb")
             if mem is not None and base_mem:
                 ratio = mem / base_mem
-                rows.append(f"| {label} | {name} saved activations vs eager | {ratio:.2f}x | <= {TARGET_MEMORY}x | {'met' if ratio <= TARGET_MEMORY else 'MISSED'} |")
+                rows.append(
+                    f"| {label} | {name} saved activations vs eager | {ratio:.2f}x | <= {TARGET_MEMORY}x | {'met' if ratio <= TARGET_MEMORY else 'MISSED'} |"
+                )
     for kind, shape, dtype, _pass, name in sorted(best_rows):  # the strict reading: against eager's faster layout
         layout = _eager_layout(payload["records"], shape, dtype)
         pair = h2h.get((shape, dtype, layout, name))
@@ -155,7 +184,12 @@ def _models(payload) -> list[str]:
     rows = [r for r in payload["records"] if r["kind"] == "model"]
     if not rows:
         return []
-    lines = ["### Whole-model training step", "", "| model [backend] | input | parameters | median step ms | best step ms | images/s (best) | saved act. MB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Whole-model training step",
+        "",
+        "| model [backend] | input | parameters | median step ms | best step ms | images/s (best) | saved act. MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["shape"], r["variant"])):
         lines.append(
             f"| {r['variant']} | {'x'.join(map(str, r['dims']))} | {r['parameters']:,} | {r['median_ms']:.1f} | "
@@ -192,9 +226,19 @@ def render_results(results_dir: str, out_path: str) -> None:
             f"- date: {payload['date']}; command: `{payload['command']}` ({payload['mode']} set)",
             f"- torch {payload['torch']}, {payload['threads']} threads; matmul peak: "
             + ", ".join(f"{k.replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in payload["matmul_peak_gflops"].items())
-            + (f"; copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s" if payload.get("copy_bandwidth_gbs") else ""),
+            + (
+                f"; copy bandwidth {payload['copy_bandwidth_gbs']:.0f} GB/s"
+                if payload.get("copy_bandwidth_gbs")
+                else ""
+            ),
             "",
         ]
-        parts += _targets(payload) + _head_to_head_table(payload) + _models(payload) + ["### Blocks", ""] + _block_tables(payload)
+        parts += (
+            _targets(payload)
+            + _head_to_head_table(payload)
+            + _models(payload)
+            + ["### Blocks", ""]
+            + _block_tables(payload)
+        )
     with open(out_path, "w") as f:
         f.write("\n".join(parts).rstrip() + "\n")

@@ -1,4 +1,5 @@
 """Forward and forward+backward of the PNNH conv and linear blocks: every backend against the baselines."""
+
 import pytest
 import torch
 from bench_shapes import LAYOUTS, chosen, parametrize_shapes, run_device
@@ -40,7 +41,21 @@ def _compile_allowed(mode, device, label):
     return mode != "quick" or device == "cuda" or label == "cifar-stage2"
 
 
-def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_name, make_variant, flops, traffic, layout="nchw"):
+def _run(
+    benchmark,
+    collector,
+    kind,
+    shape,
+    dims,
+    width,
+    dtype,
+    variant,
+    pass_name,
+    make_variant,
+    flops,
+    traffic,
+    layout="nchw",
+):
     if interpreted(variant, collector.device):
         pytest.skip("the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool: not timed")
     torch.manual_seed(0)
@@ -51,7 +66,9 @@ def _run(benchmark, collector, kind, shape, dims, width, dtype, variant, pass_na
     if fn is None:
         pytest.skip(reason)
     benchmark.group = f"{kind} {shape.label} {dtype} {layout} {pass_name}"
-    record = dict(kind=kind, shape=shape.label, dims=dims, dtype=str(dtype).replace("torch.", ""), variant=variant, layout=layout)
+    record = dict(
+        kind=kind, shape=shape.label, dims=dims, dtype=str(dtype).replace("torch.", ""), variant=variant, layout=layout
+    )
     measure(benchmark, collector, fn, x, pass_name, record, flops, traffic)
 
 
@@ -63,13 +80,42 @@ def test_conv_block(benchmark, collector, conv_shape, dtype, layout, variant, pa
     flops = conv_block_flops(s, coder_kernel=1 if coder else 0)
     size = torch.empty((), dtype=dtype).element_size()
     traffic = {p: conv_block_bytes(s, size, p == "fwd+bwd", coder) for p in ("fwd", "fwd+bwd")}
-    _run(benchmark, collector, "conv", s, [s.batch, s.channels, s.size, s.size], s.channels, dtype, variant, pass_name, conv_variant, flops, traffic, layout)
+    _run(
+        benchmark,
+        collector,
+        "conv",
+        s,
+        [s.batch, s.channels, s.size, s.size],
+        s.channels,
+        dtype,
+        variant,
+        pass_name,
+        conv_variant,
+        flops,
+        traffic,
+        layout,
+    )
 
 
 def test_linear_block(benchmark, collector, linear_shape, dtype, variant, pass_name):
-    if variant == "compile" and (collector.mode == "smoke" or (collector.mode == "quick" and collector.device == "cpu")):
+    if variant == "compile" and (
+        collector.mode == "smoke" or (collector.mode == "quick" and collector.device == "cpu")
+    ):
         pytest.skip("torch.compile of the linear block is in the full set only on CPU")
     s = linear_shape
     size = torch.empty((), dtype=dtype).element_size()
     traffic = {p: linear_block_bytes(s, size, p == "fwd+bwd") for p in ("fwd", "fwd+bwd")}
-    _run(benchmark, collector, "linear", s, [s.tokens, s.dim], s.dim, dtype, variant, pass_name, linear_variant, linear_block_flops(s), traffic)
+    _run(
+        benchmark,
+        collector,
+        "linear",
+        s,
+        [s.tokens, s.dim],
+        s.dim,
+        dtype,
+        variant,
+        pass_name,
+        linear_variant,
+        linear_block_flops(s),
+        traffic,
+    )

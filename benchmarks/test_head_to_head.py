@@ -6,6 +6,7 @@ median). Here every round times one step of eager and one of the backend back to
 which goes first, and the ratio reported is the median over rounds of the per-round ratios: both
 sides of each ratio ran under the same conditions. The CPU target rows of RESULTS.md use it.
 """
+
 import statistics
 import time
 
@@ -60,18 +61,26 @@ def _interleave(collector, base_step, mine_step, pairs: int, record: dict) -> No
         mine_s.append(m)
         ratios.append(b / m)
     collector.add(
-        kind="head_to_head", **record,
-        pairs=len(ratios), ratio_median=statistics.median(ratios),
+        kind="head_to_head",
+        **record,
+        pairs=len(ratios),
+        ratio_median=statistics.median(ratios),
         ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
-        eager_median_ms=statistics.median(base_s) * 1e3, median_ms=statistics.median(mine_s) * 1e3,
+        eager_median_ms=statistics.median(base_s) * 1e3,
+        median_ms=statistics.median(mine_s) * 1e3,
     )
 
 
 def _interleave_blocks(collector, base, mine, x, record: dict) -> None:
     device = collector.device
     grad = torch.randn_like(base(x).detach())
-    _interleave(collector, lambda: _timed_step(base, x, grad, device), lambda: _timed_step(mine, x, grad, device),
-                _pairs(collector.mode), dict(pass_="fwd+bwd", **record))
+    _interleave(
+        collector,
+        lambda: _timed_step(base, x, grad, device),
+        lambda: _timed_step(mine, x, grad, device),
+        _pairs(collector.mode),
+        dict(pass_="fwd+bwd", **record),
+    )
 
 
 def _dtype(device):
@@ -87,8 +96,14 @@ def test_conv_head_to_head(collector, h2h_shape, h2h_layout, h2h_backend):
     if mine is None:
         pytest.skip(reason)
     base, _ = conv_variant("eager", s.channels, x)
-    record = dict(block="conv", shape=s.label, dims=[s.batch, s.channels, s.size, s.size],
-                  dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout=h2h_layout)
+    record = dict(
+        block="conv",
+        shape=s.label,
+        dims=[s.batch, s.channels, s.size, s.size],
+        dtype=str(dtype).replace("torch.", ""),
+        variant=h2h_backend,
+        layout=h2h_layout,
+    )
     _interleave_blocks(collector, base, mine, x, record)
 
 
@@ -101,8 +116,14 @@ def test_linear_head_to_head(collector, h2h_linear_shape, h2h_backend):
     if mine is None:
         pytest.skip(reason)
     base, _ = linear_variant("eager", s.dim, x)
-    record = dict(block="linear", shape=s.label, dims=[s.tokens, s.dim],
-                  dtype=str(dtype).replace("torch.", ""), variant=h2h_backend, layout="rows")
+    record = dict(
+        block="linear",
+        shape=s.label,
+        dims=[s.tokens, s.dim],
+        dtype=str(dtype).replace("torch.", ""),
+        variant=h2h_backend,
+        layout="rows",
+    )
     _interleave_blocks(collector, base, mine, x, record)
 
 
@@ -127,15 +148,32 @@ def test_model_head_to_head(collector, h2h_backend):
     mine = create_model(name, num_classes=10, backend=h2h_backend).to(device).train()
     mine.load_state_dict(base.state_dict())
     block = next(m for m in mine.modules() if hasattr(m, "backend"))
-    reason = refusal_reason(registered_backends()[h2h_backend], "conv2d", torch.randn(2, block.in_channels, 4, 4, device=device),
-                            block.block_weights(), block.config)
+    reason = refusal_reason(
+        registered_backends()[h2h_backend],
+        "conv2d",
+        torch.randn(2, block.in_channels, 4, 4, device=device),
+        block.block_weights(),
+        block.config,
+    )
     if reason:
         pytest.skip(reason)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
-    record = dict(pass_="train step", block="model", shape=name, dims=[batch, 3, 32, 32], dtype="float32",
-                  variant=h2h_backend, layout="nchw")
+    record = dict(
+        pass_="train step",
+        block="model",
+        shape=name,
+        dims=[batch, 3, 32, 32],
+        dtype="float32",
+        variant=h2h_backend,
+        layout="nchw",
+    )
     pairs = _pairs("smoke") if smoke else 8  # a step of PNNH-56 takes about a second here
-    _interleave(collector, lambda: _training_step(base, optimizers[0], x, y, device),
-                lambda: _training_step(mine, optimizers[1], x, y, device), pairs, record)
+    _interleave(
+        collector,
+        lambda: _training_step(base, optimizers[0], x, y, device),
+        lambda: _training_step(mine, optimizers[1], x, y, device),
+        pairs,
+        record,
+    )

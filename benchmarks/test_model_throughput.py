@@ -1,4 +1,5 @@
 """Whole-model training throughput (images/s) and saved-activation memory: PNNH vs ResNet vs plain."""
+
 import time
 
 import pytest

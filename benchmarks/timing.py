@@ -1,4 +1,5 @@
 """Timing one variant with pytest-benchmark and recording the result with its memory and FLOP rate."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """The things a benchmark compares: the PNNH block on each backend, and its baselines."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional

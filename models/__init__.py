@@ -6,6 +6,7 @@
 Families: ``resnet`` (residual), ``plain`` (shortcuts removed), ``pnnh`` (PNNH blocks),
 ``vanilla`` (TAT / DKS / EOC: no shortcuts, no norm), ``vit`` (ViT and PNNH-ViT).
 """
+
 from . import resnet, vanilla, vit  # noqa: F401  (registers the models)
 from .kernel_maps import dks_activation, edge_of_chaos, leaky_relu_cmap, tat_leaky_relu
 from .layers import DropPath, PerLocationNormalization, drop_path, scaled_orthogonal_

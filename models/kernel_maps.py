@@ -15,6 +15,7 @@ correlation ``c``. A vanilla chain of ``L`` nonlinear layers composes the local 
 
 All expectations use Gauss-Hermite quadrature (exact enough for these smooth integrands).
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Small layers and initialisers the model families share."""
+
 from __future__ import annotations
 
 import math

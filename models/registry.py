@@ -1,4 +1,5 @@
 """Models by name, in the style of timm's ``create_model``."""
+
 from __future__ import annotations
 
 from typing import Callable

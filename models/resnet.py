@@ -7,8 +7,9 @@ Three variants share one skeleton:
 - ``pnnh``: every stride-1 block whose input and output shapes agree becomes a PNNH block
   (``pnnh_kernels.PNNHConv2d`` for basic blocks, :class:`PNNHBottleneck` for bottlenecks); the block
   that changes the shape (stride 2 or a channel change) stays as the *plain* block, so that nothing is
-  ever added across a block (papers.md, figure 2; our reading in docs/MODELS.md).
+  ever added across a block (the PNNH paper's figure 2; our reading in docs/MODELS.md).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -176,7 +177,9 @@ class ResNet(nn.Module):
                 if variant == "pnnh" and stride == 1 and in_ch == out_ch:
                     if share_coder and coder is None:
                         coder = PNNHCoder(out_ch, out_ch, 1)
-                    blocks.append(self._pnnh_block(block, out_ch, coder if share_coder else None, pnnh_options, backend))
+                    blocks.append(
+                        self._pnnh_block(block, out_ch, coder if share_coder else None, pnnh_options, backend)
+                    )
                 else:
                     sc = shortcut if variant == "residual" else None
                     blocks.append(block_cls(in_ch, out_ch, stride, shortcut=sc, drop_path=rate))
@@ -225,14 +228,18 @@ def _imagenet(depth: int, variant: str, **kwargs) -> ResNet:
 def _register_family(variant: str, prefix: str) -> None:
     family = {"residual": "resnet", "plain": "plain", "pnnh": "pnnh"}[variant]
     for depth in (8, 20, 32, 44, 56, 110):
+
         def build(depth=depth, **kwargs):
             return _cifar(depth, variant, **kwargs)
+
         build.__name__ = f"{prefix}resnet{depth}"
         build.__doc__ = f"CIFAR-style {variant} ResNet-{depth} (3 stages of 16/32/64 channels)."
         register_model(family)(build)
     for depth in _IMAGENET:
+
         def build(depth=depth, **kwargs):
             return _imagenet(depth, variant, **kwargs)
+
         build.__name__ = f"{prefix}resnet{depth}"
         build.__doc__ = f"ImageNet-style {variant} ResNet-{depth}."
         register_model(family)(build)

@@ -11,6 +11,7 @@ biases. ``method`` picks the activation and initialisation:
 Weights are scaled delta-orthogonal (dense: scaled orthogonal), and the input passes through
 per-location normalisation so every location enters with q = 1, as the kernel maps assume.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -91,7 +92,9 @@ class VanillaNet(nn.Module):
 
         convs = []
         in_ch = in_chans + (1 if per_location_norm else 0)
-        plan = [(widths[0], 1)] + [(w, 2 if (i == 0 and s > 0) else 1) for s, w in enumerate(widths) for i in range(2 * n)]
+        plan = [(widths[0], 1)] + [
+            (w, 2 if (i == 0 and s > 0) else 1) for s, w in enumerate(widths) for i in range(2 * n)
+        ]
         for out_ch, stride in plan:
             conv = nn.Conv2d(in_ch, out_ch, 3, stride, padding=1, bias=True)
             scaled_orthogonal_(conv.weight, gain=gain)
@@ -129,10 +132,12 @@ class VanillaNet(nn.Module):
 
 def _register(method: str) -> None:
     for depth in (20, 32, 44, 56, 110):
+
         def build(depth=depth, drop_path_rate: float = 0.0, **kwargs):
             if drop_path_rate:
                 raise ValueError("drop_path_rate applies to residual models only")
             return VanillaNet(depth, method, **kwargs)
+
         build.__name__ = f"{method}_vanilla{depth}"
         build.__doc__ = f"Vanilla (no shortcut, no norm) CIFAR-layout net of depth {depth}, {method.upper()} shaped."
         register_model("vanilla")(build)

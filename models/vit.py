@@ -8,6 +8,7 @@ PNNH-ViT block (our reading; docs/MODELS.md):
 - MLP: ``pnnh_kernels.PNNHLinear`` (GELU learner, layer norms, no final activation).
 Stochastic depth still applies to the attention learner, which the coder path can stand in for.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -100,7 +101,12 @@ class PNNHBlock(nn.Module):
         super().__init__()
         self.attn = PNNHAttention(dim, heads, drop_path)
         self.mlp = PNNHLinear(
-            dim, hidden_features=int(dim * mlp_ratio), activation="gelu", final_activation=False, eps=_LN_EPS, backend=backend
+            dim,
+            hidden_features=int(dim * mlp_ratio),
+            activation="gelu",
+            final_activation=False,
+            eps=_LN_EPS,
+            backend=backend,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -163,11 +169,15 @@ _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 
 def _register(variant: str, prefix: str) -> None:
     for size, (dim, heads) in _SIZES.items():
+
         def build(dim=dim, heads=heads, **kwargs):
             kwargs.setdefault("depth", 12)
             return VisionTransformer(dim=dim, heads=heads, variant=variant, **kwargs)
+
         build.__name__ = f"{prefix}vit_{size}"
-        build.__doc__ = f"ViT-{size[0].upper()} (dim {dim}, {heads} heads), {variant}; img_size/patch_size/depth adjustable."
+        build.__doc__ = (
+            f"ViT-{size[0].upper()} (dim {dim}, {heads} heads), {variant}; img_size/patch_size/depth adjustable."
+        )
         register_model("vit")(build)
 
 

@@ -7,6 +7,7 @@ Public API:
     Activation                  activation spec (relu / leaky_relu / identity / gelu, with scale)
     available_backends()        backends that can run here
 """
+
 from .activation import Activation, make_activation
 from .backends import BackendUnavailableError, available_backends, register_backend
 from .block import BlockConfig, BlockNorms, BlockWeights, NormParams

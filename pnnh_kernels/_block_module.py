@@ -1,4 +1,5 @@
 """What PNNHConv2d and PNNHLinear share: options, parameters, and the forward call."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -65,9 +66,19 @@ class PNNHBlockBase(nn.Module):
         if coder is None:
             coder_channels = _positive_int("coder_channels", in_channels if coder_channels is None else coder_channels)
             coder = PNNHCoder(
-                in_channels, coder_channels, coder_kernel_size, tied=tied, out_channels=out_channels, bias=bias, **factory
+                in_channels,
+                coder_channels,
+                coder_kernel_size,
+                tied=tied,
+                out_channels=out_channels,
+                bias=bias,
+                **factory,
             )
-        elif (coder.in_channels, coder.out_channels, coder.kernel_size) != (in_channels, out_channels, coder_kernel_size):
+        elif (coder.in_channels, coder.out_channels, coder.kernel_size) != (
+            in_channels,
+            out_channels,
+            coder_kernel_size,
+        ):
             raise ValueError(
                 f"shared coder maps {coder.in_channels} -> {coder.out_channels} channels with kernel "
                 f"{coder.kernel_size}; this block needs {in_channels} -> {out_channels} with kernel {coder_kernel_size}"
@@ -141,4 +152,3 @@ class PNNHBlockBase(nn.Module):
             f"coder={self.coder.coder_channels}, act={act_desc}, norm={self.config.norm}, "
             f"final_activation={self.config.final_activation}, backend={self.backend!r}"
         )
-

@@ -5,6 +5,7 @@ see torch at build time and installs no binary; the C++ sources ship inside the 
 are compiled here on first use with ``torch.utils.cpp_extension.load`` (cached in TORCH_EXTENSIONS_DIR).
 ``PNNH_NO_JIT=1`` turns that off; ``PNNH_NO_EXTENSION=1`` ignores compiled kernels altogether.
 """
+
 from __future__ import annotations
 
 import glob
@@ -30,7 +31,11 @@ def _jit_build() -> ModuleType:
     if src is None:
         raise ImportError("the C++ sources are not installed (no pnnh_kernels/_csrc)")
     sources = [os.path.join(src, "bindings.cpp"), *sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))]
-    print("pnnh_kernels: loading the C++ kernels (compiled on first use, about a minute, then cached)", file=sys.stderr, flush=True)
+    print(
+        "pnnh_kernels: loading the C++ kernels (compiled on first use, about a minute, then cached)",
+        file=sys.stderr,
+        flush=True,
+    )
     return load(
         name="pnnh_kernels_C",
         sources=sources,

@@ -3,12 +3,14 @@
 Every fused kernel implements the *scaled leaky* family ``scale * LReLU_slope(a)``:
 ``relu`` is slope 0, ``identity`` is slope 1, ``leaky_relu`` anything in between
 (TAT's transformed Leaky ReLU is this family with a tuned slope and scale).
-``gelu`` is offered for the Transformer MLP, where only the pure-PyTorch backends serve it.
+``gelu`` is offered for the Transformer MLP (PNNHLinear): the pure-PyTorch backends and the fused
+'cpu' and 'triton' PNNHLinear serve it; the conv block's fused kernels take the leaky family only.
 
 The coder path relies on the odd part of the activation being linear:
 ``act(a) - act(-a) = gain * a``.  For the leaky family ``gain = scale * (1 + slope)``;
 for GELU ``GELU(a) - GELU(-a) = a`` so ``gain = scale``.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,9 +81,7 @@ class Activation:
 ActivationLike = Union[str, Activation]
 
 
-def make_activation(
-    activation: ActivationLike, negative_slope: float | None = None, scale: float = 1.0
-) -> Activation:
+def make_activation(activation: ActivationLike, negative_slope: float | None = None, scale: float = 1.0) -> Activation:
     """Build an :class:`Activation` from a name (plus options) or pass one through unchanged."""
     if isinstance(activation, Activation):
         if negative_slope is not None or scale != 1.0:

@@ -1,7 +1,7 @@
 """The data a PNNH block computes with: weights, normalisation parameters, and configuration.
 
 These containers are what every backend receives, so that the module classes, the functional API and
-the kernels agree on one description of the block (design.md section 1):
+the kernels agree on one description of the block (docs/DESIGN.md):
 
     layer 1:  z_c = N_c(enc(x))            coder encoder  (Cc channels)
               z_l = N_1(learn1(x))         learner        (H channels)
@@ -11,6 +11,7 @@ the kernels agree on one description of the block (design.md section 1):
 ``decoder=None`` means *tied*: the decoder is the encoder's adjoint (a transpose for linear and 1x1
 kernels, a transposed convolution with the same weight for k x k kernels).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -2,6 +2,7 @@
 
 One :class:`PNNHCoder` can be handed to several blocks (``coder=``) to share it across a stage.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -50,7 +51,11 @@ class PNNHCoder(nn.Module):
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        for name, value in (("in_channels", in_channels), ("coder_channels", coder_channels), ("out_channels", out_channels)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("coder_channels", coder_channels),
+            ("out_channels", out_channels),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):

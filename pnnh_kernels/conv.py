@@ -1,4 +1,5 @@
 """PNNHConv2d: the PNNH block as a drop-in for a stride-1 ResNet basic block."""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -2,6 +2,7 @@
 
 Run: ``python -m pnnh_kernels.demo``. (The full training job lives in ``pnnh_kernels.train``.)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ It never materialises the signed coder copies. Since ``act(a) - act(-a) = g * a`
 and layer 1 reads ``x`` once through the encoder and learner weights concatenated along the output
 channels (when their kernel sizes agree). Everything runs on cuDNN / oneDNN through ATen.
 """
+
 from __future__ import annotations
 
 from typing import Optional

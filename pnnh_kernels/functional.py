@@ -1,4 +1,5 @@
 """Functional forms of the PNNH blocks: validate, pick a backend, compute."""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,5 @@
 """PNNHLinear: the PNNH block on the last dimension of a tensor (the Transformer MLP form)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -77,4 +78,8 @@ class PNNHLinear(PNNHBlockBase):
             device=device,
             dtype=dtype,
         )
-        self.in_features, self.out_features, self.hidden_features = self.in_channels, self.out_channels, self.hidden_channels
+        self.in_features, self.out_features, self.hidden_features = (
+            self.in_channels,
+            self.out_channels,
+            self.hidden_channels,
+        )

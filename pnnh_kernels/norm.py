@@ -1,4 +1,5 @@
 """Normalisation as the pure-PyTorch backends apply it (batch norm, layer norm, or none)."""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -1,9 +1,10 @@
 """The literal PNNH block: the correctness oracle.
 
 It materialises ``h = act([z_c, -z_c, z_l])`` with both signed copies of the coder and runs layer 2 as
-one plain convolution (or linear map) with the weight ``[W_d, -W_d, W_2]``, exactly as design.md
-section 1 writes it. Slow on purpose: nothing algebraic is assumed, so it checks everything else.
+one plain convolution (or linear map) with the weight ``[W_d, -W_d, W_2]``, exactly as the block's
+definition writes it (:mod:`pnnh_kernels.block`, docs/DESIGN.md). Slow on purpose: nothing algebraic is assumed, so it checks everything else.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Clear errors for bad input, checked once before any backend runs."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -97,9 +98,7 @@ def _check_batch_statistics(count: int, config: BlockConfig, training: bool) -> 
         )
 
 
-def check_conv_inputs(
-    x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool
-) -> None:
+def check_conv_inputs(x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> None:
     """Validate a PNNH conv block call; raises TypeError / ValueError / RuntimeError with the reason."""
     if isinstance(x, Tensor) and x.dim() != 4:
         raise ValueError(f"PNNHConv2d expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: build twin modules on two backends and compare all they produce."""
+
 from __future__ import annotations
 
 import copy
@@ -73,7 +74,9 @@ def assert_modules_agree(a: nn.Module, b: nn.Module, x: torch.Tensor, rtol: floa
     buffers_a, buffers_b = ({n.removeprefix("_orig_mod."): t for n, t in m.named_buffers()} for m in (a, b))
     assert buffers_a.keys() == buffers_b.keys()
     for name in buffers_a:
-        torch.testing.assert_close(buffers_b[name], buffers_a[name], rtol=rtol, atol=atol, msg=lambda m: f"buffer {name}: {m}")
+        torch.testing.assert_close(
+            buffers_b[name], buffers_a[name], rtol=rtol, atol=atol, msg=lambda m: f"buffer {name}: {m}"
+        )
 
 
 # Block configurations every fused backend is checked on (odd widths, both coder kernel sizes, untied...).

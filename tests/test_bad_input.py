@@ -1,4 +1,5 @@
 """Bad input raises a clear error, never a crash or a silently wrong result."""
+
 import math
 
 import pytest

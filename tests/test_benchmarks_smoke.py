@@ -1,4 +1,5 @@
 """`pytest benchmarks/` must run on a fresh machine: its smoke set runs here and writes a results file."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_benchmark_suite_smoke_run(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "pytest", "benchmarks/", "--bench-smoke", "--bench-results", str(out), "-q", "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "benchmarks/",
+        "--bench-smoke",
+        "--bench-results",
+        str(out),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
     # run from a scratch copy of benchmarks/ so the source tree is never written; python -m pytest puts the
     # working directory on sys.path, so the scratch folder holds benchmarks/ alone (no source package)
     work = tmp_path / "work"

@@ -3,6 +3,7 @@
 The block tests run where torch has CUDA and a GPU is present, and skip elsewhere; the refusal tests run
 everywhere. (tests/test_cuda_sources.py compiles every kernel with nvcc wherever nvcc exists.)
 """
+
 import pytest
 import torch
 from helpers import (
@@ -43,7 +44,9 @@ def test_cuda_block_matches_reference(exact, case, training):
 
 
 @gpu
-@pytest.mark.parametrize("shape", [(1, 6, 7, 7), (2, 6, 1, 1), (1, 6, 13, 1), (2, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"])
+@pytest.mark.parametrize(
+    "shape", [(1, 6, 7, 7), (2, 6, 1, 1), (1, 6, 13, 1), (2, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"]
+)
 def test_cuda_block_odd_shapes(exact, shape):
     ref = pk.PNNHConv2d(6, backend="reference").cuda()
     assert_modules_agree(ref, twin(ref, "cuda"), torch.randn(shape, device="cuda"), *TOLERANCES[torch.float32])
@@ -82,11 +85,16 @@ def test_cuda_custom_op_passes_opcheck():
 
 def test_cuda_backend_refuses_cpu_tensors_and_linear_with_a_reason():
     block = pk.PNNHConv2d(4)
-    with pytest.raises(BackendUnavailableError, match="cuda"):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' cannot compute this conv2d call: .*(CUDA|cuda)"):
         select_backend("cuda", "conv2d", torch.randn(1, 4, 3, 3), block.block_weights(), block.config)
     lin = pk.PNNHLinear(4)
-    with pytest.raises(BackendUnavailableError):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' cannot compute this linear call"):
         select_backend("cuda", "linear", torch.randn(2, 4), lin.block_weights(), lin.config)
+    # whatever the build, the linear refusal itself names what runs PNNHLinear instead
+    reason = registered_backends()["cuda"].unsupported_reason(
+        "linear", torch.randn(2, 4), lin.block_weights(), lin.config
+    )
+    assert reason is not None and "PNNHConv2d only" in reason and "'triton' or 'eager'" in reason
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only build")

@@ -1,8 +1,9 @@
-"""Every CUDA kernel file compiles with nvcc, on any machine that has nvcc (design.md section 3).
+"""Every CUDA kernel file compiles with nvcc, on any machine that has nvcc (the CPU machines have it).
 
 The .cu files need only the CUDA toolkit (raw pointers, sizes, a stream), so a broken kernel cannot land
 even where torch has no CUDA. Without nvcc the test is skipped.
 """
+
 import glob
 import os
 import shutil

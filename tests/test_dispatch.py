@@ -1,4 +1,5 @@
 """Backend dispatch: explicit names, auto selection, fallbacks with one warning, clear errors."""
+
 import warnings
 
 import pytest

@@ -1,4 +1,5 @@
 """TAT / DKS / EOC math, checked against values derived independently (numerical integration, limits)."""
+
 import math
 
 import numpy as np
@@ -60,7 +61,11 @@ def test_tat_slope_meets_its_target(depth, target):
     assert p.output_scale == pytest.approx(math.sqrt(2 / (1 + p.negative_slope**2)))
     c = 0.0
     for _ in range(depth):  # independent composition through the numerically integrated C map
-        c = bivariate_mean(lambda u, v: scaled_lrelu(p.negative_slope)(u) * scaled_lrelu(p.negative_slope)(v), c) if depth == 19 else leaky_relu_cmap(c, p.negative_slope)
+        c = (
+            bivariate_mean(lambda u, v: scaled_lrelu(p.negative_slope)(u) * scaled_lrelu(p.negative_slope)(v), c)
+            if depth == 19
+            else leaky_relu_cmap(c, p.negative_slope)
+        )
     assert c == pytest.approx(target, abs=1e-5)
     assert composed_cmap(0.0, p.negative_slope, depth) == pytest.approx(target, abs=1e-8)
 
@@ -87,7 +92,7 @@ def test_dks_conditions_hold(activation):
     assert normal_mean(f) == pytest.approx(0.0, abs=1e-7)  # C(0) = 0
     eps = 1e-6
     slope_numeric = normal_mean(lambda z: ((f(z + eps) - f(z - eps)) / (2 * eps)) ** 2)
-    assert slope_numeric ** depth == pytest.approx(zeta, rel=1e-4)  # the network's C'(1) = zeta
+    assert slope_numeric**depth == pytest.approx(zeta, rel=1e-4)  # the network's C'(1) = zeta
     assert df(0.3) == pytest.approx((f(0.3 + eps) - f(0.3 - eps)) / (2 * eps), rel=1e-6)
 
 

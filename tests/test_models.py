@@ -1,5 +1,6 @@
 """Model families: construction by name, parameter counts, no additions across plain/PNNH blocks,
 literal forms of the PNNH bottleneck and attention, drop path, init statistics, a few training steps."""
+
 import pytest
 import torch
 import torch.fx
@@ -53,7 +54,12 @@ def test_cifar_counts_and_plain_counterparts(depth):
 
 
 def test_plain_imagenet_drops_the_projection_shortcuts():
-    projections = sum(n_params(m) for m in create_model("resnet18").modules() if getattr(m, "shortcut", None) is not None and not isinstance(m.shortcut, nn.Identity) for m in [m.shortcut])
+    projections = sum(
+        n_params(m)
+        for m in create_model("resnet18").modules()
+        if getattr(m, "shortcut", None) is not None and not isinstance(m.shortcut, nn.Identity)
+        for m in [m.shortcut]
+    )
     assert n_params(create_model("plain_resnet18")) == KNOWN_COUNTS["resnet18"] - projections
 
 
@@ -111,7 +117,9 @@ def tensor_additions(module: nn.Module) -> int:
     graph = _Tracer().trace(nn.Sequential(module) if isinstance(module, _LEAVES) else module)
     adds = 0
     for node in graph.nodes:
-        is_add = node.target in (torch.add, torch.Tensor.add, torch.Tensor.add_, "add", "add_") or getattr(node.target, "__name__", "") in ("add", "iadd")
+        is_add = node.target in (torch.add, torch.Tensor.add, torch.Tensor.add_, "add", "add_") or getattr(
+            node.target, "__name__", ""
+        ) in ("add", "iadd")
         if is_add and sum(isinstance(a, torch.fx.Node) for a in node.args) == 2:
             adds += 1
     return adds
@@ -129,7 +137,18 @@ def test_the_addition_check_sees_residual_blocks(name):
     assert all(tensor_additions(b) >= 1 for b in _blocks(model))
 
 
-@pytest.mark.parametrize("name", ["plain_resnet20", "pnnh_resnet20", "pnnh_resnet20_shared", "plain_resnet50", "pnnh_resnet50", "pnnh_vit_tiny", "tat_vanilla20"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain_resnet20",
+        "pnnh_resnet20",
+        "pnnh_resnet20_shared",
+        "plain_resnet50",
+        "pnnh_resnet50",
+        "pnnh_vit_tiny",
+        "tat_vanilla20",
+    ],
+)
 def test_plain_and_pnnh_models_add_nothing_across_blocks(name):
     kwargs = {"depth": 2} if "vit" in name else {}
     if name.endswith("_shared"):

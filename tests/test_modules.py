@@ -1,7 +1,8 @@
 """PNNHConv2d / PNNHLinear as modules: drop-in shapes, shared coders, state dicts, torch.compile."""
+
 import pytest
 import torch
-from helpers import TOLERANCES, assert_modules_agree, twin
+from helpers import TOLERANCES, assert_modules_agree, randomize_norms, twin
 from torch import nn
 
 import pnnh_kernels as pk
@@ -79,9 +80,18 @@ def test_linear_defaults_follow_the_transformer_mlp():
     assert mlp(torch.randn(2, 5, 32)).shape == (2, 5, 32)
 
 
-def test_low_precision_modules_run():
-    block = pk.PNNHConv2d(4, device="cpu", dtype=torch.bfloat16)
-    assert block(torch.randn(2, 4, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_low_precision_modules_match_float64_within_the_dtypes_error(dtype, training):
+    # errors of a correct block are ~8 eps here (two convolutions, three norms); a wrong one is O(1)
+    ref = pk.PNNHConv2d(4, backend="reference").double().train(training)
+    randomize_norms(ref)
+    block = twin(ref, "auto").to(dtype)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    y = block(x.to(dtype))
+    assert y.dtype == dtype
+    tol = 16 * torch.finfo(dtype).eps
+    torch.testing.assert_close(y.double(), ref(x), rtol=tol, atol=tol)
 
 
 @pytest.mark.slow
@@ -106,7 +116,9 @@ def test_running_statistics_match_torch_batchnorm(backend):
         x = torch.randn(2, 4, 5, 5, dtype=torch.float64) * 2 + 0.5
         z_c = bn_c(F.conv2d(x, block.coder.encoder))
         a_l = F.relu(bn_1(F.conv2d(x, block.learner1_weight, padding=1)))
-        expected = F.relu(bn_2(F.conv_transpose2d(z_c, block.coder.encoder) + F.conv2d(a_l, block.learner2_weight, padding=1)))
+        expected = F.relu(
+            bn_2(F.conv_transpose2d(z_c, block.coder.encoder) + F.conv2d(a_l, block.learner2_weight, padding=1))
+        )
         torch.testing.assert_close(block(x), expected)
     for mine, theirs in zip((block.coder_norm, block.learner_norm, block.out_norm), (bn_c, bn_1, bn_2)):
         torch.testing.assert_close(mine.running_mean, theirs.running_mean)

@@ -1,4 +1,5 @@
 """The installed distribution: no generic top-level packages, package data for first-use builds."""
+
 import importlib.metadata
 
 import pnnh_kernels
@@ -15,3 +16,8 @@ def test_no_generic_top_level_packages():
 
 def test_version_is_exposed():
     assert pnnh_kernels.__version__ == importlib.metadata.version("pnnh_kernels")
+
+
+def test_the_package_says_it_is_typed():
+    # PEP 561: without the marker, type checkers ignore the installed package's annotations
+    assert "pnnh_kernels/py.typed" in _files()

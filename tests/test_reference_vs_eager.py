@@ -1,4 +1,5 @@
 """The literal reference and the algebraic eager block compute the same function, gradients and stats."""
+
 import pytest
 import torch
 from helpers import TOLERANCES, assert_modules_agree, randomize_norms, twin

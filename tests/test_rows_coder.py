@@ -1,5 +1,6 @@
 """The 'cpu' op's 1x1 coder from its input's moments (csrc/cpu/rows_coder.cpp) against the coder written
 out with its output z_c formed, differentiated by autograd."""
+
 from typing import NamedTuple, Optional
 
 import pytest
@@ -86,8 +87,22 @@ def test_coder_gradients_match_autograd_on_the_formed_coder(use_batch, cout):
 
     m_val, inv_val = mean.detach(), invstd.detach()
     fold = fold_coder(enc.detach(), mat.detach(), m_val, inv_val, gamma.detach(), beta.detach(), gain)
-    grads = Grads(*extension().coder_backward(du.t() @ x.detach(), None if use_batch else du.sum(0), moments, enc.detach(),
-                                              mat.detach(), m_val, inv_val, gamma.detach(), beta.detach(), use_batch, rows, gain))
+    grads = Grads(
+        *extension().coder_backward(
+            du.t() @ x.detach(),
+            None if use_batch else du.sum(0),
+            moments,
+            enc.detach(),
+            mat.detach(),
+            m_val,
+            inv_val,
+            gamma.detach(),
+            beta.detach(),
+            use_batch,
+            rows,
+            gain,
+        )
+    )
     tol = dict(rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(grads.encoder, enc.grad, **tol)
     torch.testing.assert_close(grads.decoder_matrix, mat.grad, **tol)
@@ -104,6 +119,13 @@ def test_coder_gradients_match_autograd_on_the_formed_coder(use_batch, cout):
 def test_folded_coder_reproduces_the_decoded_output():
     g = torch.Generator().manual_seed(2)
     x, enc, mat = (torch.randn(*s, generator=g, dtype=F64) for s in ((9, 6), (4, 6), (6, 4)))
-    mean, invstd, gamma, beta = torch.randn(4, dtype=F64), torch.rand(4, dtype=F64) + 0.5, torch.rand(4, dtype=F64), torch.randn(4, dtype=F64)
+    mean, invstd, gamma, beta = (
+        torch.randn(4, dtype=F64),
+        torch.rand(4, dtype=F64) + 0.5,
+        torch.rand(4, dtype=F64),
+        torch.randn(4, dtype=F64),
+    )
     fold = fold_coder(enc, mat, mean, invstd, gamma, beta, 0.7)
-    torch.testing.assert_close(x @ fold.through.t() + fold.offset, _formed_coder(x, enc, mat, gamma, beta, mean, invstd, 0.7))
+    torch.testing.assert_close(
+        x @ fold.through.t() + fold.offset, _formed_coder(x, enc, mat, gamma, beta, mean, invstd, 0.7)
+    )

@@ -1,4 +1,5 @@
 """The training tool: end-to-end runs, exact resume, atomic checkpoints, feature reuse, analysis, DDP, sweep."""
+
 import json
 import math
 import os
@@ -26,10 +27,20 @@ def small(tmp_path, **kw):
 
 def test_cli_train_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli_main(["train", "--model", "pnnh_resnet8", "--epochs", "2", "--out-dir", str(out), "--analyze", "--no-progress"])
+    code = cli_main(
+        ["train", "--model", "pnnh_resnet8", "--epochs", "2", "--out-dir", str(out), "--analyze", "--no-progress"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
-    for name in ("metrics.jsonl", "last.pt", "best.pt", "curves.png", "dissipation.png", "config.json", "dissipation_trained.csv"):
+    for name in (
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+        "dissipation.png",
+        "config.json",
+        "dissipation_trained.csv",
+    ):
         assert (out / name).exists(), name
         if name.endswith((".png", ".pt", ".csv")) and name != "best.pt":
             assert str(out / name) in printed or name in ("dissipation_trained.csv",)
@@ -44,7 +55,9 @@ def test_cli_reports_errors_cleanly(capsys):
     assert "needs --data-root" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [dict(drop_path_rate=0.1), dict(feature_reuse=True, reuse_every=2)], ids=["droppath", "feature_reuse"])
+@pytest.mark.parametrize(
+    "extra", [dict(drop_path_rate=0.1), dict(feature_reuse=True, reuse_every=2)], ids=["droppath", "feature_reuse"]
+)
 def test_resume_continues_exactly(tmp_path, extra):
     straight = train(small(tmp_path / "a", epochs=3, **extra))
     train(small(tmp_path / "b", epochs=3, stop_after=1, **extra))  # interrupted after one epoch
@@ -163,7 +176,21 @@ def test_analysis_measures():
 
 def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep"
-    code = cli_main(["sweep", "--families", "plain", "pnnh", "--depths", "8", "--epochs", "1", "--out-dir", str(out), "--no-progress"])
+    code = cli_main(
+        [
+            "sweep",
+            "--families",
+            "plain",
+            "pnnh",
+            "--depths",
+            "8",
+            "--epochs",
+            "1",
+            "--out-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = (out / "sweep.csv").read_text().splitlines()
     assert rows[0].startswith("family,depth,model,parameters") and len(rows) == 3
@@ -174,9 +201,25 @@ def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
 def test_ddp_two_processes_on_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-        "-m", "pnnh_kernels.train.cli", "train", "--model", "resnet8", "--epochs", "1", "--batch-size", "64",
-        "--out-dir", str(tmp_path / "ddp"), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "pnnh_kernels.train.cli",
+        "train",
+        "--model",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--out-dir",
+        str(tmp_path / "ddp"),
+        "--no-progress",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -198,7 +241,10 @@ def test_channels_last_training_matches_contiguous_training(tmp_path):
     a, b = base["final"], cl["final"]
     assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * a["train_loss"], (a, b)
     weights = load_checkpoint(cl["checkpoint"])["model"]
-    assert any(w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights.values())
+    assert any(
+        w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for w in weights.values()
+    )
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """Data loaders on small archives written here in the real formats, and their errors."""
+
 import os
 import pickle
 import tarfile
@@ -13,7 +14,12 @@ from pnnh_kernels.train.data import DatasetError, load_dataset, load_digits
 def _write_cifar(root, name="cifar10", per_batch=6, corrupt=None):
     rng = np.random.default_rng(0)
     if name == "cifar10":
-        folder, files, key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
+        folder, files, key, classes = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+            b"labels",
+            10,
+        )
     else:
         folder, files, key, classes = "cifar-100-python", ["train", "test"], b"fine_labels", 100
     path = os.path.join(root, folder)
@@ -43,7 +49,11 @@ def test_cifar_folder_and_tarball(tmp_path, name):
     folder = _write_cifar(str(tmp_path), name)
     bundle = load_dataset(name, str(tmp_path))
     train_count = 30 if name == "cifar10" else 6
-    assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (train_count, 6, 10 if name == "cifar10" else 100)
+    assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (
+        train_count,
+        6,
+        10 if name == "cifar10" else 100,
+    )
     assert bundle.train[0][0].shape == (3, 32, 32)
     tar_path = tmp_path / "archive.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:

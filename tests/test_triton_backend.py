@@ -6,6 +6,7 @@ kernel on its own (convolution as implicit GEMM in every layout / stride / paddi
 the fused prologue, the statistics epilogue, the row passes); block tests check outputs, every gradient
 and the running statistics of the whole block against the literal reference.
 """
+
 import importlib.util
 
 import pytest
@@ -83,8 +84,12 @@ def test_implicit_gemm_conv_and_its_gradients_match_torch(device, shape, layout)
         dy = torch.randn_like(ref)
         ref.backward(dy)
         dw = conv2d_weight_grad(x, rows(dy).contiguous(), k, stride, pad)
-        torch.testing.assert_close(unpack_weight(dw, k), weight.grad, **close, msg=lambda m: f"dW k{k} s{stride} p{pad}: {m}")
-        if stride == 1 and pad == k // 2:  # the block's input gradient: a conv reading the packed weight flipped, transposed
+        torch.testing.assert_close(
+            unpack_weight(dw, k), weight.grad, **close, msg=lambda m: f"dW k{k} s{stride} p{pad}: {m}"
+        )
+        if (
+            stride == 1 and pad == k // 2
+        ):  # the block's input gradient: a conv reading the packed weight flipped, transposed
             dy_cl = dy.contiguous(memory_format=torch.channels_last)
             dx, _ = conv2d_implicit_gemm(dy_cl, pack_weight(weight.detach()), k, 1, pad, transposed_weight=True)
             torch.testing.assert_close(dx, rows(xr.grad), **close)
@@ -117,12 +122,18 @@ def test_statistics_partials_past_the_launched_tiles_read_as_zero(device, monkey
     from pnnh_kernels.triton_kernels import conv_implicit_gemm as gemm
 
     monkeypatch.setattr(gemm, "_min_block_m", lambda: 8)
-    monkeypatch.setattr(gemm, "_partials", lambda rows, cout, like, acc: torch.full((rows, 2, cout), float("nan"), dtype=acc, device=like.device))
+    monkeypatch.setattr(
+        gemm,
+        "_partials",
+        lambda rows, cout, like, acc: torch.full((rows, 2, cout), float("nan"), dtype=acc, device=like.device),
+    )
     dtype = exact_dtype(device)
     x = torch.randn(2, 3, 9, 7, dtype=dtype, device=device)
     weight = torch.randn(5, 3, 3, 3, dtype=dtype, device=device)
     out, part = gemm.conv2d_implicit_gemm(x, pack_weight(weight), 3, 1, 1, stats=True, reduce_stats=False)
-    assert part.shape[0] == triton.cdiv(out.shape[0], 8) and part.shape[0] > triton.cdiv(out.shape[0], gemm._conv_fwd_kernel.configs[0].kwargs["BLOCK_M"])
+    assert part.shape[0] == triton.cdiv(out.shape[0], 8) and part.shape[0] > triton.cdiv(
+        out.shape[0], gemm._conv_fwd_kernel.configs[0].kwargs["BLOCK_M"]
+    )
     torch.testing.assert_close(part.sum(0)[0].double(), out.sum(0).double(), rtol=1e-5, atol=1e-5)
 
 
@@ -136,8 +147,13 @@ def test_bn_finalize_in_eval_reads_the_running_statistics_and_split_affine_halve
     gamma, beta = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
     block_vectors = [torch.full((c + 3,), float("nan"), dtype=dtype, device=device) for _ in range(3)]
     _mean, _invstd, _var, scale, shift = bn_finalize(
-        None, 0, 1e-3, (gamma[:split].clone(), gamma[split:].clone()), (beta[:split].clone(), beta[split:].clone()),
-        running=(run_mean, run_var), out=tuple(t[3:] for t in block_vectors),
+        None,
+        0,
+        1e-3,
+        (gamma[:split].clone(), gamma[split:].clone()),
+        (beta[:split].clone(), beta[split:].clone()),
+        running=(run_mean, run_var),
+        out=tuple(t[3:] for t in block_vectors),
     )
     expect_inv = torch.rsqrt(run_var.double() + 1e-3)
     rtol, atol = (1e-12, 1e-12) if dtype == torch.float64 else (1e-6, 1e-6)
@@ -150,7 +166,9 @@ def test_bn_finalize_in_eval_reads_the_running_statistics_and_split_affine_halve
     torch.testing.assert_close(shift.double(), beta.double() - run_mean.double() * gamma.double() * expect_inv, **close)
 
 
-@pytest.mark.parametrize("coder_kernel, learner_kernel, tied", [(1, 3, True), (3, 3, False), (3, 1, False), (1, 1, True)])
+@pytest.mark.parametrize(
+    "coder_kernel, learner_kernel, tied", [(1, 3, True), (3, 3, False), (3, 1, False), (1, 1, True)]
+)
 def test_block_weights_pack_and_their_gradients_unpack_like_torch(device, coder_kernel, learner_kernel, tied):
     """One gather packs [W_e; W_1] and [g * W_d, W_2] (kernels padded to the shared size, the tied decoder
     transposed and flipped); one launch maps packed gradients back, the tied decoder's share added."""
@@ -161,11 +179,20 @@ def test_block_weights_pack_and_their_gradients_unpack_like_torch(device, coder_
     cin, cc, hid, gain = 5, 3, 7, 0.37
     K = max(coder_kernel, learner_kernel)
     new = lambda *shape: torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
-    enc, learn1, learn2 = new(cc, cin, coder_kernel, coder_kernel), new(hid, cin, learner_kernel, learner_kernel), new(cin, hid, learner_kernel, learner_kernel)
+    enc, learn1, learn2 = (
+        new(cc, cin, coder_kernel, coder_kernel),
+        new(hid, cin, learner_kernel, learner_kernel),
+        new(cin, hid, learner_kernel, learner_kernel),
+    )
     dec = None if tied else new(cin, cc, coder_kernel, coder_kernel)
     w1 = torch.cat([pad_kernel(enc, K), pad_kernel(learn1, K)])
-    w2 = torch.cat([pad_kernel(decoder_conv_weight(BlockWeights(enc, learn1, learn2, dec)), K) * gain, pad_kernel(learn2, K)], dim=1)
-    flat, p1, p2 = pack_block_weights(enc.detach(), learn1.detach(), learn2.detach(), None if tied else dec.detach(), gain)
+    w2 = torch.cat(
+        [pad_kernel(decoder_conv_weight(BlockWeights(enc, learn1, learn2, dec)), K) * gain, pad_kernel(learn2, K)],
+        dim=1,
+    )
+    flat, p1, p2 = pack_block_weights(
+        enc.detach(), learn1.detach(), learn2.detach(), None if tied else dec.detach(), gain
+    )
     close = dict(zip(("rtol", "atol"), tolerance(device)))
     torch.testing.assert_close(p1, pack_weight(w1.detach()), **close)
     torch.testing.assert_close(p2, pack_weight(w2.detach()), **close)
@@ -212,7 +239,9 @@ def test_centre_only_ranges_skip_exactly_the_zero_taps(device):
     w = torch.randn(10, 9, 3, 3, dtype=dtype, device=device)
     w[:4, :, :, :] = 0  # output channels 0..3: a 1x1 kernel
     w[:4, :, 1, 1] = torch.randn(4, 9, dtype=dtype, device=device)
-    w[:, 6:, :, :] *= torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=dtype, device=device)  # input channels 6..8: 1x1
+    w[:, 6:, :, :] *= torch.tensor(
+        [[0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=dtype, device=device
+    )  # input channels 6..8: 1x1
     ref = rows(F.conv2d(x, w, padding=1))
     close = dict(zip(("rtol", "atol"), tolerance(device)))
     out, _ = conv2d_implicit_gemm(x, pack_weight(w), 3, 1, 1, centre_range=(0, 4))
@@ -282,7 +311,9 @@ def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(de
     any tile), activation on a channel range only."""
     dtype = exact_dtype(device)
     n, h, w, c, lo, hi, slope, act_scale = 2, 5, 4, 19, 3, 17, 0.2, 1.3
-    z, y, (mean, invstd, gamma_p, beta_p) = _bn_act_layer(n * h * w, c, lo, hi, slope, act_scale, training, device, dtype)
+    z, y, (mean, invstd, gamma_p, beta_p) = _bn_act_layer(
+        n * h * w, c, lo, hi, slope, act_scale, training, device, dtype
+    )
     weight = torch.randn(6, c, 3, 3, dtype=dtype, device=device)
     dy = torch.randn_like(y)
     dz_ref, dgamma_ref, dbeta_ref = torch.autograd.grad(y, (z, gamma_p, beta_p), dy)
@@ -290,7 +321,9 @@ def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(de
     # the affine parameters as two halves (the coder's and the learner's tensors), split at channel 7
     halves = lambda t: (t[:7].clone(), t[7:].clone())
 
-    sums_part = bn_act_backward_sums(dy, z.detach(), mean, invstd, halves(gamma), halves(beta), (lo, hi), slope, act_scale, reduce=False)
+    sums_part = bn_act_backward_sums(
+        dy, z.detach(), mean, invstd, halves(gamma), halves(beta), (lo, hi), slope, act_scale, reduce=False
+    )
     coef, grads = bn_backward_finalize(sums_part, n * h * w, mean, invstd, halves(gamma), halves(beta), training)
     close = dict(zip(("rtol", "atol"), tolerance(device)))
     dg_lo, db_lo, dg_hi, db_hi = grads
@@ -304,13 +337,22 @@ def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(de
 
     # dz itself, through a 1x1 identity convolution
     eye = torch.eye(c, dtype=dtype, device=device)[:, :, None, None]
-    dz, _ = conv2d_implicit_gemm(nchw(dy), pack_weight(eye), 1, 1, 0, prologue=grad_prologue._replace(saved=nchw(z.detach())))
+    dz, _ = conv2d_implicit_gemm(
+        nchw(dy), pack_weight(eye), 1, 1, 0, prologue=grad_prologue._replace(saved=nchw(z.detach()))
+    )
     torch.testing.assert_close(dz, dz_ref, **close)
 
     # the input gradient of a conv whose output is z (6 -> c channels): the transposed conv of dz
     dx_ref = F.conv_transpose2d(nchw(dz_ref), weight.transpose(0, 1), padding=1)
-    dx, _ = conv2d_implicit_gemm(nchw(dy), pack_weight(weight.transpose(0, 1)), 3, 1, 1, transposed_weight=True,
-                                 prologue=grad_prologue._replace(saved=nchw(z.detach())))
+    dx, _ = conv2d_implicit_gemm(
+        nchw(dy),
+        pack_weight(weight.transpose(0, 1)),
+        3,
+        1,
+        1,
+        transposed_weight=True,
+        prologue=grad_prologue._replace(saved=nchw(z.detach())),
+    )
     torch.testing.assert_close(dx, rows(dx_ref), **close)
 
     # the weight gradient of a conv x -> z, taking dz from dy through the same prologue
@@ -324,7 +366,16 @@ def test_grad_prologue_refuses_a_saved_tensor_of_another_layout(device):
     dtype = exact_dtype(device)
     dy = torch.randn(12, 4, dtype=dtype, device=device)
     vec = torch.ones(4, dtype=dtype, device=device)
-    bad = GradPrologue(torch.randn(4, 12, dtype=dtype, device=device).t(), vec, vec, torch.ones(4, 4, dtype=dtype, device=device), 0, 4, 0.0, 1.0)
+    bad = GradPrologue(
+        torch.randn(4, 12, dtype=dtype, device=device).t(),
+        vec,
+        vec,
+        torch.ones(4, 4, dtype=dtype, device=device),
+        0,
+        4,
+        0.0,
+        1.0,
+    )
     with pytest.raises(ValueError, match="strides"):
         conv2d_weight_grad(torch.randn(3, 2, 2, 2, dtype=dtype, device=device), dy, 1, 1, 0, dy_prologue=bad)
 
@@ -342,7 +393,9 @@ QUICK = [  # (case, dtype, training): every case in float64 training, the rest s
 ALL_GPU = [(case, torch.float32, training) for case in sorted(BLOCK_CASES) for training in (True, False)]
 
 
-@pytest.mark.parametrize("case, dtype, training", ALL_GPU if ON_GPU else QUICK, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "case, dtype, training", ALL_GPU if ON_GPU else QUICK, ids=lambda v: str(v).replace("torch.", "")
+)
 def test_triton_block_matches_reference(device, case, dtype, training):
     ref = pk.PNNHConv2d(5, backend="reference", **BLOCK_CASES[case]).to(device=device, dtype=dtype).train(training)
     randomize_norms(ref)
@@ -350,7 +403,9 @@ def test_triton_block_matches_reference(device, case, dtype, training):
     assert_modules_agree(ref, twin(ref, "triton"), x, *TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 7, 7), (2, 6, 1, 1), (1, 6, 13, 1), (2, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"])
+@pytest.mark.parametrize(
+    "shape", [(1, 6, 7, 7), (2, 6, 1, 1), (1, 6, 13, 1), (2, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"]
+)
 def test_triton_block_odd_shapes(device, shape):
     dtype = exact_dtype(device)
     ref = pk.PNNHConv2d(6, backend="reference").to(device=device, dtype=dtype)
@@ -430,11 +485,17 @@ def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
 def test_auto_never_picks_the_interpreter():
     block = pk.PNNHConv2d(4)
     with torch.no_grad():
-        assert select_backend("auto", "conv2d", torch.randn(1, 4, 3, 3), block.block_weights(), block.config).name != "triton"
+        assert (
+            select_backend("auto", "conv2d", torch.randn(1, 4, 3, 3), block.block_weights(), block.config).name
+            != "triton"
+        )
 
 
 def test_triton_refuses_what_it_does_not_fuse():
-    for lin, match in ((pk.PNNHLinear(4, norm="batch"), "fuses layer norm"), (pk.PNNHLinear(4, bias=True), "no linear biases")):
+    for lin, match in (
+        (pk.PNNHLinear(4, norm="batch"), "fuses layer norm"),
+        (pk.PNNHLinear(4, bias=True), "no linear biases"),
+    ):
         with pytest.raises(BackendUnavailableError, match=match):
             select_backend("triton", "linear", torch.randn(2, 4), lin.block_weights(), lin.config)
     gelu = pk.PNNHConv2d(4, activation="gelu")

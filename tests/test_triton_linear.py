@@ -4,6 +4,7 @@ against PyTorch, and the block against the literal reference.
 
 In the interpreter (``TRITON_INTERPRET=1``, CI) on tiny shapes; compiled on a CUDA machine without it.
 """
+
 import importlib.util
 
 import pytest
@@ -46,14 +47,18 @@ def _act(y, gelu, slope, scale):
 
 def _segment_ln(z, split, eps=1e-5):
     """Layer norm of each row's columns [0, split) and [split, end) separately (no affine)."""
-    return torch.cat([F.layer_norm(z[:, :split], (split,), eps=eps), F.layer_norm(z[:, split:], (z.shape[1] - split,), eps=eps)], 1)
+    return torch.cat(
+        [F.layer_norm(z[:, :split], (split,), eps=eps), F.layer_norm(z[:, split:], (z.shape[1] - split,), eps=eps)], 1
+    )
 
 
 def _prologue(z, split, gelu, slope, scale):
     g = torch.Generator().manual_seed(3)
     gamma = (0.5 + torch.rand(z.shape[1], generator=g, dtype=torch.float64)).to(z)
     beta = torch.randn(z.shape[1], generator=g, dtype=torch.float64).to(z)
-    stats = row_statistics(ln_gemm(z, torch.eye(z.shape[1], dtype=z.dtype, device=z.device), stats_split=split)[1], 1e-5)
+    stats = row_statistics(
+        ln_gemm(z, torch.eye(z.shape[1], dtype=z.dtype, device=z.device), stats_split=split)[1], 1e-5
+    )
     pro = LnPrologue(stats, gamma, beta, split, gelu, slope, scale)
     h = _segment_ln(z, split) * gamma + beta
     h = torch.cat([h[:, :split], _act(h[:, split:], gelu, slope, scale)], 1)
@@ -81,11 +86,17 @@ def test_row_statistics_partials_past_the_launched_tiles_read_as_zero(device, mo
     from pnnh_kernels.triton_kernels import linear_gemm
 
     monkeypatch.setattr(linear_gemm, "_min_block_n", lambda: 4)
-    monkeypatch.setattr(linear_gemm, "_partials", lambda tiles, m, like, acc: torch.full((tiles, 2, 3, m), float("nan"), dtype=acc, device=like.device))
+    monkeypatch.setattr(
+        linear_gemm,
+        "_partials",
+        lambda tiles, m, like, acc: torch.full((tiles, 2, 3, m), float("nan"), dtype=acc, device=like.device),
+    )
     dtype = exact_dtype(device)
     a, b = torch.randn(9, 6, dtype=dtype, device=device), torch.randn(6, 21, dtype=dtype, device=device)
     out, part = linear_gemm.ln_gemm(a, b, stats_split=8)
-    assert part.shape[0] == 6 and part.shape[0] > triton.cdiv(21, linear_gemm._ln_gemm_kernel.configs[0].kwargs["BLOCK_N"])
+    assert part.shape[0] == 6 and part.shape[0] > triton.cdiv(
+        21, linear_gemm._ln_gemm_kernel.configs[0].kwargs["BLOCK_N"]
+    )
     stats = row_statistics(part, 1e-5)
     torch.testing.assert_close(stats[0], out[:, :8].mean(1), **tol(dtype))
     torch.testing.assert_close(stats[3], torch.rsqrt(out[:, 8:].var(1, unbiased=False) + 1e-5), **tol(dtype))
@@ -94,7 +105,9 @@ def test_row_statistics_partials_past_the_launched_tiles_read_as_zero(device, mo
 def test_ln_gemm_writes_into_a_strided_out(device):
     dtype = exact_dtype(device)
     a, b = torch.randn(7, 5, dtype=dtype, device=device), torch.randn(5, 3, dtype=dtype, device=device)
-    buffer = torch.full((3, 7), float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    buffer = torch.full(
+        (3, 7), float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device
+    )
     out, _ = ln_gemm(a, b, out=buffer.t())
     assert out.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(buffer.t(), (a @ b).to(buffer.dtype), **tol(dtype))
@@ -134,12 +147,18 @@ def test_ln_act_forward_matches_autograd(device, act, gelu):
 def _segmented_block_grads(u, dy, split, gamma, beta, gelu, slope, scale):
     """du, d gamma, d beta of y = [LN(u[:, :split]), act(LN(u[:, split:]))] * gamma + beta, by autograd."""
     uu, gg, bb = (t.detach().clone().requires_grad_() for t in (u, gamma, beta))
-    h = _segment_ln(uu, split) * gg + bb if 0 < split < u.shape[1] else F.layer_norm(uu, (u.shape[1],), eps=1e-5) * gg + bb
+    h = (
+        _segment_ln(uu, split) * gg + bb
+        if 0 < split < u.shape[1]
+        else F.layer_norm(uu, (u.shape[1],), eps=1e-5) * gg + bb
+    )
     y = torch.cat([h[:, :split], _act(h[:, split:], gelu, slope, scale)], 1)
     return torch.autograd.grad(y, (uu, gg, bb), dy)
 
 
-@pytest.mark.parametrize("split, gelu", [(5, True), (5, False), (0, False), (17, True)], ids=["two_gelu", "two_leaky", "all_act", "no_act"])
+@pytest.mark.parametrize(
+    "split, gelu", [(5, True), (5, False), (0, False), (17, True)], ids=["two_gelu", "two_leaky", "all_act", "no_act"]
+)
 def test_ln_grad_prologue_matches_autograd(device, split, gelu):
     """The sums pass and the gradient prologue against autograd of the segmented LN + activation: du
     itself (through an identity product), du @ W (an input gradient), du^T @ X and du^T @ LN(z) (weight
@@ -171,7 +190,9 @@ def test_ln_grad_prologue_matches_autograd(device, split, gelu):
     torch.testing.assert_close(ln_gemm(dy.t(), x, prologue_a=grad.t())[0], du_ref.t() @ x, **tol(dtype))
     z = rand(tokens, 9)
     hidden, h = _prologue(z, 4, gelu, slope, scale)
-    torch.testing.assert_close(ln_gemm(dy.t(), z, prologue_a=grad.t(), prologue_b=hidden)[0], du_ref.t() @ h, **tol(dtype))
+    torch.testing.assert_close(
+        ln_gemm(dy.t(), z, prologue_a=grad.t(), prologue_b=hidden)[0], du_ref.t() @ h, **tol(dtype)
+    )
 
 
 def test_ln_gemm_refuses_mismatched_prologues(device):
@@ -184,7 +205,12 @@ def test_ln_gemm_refuses_mismatched_prologues(device):
     with pytest.raises(ValueError, match="gradient prologue goes on A"):
         ln_gemm(torch.randn(3, 6, dtype=dtype, device=device), dy, prologue_b=grad)
     with pytest.raises(ValueError, match="same activation"):
-        ln_gemm(dy.t(), u, prologue_a=grad.t(), prologue_b=LnPrologue(stats, torch.ones(5), torch.zeros(5), 2, True, 0.0, 1.0))
+        ln_gemm(
+            dy.t(),
+            u,
+            prologue_a=grad.t(),
+            prologue_b=LnPrologue(stats, torch.ones(5), torch.zeros(5), 2, True, 0.0, 1.0),
+        )
     with pytest.raises(ValueError, match=r"\[4, 6\]"):
         ln_grad_sums(dy, u, LnPrologue(stats[:, :5], torch.ones(5), torch.zeros(5), 2, False, 0.0, 1.0))
 
@@ -195,7 +221,9 @@ def test_triton_linear_matches_reference(device, case):
     ref = pk.PNNHLinear(6, hidden_features=10, backend="reference", **LINEAR_CASES[case]).to(device=device, dtype=dtype)
     randomize_norms(ref)
     for shape in [(3, 4, 6), (1, 6), (6,)]:
-        assert_modules_agree(ref, twin(ref, "triton"), torch.randn(shape, dtype=dtype, device=device), *TOLERANCES[dtype], steps=1)
+        assert_modules_agree(
+            ref, twin(ref, "triton"), torch.randn(shape, dtype=dtype, device=device), *TOLERANCES[dtype], steps=1
+        )
 
 
 def test_triton_linear_gradcheck_and_opcheck(device):
@@ -210,7 +238,9 @@ def test_triton_linear_gradcheck_and_opcheck(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_linear_low_precision_error_within_twice_eager(device, dtype):
-    ref64 = pk.PNNHLinear(32, hidden_features=64, activation="gelu", backend="reference").to(device=device, dtype=torch.float64)
+    ref64 = pk.PNNHLinear(32, hidden_features=64, activation="gelu", backend="reference").to(
+        device=device, dtype=torch.float64
+    )
     randomize_norms(ref64)
     errors = low_precision_errors(ref64, "triton", torch.randn(16, 32, dtype=torch.float64, device=device), dtype)
     assert errors["triton"] <= 2 * errors["eager"] + 1e-3, errors
@@ -220,4 +250,6 @@ def test_torch_compile_traces_the_triton_linear_without_graph_breaks(device):
     dtype = exact_dtype(device)
     block = pk.PNNHLinear(4, hidden_features=6, backend="triton").to(device=device, dtype=dtype)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    assert_modules_agree(twin(block, "reference"), compiled, torch.randn(3, 4, dtype=dtype, device=device), *TOLERANCES[dtype], steps=1)
+    assert_modules_agree(
+        twin(block, "reference"), compiled, torch.randn(3, 4, dtype=dtype, device=device), *TOLERANCES[dtype], steps=1
+    )

@@ -1,4 +1,5 @@
 """Training, depth sweeps and dissipating-input analysis (installed as ``pnnh_kernels.train``)."""
+
 from .trainer import TrainConfig, evaluate, train
 
 __all__ = ["TrainConfig", "evaluate", "train"]

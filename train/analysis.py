@@ -7,6 +7,7 @@ Per layer (block output) of a network, on a batch of inputs:
   features, fitted on one half of the batch and scored on the other.
 The PNNH paper measured DISTS; these are cheaper measures of the same question.
 """
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """Batch augmentations on tensors (N, C, H, W), driven by an explicit generator for exact resumes."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Checkpoints written atomically and read with ``weights_only=True``."""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,11 @@
 """``pnnh-train``: train a network, sweep depths, or analyse dissipating inputs.
 
-    pnnh-train train --model pnnh_resnet56 --analyze       # the README's main job (digits, CPU, minutes)
-    pnnh-train sweep --families plain resnet pnnh tat --depths 20 56 110
-    pnnh-train analyze --models plain_resnet56 resnet56 pnnh_resnet56 tat_vanilla56
-    torchrun --nproc_per_node 2 -m pnnh_kernels.train.cli train ...   # DDP
+pnnh-train train --model pnnh_resnet56 --analyze       # the README's main job (digits, CPU, minutes)
+pnnh-train sweep --families plain resnet pnnh tat --depths 20 56 110
+pnnh-train analyze --models plain_resnet56 resnet56 pnnh_resnet56 tat_vanilla56
+torchrun --nproc_per_node 2 -m pnnh_kernels.train.cli train ...   # DDP
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--drop-path-rate", type=float, default=d.drop_path_rate)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp)
-    p.add_argument("--channels-last", action="store_true", help="model and batches in channels_last memory format (faster on oneDNN / cuDNN)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="model and batches in channels_last memory format (faster on oneDNN / cuDNN)",
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--backend", default=d.backend, help="PNNH block backend: auto, eager, reference, ...")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -51,7 +56,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-reuse", action="store_true", help="droppath + freeze iterations (residual models)")
     p.add_argument("--reuse-drop-rate", type=float, default=d.reuse_drop_rate)
     p.add_argument("--reuse-every", type=int, default=d.reuse_every)
-    p.add_argument("--model-options", type=json.loads, default={}, help='JSON, e.g. \'{"share_coder": true}\'')
+    p.add_argument("--model-options", type=json.loads, default={}, help="JSON, e.g. '{\"share_coder\": true}'")
 
 
 def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -73,7 +78,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     plot_history(result["history"], os.path.join(out_dir, "curves.png"), f"{args.model} on {args.dataset}")
-    outputs = {"metrics": result["metrics"], "checkpoint": result["checkpoint"], "curves": os.path.abspath(os.path.join(out_dir, "curves.png"))}
+    outputs = {
+        "metrics": result["metrics"],
+        "checkpoint": result["checkpoint"],
+        "curves": os.path.abspath(os.path.join(out_dir, "curves.png")),
+    }
     if args.analyze:
         x = _analysis_batch(args.dataset, args.data_root, args.image_size)
         trained = build_model(config, load_dataset(args.dataset, args.data_root, args.image_size))
@@ -86,8 +95,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         plot_analysis(results, os.path.join(out_dir, "dissipation.png"), "how much of the input survives each layer")
         outputs["dissipation"] = os.path.abspath(os.path.join(out_dir, "dissipation.png"))
     final = result["final"]
-    print(f"\n{args.model}: final test accuracy {final['test_acc']:.4f} (best {result['best_test_acc']:.4f}), "
-          f"{result['parameters']:,} parameters, {final['images_per_s']:.0f} training images/s")
+    print(
+        f"\n{args.model}: final test accuracy {final['test_acc']:.4f} (best {result['best_test_acc']:.4f}), "
+        f"{result['parameters']:,} parameters, {final['images_per_s']:.0f} training images/s"
+    )
     print("results:")
     for name, path in outputs.items():
         print(f"  {name:12s} {path}")
@@ -101,7 +112,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"\n{'family':8s} {'depth':>5s} {'params':>10s} {'test acc':>9s} {'img/s':>8s}")
     for r in rows:
         print(f"{r['family']:8s} {r['depth']:5d} {r['parameters']:10,d} {r['test_acc']:9.4f} {r['images_per_s']:8.0f}")
-    print(f"results: {os.path.abspath(os.path.join(out_dir, 'sweep.csv'))}\nplot:    {os.path.abspath(os.path.join(out_dir, 'sweep.png'))}")
+    print(
+        f"results: {os.path.abspath(os.path.join(out_dir, 'sweep.csv'))}\nplot:    {os.path.abspath(os.path.join(out_dir, 'sweep.png'))}"
+    )
     return 0
 
 
@@ -131,7 +144,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pnnh-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pnnh-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one model")
     p.add_argument("--model", default=TrainConfig().model)
@@ -171,5 +186,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

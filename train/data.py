@@ -3,6 +3,7 @@
 Every loader returns a :class:`DataBundle`: train and test sets of ``(image, label)`` with images as
 float tensors ``(C, H, W)`` already normalised, plus the batch augmentation to use in training.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,20 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:
 # ----------------------------------------------------------------------------- CIFAR
 
 _CIFAR = {
-    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "labels": b"labels", "classes": 10},
-    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "test": ["test"], "labels": b"fine_labels", "classes": 100},
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "labels": b"labels",
+        "classes": 10,
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "labels": b"fine_labels",
+        "classes": 100,
+    },
 }
 
 
@@ -224,4 +237,3 @@ def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int
     if name == "imagefolder":
         return load_imagefolder(root, image_size or 64, seed)
     return load_cifar(name, root)
-

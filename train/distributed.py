@@ -1,4 +1,5 @@
 """torch.distributed glue: DDP when launched by torchrun, a no-op otherwise."""
+
 from __future__ import annotations
 
 import os

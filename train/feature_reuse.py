@@ -8,6 +8,7 @@ gradients through, but their gradients are discarded so the optimiser leaves the
 momentum, untouched). ``every = k`` runs a type-1/type-2 pair after each ``k - 1`` ordinary steps
 (``k = 1``: strict alternation).
 """
+
 from __future__ import annotations
 
 from typing import Optional

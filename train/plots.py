@@ -1,4 +1,5 @@
 """PNG plots (matplotlib, headless)."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -27,7 +28,11 @@ def plot_history(history: list[dict], path: str, title: str) -> None:
 
 def plot_analysis(results: dict[str, list[dict]], path: str, title: str) -> None:
     """``results``: label -> rows of :func:`train.analysis.analyse`."""
-    keys = [("surviving", "fraction of surviving neurons"), ("cka", "linear CKA to the input"), ("reconstruction_r2", "input reconstruction R^2")]
+    keys = [
+        ("surviving", "fraction of surviving neurons"),
+        ("cka", "linear CKA to the input"),
+        ("reconstruction_r2", "input reconstruction R^2"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (key, label) in zip(axes, keys):
         for name, rows in results.items():

@@ -1,4 +1,5 @@
 """Depth sweep: train plain, ResNet, PNNH (and TAT) nets at several depths; accuracy vs depth and parameters."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -23,6 +23,7 @@
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
 The ops built on them live in :mod:`pnnh_kernels.backends.triton` (``conv.py``, ``linear.py``).
 """
+
 from .bn_act_rows import bn_act_backward_sums, bn_act_forward
 from .common import GradPrologue, Prologue, interpreting
 from .conv_implicit_gemm import conv2d_implicit_gemm

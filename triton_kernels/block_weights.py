@@ -12,6 +12,7 @@ and transposed in place (``conv2d_implicit_gemm(..., transposed_weight=True)``).
 
 The tied decoder is the encoder transposed and flipped: ``W_d[o, c, r, s] = W_e[c, o, kc-1-r, kc-1-s]``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -53,7 +54,9 @@ def block_shape(enc: Tensor, learn1: Tensor, learn2: Tensor) -> BlockShape:
     def kernel_size(w: Tensor) -> int:
         return w.shape[-1] if w.dim() == 4 else 1
 
-    return BlockShape(enc.shape[1], enc.shape[0], learn1.shape[0], learn2.shape[0], kernel_size(enc), kernel_size(learn1))
+    return BlockShape(
+        enc.shape[1], enc.shape[0], learn1.shape[0], learn2.shape[0], kernel_size(enc), kernel_size(learn1)
+    )
 
 
 @triton.jit
@@ -78,9 +81,25 @@ def _packed_position(offs, n_in, n_out, K: tl.constexpr, KC, KL):
 
 
 @triton.jit
-def _pack_kernel(enc_ptr, l1_ptr, l2_ptr, dec_ptr, out_ptr, const_ptr,
-                 CIN, CC, HID, COUT, KC, KL, size1, size2,
-                 K: tl.constexpr, TIED: tl.constexpr, BLOCK: tl.constexpr):
+def _pack_kernel(
+    enc_ptr,
+    l1_ptr,
+    l2_ptr,
+    dec_ptr,
+    out_ptr,
+    const_ptr,
+    CIN,
+    CC,
+    HID,
+    COUT,
+    KC,
+    KL,
+    size1,
+    size2,
+    K: tl.constexpr,
+    TIED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     C1 = CC + HID
     if tl.program_id(1) == 0:  # layer 1: [t, i, o], o < CC the encoder, else the learner
@@ -109,7 +128,9 @@ def _block() -> int:
     return 128 if interpreting() else 1024
 
 
-def pack_block_weights(enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor], gain: float) -> tuple[Tensor, Tensor, Tensor]:
+def pack_block_weights(
+    enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor], gain: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """(flat, w1, w2): one new flat tensor holding layer 1's ``[K*K, Cin, C1]`` and layer 2's
     ``[K*K, C1, Cout]`` packed weights, and the two as views of it."""
     shape = block_shape(enc, learn1, learn2)
@@ -117,10 +138,23 @@ def pack_block_weights(enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optiona
     flat = torch.empty(size1 + size2, device=enc.device, dtype=enc.dtype)
     block = _block()
     _pack_kernel[(triton.cdiv(max(size1, size2), block), 2)](
-        enc.contiguous(), learn1.contiguous(), learn2.contiguous(), (dec if dec is not None else enc).contiguous(),
-        flat, device_constants((gain,), enc.device, acc_dtype(enc.dtype)),
-        shape.cin, shape.cc, shape.hid, shape.cout, shape.kc, shape.kl, size1, size2,
-        K=shape.K, TIED=dec is None, BLOCK=block,
+        enc.contiguous(),
+        learn1.contiguous(),
+        learn2.contiguous(),
+        (dec if dec is not None else enc).contiguous(),
+        flat,
+        device_constants((gain,), enc.device, acc_dtype(enc.dtype)),
+        shape.cin,
+        shape.cc,
+        shape.hid,
+        shape.cout,
+        shape.kc,
+        shape.kl,
+        size1,
+        size2,
+        K=shape.K,
+        TIED=dec is None,
+        BLOCK=block,
     )
     return (flat, *packed_views(flat, shape))
 
@@ -139,9 +173,24 @@ def _unravel(offs, inner, k):
 
 
 @triton.jit
-def _unpack_grads_kernel(dw1_ptr, dw2_ptr, d_enc_ptr, d_l1_ptr, d_l2_ptr, d_dec_ptr, const_ptr,
-                         CIN, CC, HID, COUT, KC, KL,
-                         K: tl.constexpr, TIED: tl.constexpr, BLOCK: tl.constexpr):
+def _unpack_grads_kernel(
+    dw1_ptr,
+    dw2_ptr,
+    d_enc_ptr,
+    d_l1_ptr,
+    d_l2_ptr,
+    d_dec_ptr,
+    const_ptr,
+    CIN,
+    CC,
+    HID,
+    COUT,
+    KC,
+    KL,
+    K: tl.constexpr,
+    TIED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     seg = tl.program_id(1)
     C1 = CC + HID
@@ -173,12 +222,13 @@ def _unpack_grads_kernel(dw1_ptr, dw2_ptr, d_enc_ptr, d_l1_ptr, d_l2_ptr, d_dec_
         tl.store(d_dec_ptr + offs, (gain * g).to(d_dec_ptr.dtype.element_ty), mask=mask)
 
 
-def unpack_block_weight_grads(dw1: Tensor, dw2: Tensor, enc: Tensor, learn1: Tensor, learn2: Tensor,
-                              dec: Optional[Tensor], gain: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def unpack_block_weight_grads(
+    dw1: Tensor, dw2: Tensor, enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor], gain: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of (enc, learn1, learn2, dec), new contiguous tensors in the parameters' dtypes,
-    from the packed weight gradients ``dw1`` [K*K, Cin, C1] and ``dw2`` [K*K, C1, Cout] (contiguous, in
-the accumulation dtype, as :func:`~.conv_weight_grad.conv2d_weight_grad` returns them).
-    Tied (``dec`` None): the decoder's share is added to the encoder's and d_dec is empty."""
+        from the packed weight gradients ``dw1`` [K*K, Cin, C1] and ``dw2`` [K*K, C1, Cout] (contiguous, in
+    the accumulation dtype, as :func:`~.conv_weight_grad.conv2d_weight_grad` returns them).
+        Tied (``dec`` None): the decoder's share is added to the encoder's and d_dec is empty."""
     shape = block_shape(enc, learn1, learn2)
     taps = shape.K * shape.K
     if dw1.shape != (taps, shape.cin, shape.c1) or dw2.shape != (taps, shape.c1, shape.cout):
@@ -189,9 +239,21 @@ the accumulation dtype, as :func:`~.conv_weight_grad.conv2d_weight_grad` returns
     block = _block()
     segments = 3 if dec is None else 4  # the fourth writes d_dec
     _unpack_grads_kernel[(triton.cdiv(largest, block), segments)](
-        dw1.contiguous(), dw2.contiguous(), d_enc, d_l1, d_l2, d_dec if dec is not None else d_enc,
+        dw1.contiguous(),
+        dw2.contiguous(),
+        d_enc,
+        d_l1,
+        d_l2,
+        d_dec if dec is not None else d_enc,
         device_constants((gain,), enc.device, dw1.dtype),
-        shape.cin, shape.cc, shape.hid, shape.cout, shape.kc, shape.kl,
-        K=shape.K, TIED=dec is None, BLOCK=block,
+        shape.cin,
+        shape.cc,
+        shape.hid,
+        shape.cout,
+        shape.kc,
+        shape.kl,
+        K=shape.K,
+        TIED=dec is None,
+        BLOCK=block,
     )
     return d_enc, d_l1, d_l2, d_dec

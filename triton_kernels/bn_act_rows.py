@@ -9,6 +9,7 @@
 
 Reductions write per-program partials that are summed in float64 afterwards: no atomics, deterministic.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -42,8 +43,24 @@ def _blocks(channels: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _bn_act_fwd_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, M, C, act_lo, act_hi, act_ptr, HW, son, soc, sohw,
-                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_act_fwd_kernel(
+    z_ptr,
+    out_ptr,
+    scale_ptr,
+    shift_ptr,
+    M,
+    C,
+    act_lo,
+    act_hi,
+    act_ptr,
+    HW,
+    son,
+    soc,
+    sohw,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -56,13 +73,32 @@ def _bn_act_fwd_kernel(z_ptr, out_ptr, scale_ptr, shift_ptr, M, C, act_lo, act_h
     in_act = ((offs_c >= act_lo) & (offs_c < act_hi))[None, :]
     y = y * act_derivative(y, in_act, tl.load(act_ptr), tl.load(act_ptr + 1))  # the scaled leaky family is y * act'(y)
     # the output through (image, channel, pixel) strides: rows, or an NCHW map in any memory format
-    out_offs = ((offs_m // HW).to(tl.int64) * son + (offs_m % HW).to(tl.int64) * sohw)[:, None] + offs_c[None, :].to(tl.int64) * soc
+    out_offs = ((offs_m // HW).to(tl.int64) * son + (offs_m % HW).to(tl.int64) * sohw)[:, None] + offs_c[None, :].to(
+        tl.int64
+    ) * soc
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_lo, gamma_hi,
-                         beta_lo, beta_hi, split, act_lo, act_hi, act_ptr, ACC: tl.constexpr):
+def _normalised_and_grad(
+    dy_ptr,
+    z_ptr,
+    ptrs,
+    mask,
+    offs_c,
+    c_mask,
+    mean_ptr,
+    invstd_ptr,
+    gamma_lo,
+    gamma_hi,
+    beta_lo,
+    beta_hi,
+    split,
+    act_lo,
+    act_hi,
+    act_ptr,
+    ACC: tl.constexpr,
+):
     """(xhat, g) of a tile: the normalised input and the gradient through the activation."""
     mu = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
     inv = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
@@ -77,10 +113,27 @@ def _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, in
 
 
 @triton.jit
-def _bn_act_bwd_sums_kernel(dy_ptr, z_ptr, part_ptr, mean_ptr, invstd_ptr, gamma_lo, gamma_hi, beta_lo, beta_hi,
-                            split, M, C,
-                            act_lo, act_hi, act_ptr, rows_per_program,
-                            ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_act_bwd_sums_kernel(
+    dy_ptr,
+    z_ptr,
+    part_ptr,
+    mean_ptr,
+    invstd_ptr,
+    gamma_lo,
+    gamma_hi,
+    beta_lo,
+    beta_hi,
+    split,
+    M,
+    C,
+    act_lo,
+    act_hi,
+    act_ptr,
+    rows_per_program,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -92,8 +145,25 @@ def _bn_act_bwd_sums_kernel(dy_ptr, z_ptr, part_ptr, mean_ptr, invstd_ptr, gamma
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < m_end)[:, None] & c_mask[None, :]
         ptrs = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
-        xhat, g = _normalised_and_grad(dy_ptr, z_ptr, ptrs, mask, offs_c, c_mask, mean_ptr, invstd_ptr, gamma_lo,
-                                       gamma_hi, beta_lo, beta_hi, split, act_lo, act_hi, act_ptr, ACC)
+        xhat, g = _normalised_and_grad(
+            dy_ptr,
+            z_ptr,
+            ptrs,
+            mask,
+            offs_c,
+            c_mask,
+            mean_ptr,
+            invstd_ptr,
+            gamma_lo,
+            gamma_hi,
+            beta_lo,
+            beta_hi,
+            split,
+            act_lo,
+            act_hi,
+            act_ptr,
+            ACC,
+        )
         s += tl.sum(g, axis=0)
         sx += tl.sum(g * xhat, axis=0)
     row = part_ptr + pid_m.to(tl.int64) * 2 * C
@@ -107,8 +177,16 @@ def _check_rows(*tensors: Tensor) -> None:
             raise ValueError("the row kernels take contiguous [rows, channels] tensors")
 
 
-def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, act_range: tuple[int, int], slope: float,
-                   act_scale: float, out_dtype=None, out: Optional[Tensor] = None) -> Tensor:
+def bn_act_forward(
+    z: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    act_range: tuple[int, int],
+    slope: float,
+    act_scale: float,
+    out_dtype=None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
     """``act(scale * z + shift)`` of the rows ``z`` [N*H*W, C], as new rows, or written into ``out``, an
     [N, C, H, W] map in any memory format (so an NCHW block output needs no copy after the pass)."""
     _check_rows(z)
@@ -126,14 +204,35 @@ def bn_act_forward(z: Tensor, scale: Tensor, shift: Tensor, act_range: tuple[int
     bm, bc, warps = _blocks(c)
     if out.numel():
         _bn_act_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            z, out, as_acc(scale, acc), as_acc(shift, acc), m, c, *act_range, act_vector(slope, act_scale, z, acc),
-            *geometry, ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
+            z,
+            out,
+            as_acc(scale, acc),
+            as_acc(shift, acc),
+            m,
+            c,
+            *act_range,
+            act_vector(slope, act_scale, z, acc),
+            *geometry,
+            ACC=tl_dtype(acc),
+            BLOCK_M=bm,
+            BLOCK_C=bc,
+            num_warps=warps,
         )
     return out
 
 
-def bn_act_backward_sums(dy: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, gamma: Pair, beta: Pair,
-                         act_range: tuple[int, int], slope: float, act_scale: float, reduce: bool = True) -> Tensor:
+def bn_act_backward_sums(
+    dy: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Pair,
+    beta: Pair,
+    act_range: tuple[int, int],
+    slope: float,
+    act_scale: float,
+    reduce: bool = True,
+) -> Tensor:
     """[2, C] float64: sum(g), sum(g * xhat); with ``reduce=False`` the per-program partials [programs,
     2, C] in the accumulation dtype (for :func:`~.bn_stats.bn_backward_finalize`). gamma / beta: [C],
     or the (coder, learner) halves."""
@@ -149,7 +248,24 @@ def bn_act_backward_sums(dy: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, ga
     g_lo, g_hi, split = split_halves(gamma, c)
     b_lo, b_hi, _ = split_halves(beta, c)
     _bn_act_bwd_sums_kernel[(programs, triton.cdiv(c, bc))](
-        dy, z, part, as_acc(mean, acc), as_acc(invstd, acc), g_lo, g_hi, b_lo, b_hi, split, m, c, *act_range,
-        act_vector(slope, act_scale, z, acc), _ROWS_PER_PROGRAM, ACC=tl_dtype(acc), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
+        dy,
+        z,
+        part,
+        as_acc(mean, acc),
+        as_acc(invstd, acc),
+        g_lo,
+        g_hi,
+        b_lo,
+        b_hi,
+        split,
+        m,
+        c,
+        *act_range,
+        act_vector(slope, act_scale, z, acc),
+        _ROWS_PER_PROGRAM,
+        ACC=tl_dtype(acc),
+        BLOCK_M=bm,
+        BLOCK_C=bc,
+        num_warps=warps,
     )
     return part.sum(0, dtype=torch.float64) if reduce else part

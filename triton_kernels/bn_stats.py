@@ -14,6 +14,7 @@ affine parameters may come as two tensors (the coder's and the learner's, split 
 read where they lie instead of concatenated first, and the outputs may be given as views of the
 block's statistics vectors.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -51,10 +52,28 @@ def _reduce_partials(part_ptr, tiles, C, offs_c, c_mask, BLOCK_T: tl.constexpr, 
 
 
 @triton.jit
-def _bn_finalize_kernel(part_ptr, tiles, C, const_ptr, run_mean_ptr, run_var_ptr,
-                        gamma_lo, gamma_hi, beta_lo, beta_hi, split,
-                        mean_ptr, invstd_ptr, var_ptr, scale_ptr, shift_ptr,
-                        BATCH: tl.constexpr, F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_finalize_kernel(
+    part_ptr,
+    tiles,
+    C,
+    const_ptr,
+    run_mean_ptr,
+    run_var_ptr,
+    gamma_lo,
+    gamma_hi,
+    beta_lo,
+    beta_hi,
+    split,
+    mean_ptr,
+    invstd_ptr,
+    var_ptr,
+    scale_ptr,
+    shift_ptr,
+    BATCH: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     eps = tl.load(const_ptr)
@@ -78,10 +97,17 @@ def _bn_finalize_kernel(part_ptr, tiles, C, const_ptr, run_mean_ptr, run_var_ptr
     tl.store(shift_ptr + offs_c, sh.to(shift_ptr.dtype.element_ty), mask=c_mask)
 
 
-def bn_finalize(part: Optional[Tensor], count: int, eps: float, gamma: Pair, beta: Pair, *,
-                running: Optional[tuple[Tensor, Tensor]] = None,
-                out: Optional[tuple[Tensor, Tensor, Tensor]] = None,
-                dtype: Optional[torch.dtype] = None) -> tuple[Tensor, ...]:
+def bn_finalize(
+    part: Optional[Tensor],
+    count: int,
+    eps: float,
+    gamma: Pair,
+    beta: Pair,
+    *,
+    running: Optional[tuple[Tensor, Tensor]] = None,
+    out: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, ...]:
     """(mean, invstd, unbiased var, scale, shift), each [C], from ``part`` [tiles, 2, C] (per-tile sum
     and sum of squares over ``count`` values in all), or in eval mode from ``running`` (mean, var).
 
@@ -104,21 +130,51 @@ def bn_finalize(part: Optional[Tensor], count: int, eps: float, gamma: Pair, bet
     if c > 0:
         run_mean, run_var = running if running is not None else (part, part)
         _bn_finalize_kernel[(programs,)](
-            part if running is None else run_mean, 0 if running is not None else part.shape[0], c,
+            part if running is None else run_mean,
+            0 if running is not None else part.shape[0],
+            c,
             device_constants((eps, count), like.device, torch.float64),
-            run_mean.contiguous(), run_var.contiguous(), g_lo, g_hi, b_lo, b_hi, split,
-            *out, scale, shift,
-            BATCH=running is None, F64=out[0].dtype == torch.float64, BLOCK_T=_block_t(), BLOCK_C=block_c,
+            run_mean.contiguous(),
+            run_var.contiguous(),
+            g_lo,
+            g_hi,
+            b_lo,
+            b_hi,
+            split,
+            *out,
+            scale,
+            shift,
+            BATCH=running is None,
+            F64=out[0].dtype == torch.float64,
+            BLOCK_T=_block_t(),
+            BLOCK_C=block_c,
         )
     return (*out, scale, shift)
 
 
 @triton.jit
-def _bn_backward_finalize_kernel(part_ptr, tiles, C, const_ptr, mean_ptr, invstd_ptr,
-                                 gamma_lo, gamma_hi, beta_lo, beta_hi, split,
-                                 coef_ptr, dgamma_lo, dgamma_hi, dbeta_lo, dbeta_hi,
-                                 TRAINING: tl.constexpr, GRAD_F64: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_C: tl.constexpr):
+def _bn_backward_finalize_kernel(
+    part_ptr,
+    tiles,
+    C,
+    const_ptr,
+    mean_ptr,
+    invstd_ptr,
+    gamma_lo,
+    gamma_hi,
+    beta_lo,
+    beta_hi,
+    split,
+    coef_ptr,
+    dgamma_lo,
+    dgamma_hi,
+    dbeta_lo,
+    dbeta_hi,
+    TRAINING: tl.constexpr,
+    GRAD_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     s, sx = _reduce_partials(part_ptr, tiles, C, offs_c, c_mask, BLOCK_T, BLOCK_C)
@@ -152,8 +208,9 @@ def _bn_backward_finalize_kernel(part_ptr, tiles, C, const_ptr, mean_ptr, invstd
     tl.store(dbeta_hi + (offs_c - split), s.to(dbeta_hi.dtype.element_ty), mask=hi)
 
 
-def bn_backward_finalize(part: Tensor, count: int, mean: Tensor, invstd: Tensor, gamma: Pair, beta: Pair,
-                         training: bool) -> tuple[Tensor, list[Tensor]]:
+def bn_backward_finalize(
+    part: Tensor, count: int, mean: Tensor, invstd: Tensor, gamma: Pair, beta: Pair, training: bool
+) -> tuple[Tensor, list[Tensor]]:
     """(coef, grads) from ``part`` [tiles, 2, C], per-tile sum(g) and sum(g * xhat) over ``count`` rows.
 
     coef: [5, C] in the partials' dtype, rows (a, mean, b, k, shift): the first four are
@@ -176,9 +233,25 @@ def bn_backward_finalize(part: Tensor, count: int, mean: Tensor, invstd: Tensor,
     programs, block_c = _grid(c)
     if c > 0:
         _bn_backward_finalize_kernel[(programs,)](
-            part.contiguous(), tiles, c, device_constants((0.0, max(count, 1)), part.device, torch.float64),
-            mean.contiguous(), invstd.contiguous(), g_lo, g_hi, b_lo, b_hi, split,
-            coef, grads[0], dg_hi, grads[1], db_hi,
-            TRAINING=training, GRAD_F64=grads[0].dtype == torch.float64, BLOCK_T=_block_t(), BLOCK_C=block_c,
+            part.contiguous(),
+            tiles,
+            c,
+            device_constants((0.0, max(count, 1)), part.device, torch.float64),
+            mean.contiguous(),
+            invstd.contiguous(),
+            g_lo,
+            g_hi,
+            b_lo,
+            b_hi,
+            split,
+            coef,
+            grads[0],
+            dg_hi,
+            grads[1],
+            db_hi,
+            TRAINING=training,
+            GRAD_F64=grads[0].dtype == torch.float64,
+            BLOCK_T=_block_t(),
+            BLOCK_C=block_c,
         )
     return coef, grads

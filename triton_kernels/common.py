@@ -1,5 +1,6 @@
 """What the Triton kernels share: the interpreter switch, dtype choices, and the fused load prologues
 (batch norm + activation on a forward input, their backward on an output gradient)."""
+
 from __future__ import annotations
 
 import os
@@ -22,11 +23,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return {
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+    }[dtype]
 
 
 def dot_dtype(dtype: torch.dtype):
-    """The operand dtype of tl.dot. The interpreter's bf16 dot is wrong (design.md section 3): use fp32 there."""
+    """The operand dtype of tl.dot. The interpreter's bf16 dot is wrong: use fp32 there."""
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32
     return tl_dtype(dtype)
@@ -141,8 +147,10 @@ def grad_prologue_args(prologue: Optional[GradPrologue], like: Tensor, acc: torc
         return like, unused, unused, unused, 0, 0, unused
     p = prologue
     if p.saved.shape != like.shape or p.saved.stride() != like.stride():
-        raise ValueError(f"the saved tensor {tuple(p.saved.shape)} / {p.saved.stride()} must share the gradient's "
-                         f"shape and strides {tuple(like.shape)} / {like.stride()}")
+        raise ValueError(
+            f"the saved tensor {tuple(p.saved.shape)} / {p.saved.stride()} must share the gradient's "
+            f"shape and strides {tuple(like.shape)} / {like.stride()}"
+        )
     channels = p.scale.shape[0]
     if p.coef.shape != (4, channels) or p.shift.shape != (channels,):
         raise ValueError(f"coef {tuple(p.coef.shape)} / shift {tuple(p.shift.shape)} do not fit {channels} channels")
@@ -189,8 +197,9 @@ def act_derivative(y, in_act, pos, neg):
 
 
 @triton.jit
-def apply_grad_prologue(g, u, offs_c, mask2d, scale_ptr, shift_ptr, coef_ptr, C, c_mask, act_lo, act_hi, pos, neg,
-                        ACC: tl.constexpr):
+def apply_grad_prologue(
+    g, u, offs_c, mask2d, scale_ptr, shift_ptr, coef_ptr, C, c_mask, act_lo, act_hi, pos, neg, ACC: tl.constexpr
+):
     """:class:`GradPrologue` on a loaded gradient tile ``g`` and the saved pre-norm tile ``u`` ([rows,
     channels], channels along axis 1)."""
     sc = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
@@ -225,8 +234,24 @@ def operand_args(prologue, x: Tensor, acc: torch.dtype) -> tuple:
 
 
 @triton.jit
-def load_operand(x_ptr, saved_ptr, offs, mask2d, offs_c, c_mask, C, scale_ptr, shift_ptr, coef_ptr,
-                 act_lo, act_hi, pos, neg, PROLOGUE: tl.constexpr, ACC: tl.constexpr):
+def load_operand(
+    x_ptr,
+    saved_ptr,
+    offs,
+    mask2d,
+    offs_c,
+    c_mask,
+    C,
+    scale_ptr,
+    shift_ptr,
+    coef_ptr,
+    act_lo,
+    act_hi,
+    pos,
+    neg,
+    PROLOGUE: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """A [rows, channels] tile at element offsets ``offs``, through its prologue: BN + activation of the
     forward, or their backward (which also reads the saved pre-norm tensor at the same offsets)."""
     a = tl.load(x_ptr + offs, mask=mask2d, other=0.0)
@@ -234,6 +259,7 @@ def load_operand(x_ptr, saved_ptr, offs, mask2d, offs_c, c_mask, C, scale_ptr, s
         a = apply_prologue(a, offs_c, mask2d, scale_ptr, shift_ptr, c_mask, act_lo, act_hi, pos, neg, ACC)
     elif PROLOGUE == 2:
         u = tl.load(saved_ptr + offs, mask=mask2d, other=0.0)
-        a = apply_grad_prologue(a, u, offs_c, mask2d, scale_ptr, shift_ptr, coef_ptr, C, c_mask, act_lo, act_hi,
-                                pos, neg, ACC)
+        a = apply_grad_prologue(
+            a, u, offs_c, mask2d, scale_ptr, shift_ptr, coef_ptr, C, c_mask, act_lo, act_hi, pos, neg, ACC
+        )
     return a

@@ -14,6 +14,7 @@ out[m, o] = sum over taps t and input channels c of  P(x)[pixel(m) + offset(t), 
   output tiles inside [cen_lo, cen_hi) compute the centre tap only. That is how a 1x1 coder shares one
   GEMM with a 3x3 learner without doing nine times the coder's work.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -52,17 +53,59 @@ _GPU_CONFIGS = [
 
 
 @triton.jit
-def _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, c_start, c_end, sxc, offs_n,
-                         n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
-                         PROLOGUE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+def _accumulate_channels(
+    acc,
+    x_ptr,
+    saved_ptr,
+    row_off,
+    valid,
+    w_tap_ptr,
+    swk,
+    swn,
+    c_start,
+    c_end,
+    sxc,
+    offs_n,
+    n_mask,
+    CIN,
+    scale_ptr,
+    shift_ptr,
+    coef_ptr,
+    act_lo,
+    act_hi,
+    pos,
+    neg,
+    PROLOGUE: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     for c0 in range(c_start, c_end, BLOCK_K):
         offs_k = c0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < c_end
         mask2d = valid[:, None] & k_mask[None, :]
-        a = load_operand(x_ptr, saved_ptr, row_off[:, None] + offs_k[None, :] * sxc, mask2d, offs_k, k_mask, CIN,
-                         scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg, PROLOGUE, ACC)
-        b = tl.load(w_tap_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = load_operand(
+            x_ptr,
+            saved_ptr,
+            row_off[:, None] + offs_k[None, :] * sxc,
+            mask2d,
+            offs_k,
+            k_mask,
+            CIN,
+            scale_ptr,
+            shift_ptr,
+            coef_ptr,
+            act_lo,
+            act_hi,
+            pos,
+            neg,
+            PROLOGUE,
+            ACC,
+        )
+        b = tl.load(
+            w_tap_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
+        )
         acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
     return acc
 
@@ -74,16 +117,49 @@ def _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, 
 )
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, saved_ptr, w_ptr, out_ptr, part_ptr, scale_ptr, shift_ptr, coef_ptr,
-    N, H, W, CIN, OH, OW, COUT,
-    sxn, sxc, sxh, sxw,
-    w_off, swt, swk, swn,
-    conv_stride, pad,
-    skip_lo, skip_hi, cen_lo, cen_hi,
-    act_lo, act_hi, act_ptr, part_rows,
-    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, STATS: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    saved_ptr,
+    w_ptr,
+    out_ptr,
+    part_ptr,
+    scale_ptr,
+    shift_ptr,
+    coef_ptr,
+    N,
+    H,
+    W,
+    CIN,
+    OH,
+    OW,
+    COUT,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    w_off,
+    swt,
+    swk,
+    swn,
+    conv_stride,
+    pad,
+    skip_lo,
+    skip_hi,
+    cen_lo,
+    cen_hi,
+    act_lo,
+    act_hi,
+    act_ptr,
+    part_rows,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    STATS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -109,17 +185,92 @@ def _conv_fwd_kernel(
         row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         w_tap_ptr = w_ptr + w_off + tap * swt
         if tap == (KH // 2) * KW + KW // 2:
-            acc = _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, 0, CIN, sxc,
-                                       offs_n, n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
-                                       PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
+            acc = _accumulate_channels(
+                acc,
+                x_ptr,
+                saved_ptr,
+                row_off,
+                valid,
+                w_tap_ptr,
+                swk,
+                swn,
+                0,
+                CIN,
+                sxc,
+                offs_n,
+                n_mask,
+                CIN,
+                scale_ptr,
+                shift_ptr,
+                coef_ptr,
+                act_lo,
+                act_hi,
+                pos,
+                neg,
+                PROLOGUE,
+                ACC,
+                DOT,
+                PRECISION,
+                BLOCK_K,
+            )
         else:
             if centre_only == 0:
-                acc = _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, 0, skip_lo,
-                                           sxc, offs_n, n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
-                                           PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
-                acc = _accumulate_channels(acc, x_ptr, saved_ptr, row_off, valid, w_tap_ptr, swk, swn, skip_hi, CIN,
-                                           sxc, offs_n, n_mask, CIN, scale_ptr, shift_ptr, coef_ptr, act_lo, act_hi, pos, neg,
-                                           PROLOGUE, ACC, DOT, PRECISION, BLOCK_K)
+                acc = _accumulate_channels(
+                    acc,
+                    x_ptr,
+                    saved_ptr,
+                    row_off,
+                    valid,
+                    w_tap_ptr,
+                    swk,
+                    swn,
+                    0,
+                    skip_lo,
+                    sxc,
+                    offs_n,
+                    n_mask,
+                    CIN,
+                    scale_ptr,
+                    shift_ptr,
+                    coef_ptr,
+                    act_lo,
+                    act_hi,
+                    pos,
+                    neg,
+                    PROLOGUE,
+                    ACC,
+                    DOT,
+                    PRECISION,
+                    BLOCK_K,
+                )
+                acc = _accumulate_channels(
+                    acc,
+                    x_ptr,
+                    saved_ptr,
+                    row_off,
+                    valid,
+                    w_tap_ptr,
+                    swk,
+                    swn,
+                    skip_hi,
+                    CIN,
+                    sxc,
+                    offs_n,
+                    n_mask,
+                    CIN,
+                    scale_ptr,
+                    shift_ptr,
+                    coef_ptr,
+                    act_lo,
+                    act_hi,
+                    pos,
+                    neg,
+                    PROLOGUE,
+                    ACC,
+                    DOT,
+                    PRECISION,
+                    BLOCK_K,
+                )
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
@@ -196,15 +347,38 @@ def conv2d_implicit_gemm(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
     if m > 0 and cout > 0:
         _conv_fwd_kernel[grid](
-            x, saved, w_packed, out, part, scale, shift, coef,
-            n, h, w, cin, oh, ow, cout,
+            x,
+            saved,
+            w_packed,
+            out,
+            part,
+            scale,
+            shift,
+            coef,
+            n,
+            h,
+            w,
+            cin,
+            oh,
+            ow,
+            cout,
             *x.stride(),
             *w_strides,
-            stride, padding,
-            *skip_range, *centre_range,
-            act_lo, act_hi, acts, rows,
-            KH=kernel_size, KW=kernel_size, PROLOGUE=prologue_kind(prologue), STATS=stats,
-            ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+            stride,
+            padding,
+            *skip_range,
+            *centre_range,
+            act_lo,
+            act_hi,
+            acts,
+            rows,
+            KH=kernel_size,
+            KW=kernel_size,
+            PROLOGUE=prologue_kind(prologue),
+            STATS=stats,
+            ACC=tl_dtype(acc),
+            DOT=dot_dtype(x.dtype),
+            PRECISION=dot_precision(x.dtype),
         )
     if not stats:
         return out, None

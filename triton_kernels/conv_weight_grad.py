@@ -8,6 +8,7 @@ never needs it stored; a second prologue on dy applies the next layer's dAct + d
 that gradient is never stored either. Tiles that only hold weights a centre-only range makes structurally zero
 (see :mod:`.conv_implicit_gemm`) are skipped.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -51,18 +52,49 @@ _ROWS_PER_SPLIT = 4096  # pixels each program reduces over (a multiple of every 
 )
 @triton.jit
 def _conv_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, scale_ptr, shift_ptr,
-    saved_ptr, g_scale_ptr, g_shift_ptr, g_coef_ptr,
-    N, H, W, CIN, OH, OW, COUT,
-    sxn, sxc, sxh, sxw,
-    conv_stride, pad,
-    skip_lo, skip_hi, cen_lo, cen_hi,
-    act_lo, act_hi, act_ptr,
-    g_act_lo, g_act_hi, g_act_ptr,
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    scale_ptr,
+    shift_ptr,
+    saved_ptr,
+    g_scale_ptr,
+    g_shift_ptr,
+    g_coef_ptr,
+    N,
+    H,
+    W,
+    CIN,
+    OH,
+    OW,
+    COUT,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    conv_stride,
+    pad,
+    skip_lo,
+    skip_hi,
+    cen_lo,
+    cen_hi,
+    act_lo,
+    act_hi,
+    act_ptr,
+    g_act_lo,
+    g_act_hi,
+    g_act_ptr,
     rows_per_split,
-    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, DY_PROLOGUE: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    DY_PROLOGUE: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_O: tl.constexpr,
 ):
     pid_tc = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -78,7 +110,9 @@ def _conv_wgrad_kernel(
     kr = tap // KW
     ks = tap % KW
     is_centre = tap == (KH // 2) * KW + KW // 2
-    structurally_zero = ((c_lo >= skip_lo) & (c_lo + BLOCK_C <= skip_hi)) | ((o_lo >= cen_lo) & (o_lo + BLOCK_O <= cen_hi))
+    structurally_zero = ((c_lo >= skip_lo) & (c_lo + BLOCK_C <= skip_hi)) | (
+        (o_lo >= cen_lo) & (o_lo + BLOCK_O <= cen_hi)
+    )
 
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
@@ -99,11 +133,42 @@ def _conv_wgrad_kernel(
             valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             mask_a = valid[:, None] & c_mask[None, :]
             row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            a = load_operand(x_ptr, x_ptr, row_off[:, None] + offs_c[None, :] * sxc, mask_a, offs_c, c_mask, CIN,
-                             scale_ptr, shift_ptr, scale_ptr, act_lo, act_hi, pos, neg, PROLOGUE, ACC)
-            b = load_operand(dy_ptr, saved_ptr, offs_m[:, None].to(tl.int64) * COUT + offs_o[None, :],
-                             m_mask[:, None] & o_mask[None, :], offs_o, o_mask, COUT,
-                             g_scale_ptr, g_shift_ptr, g_coef_ptr, g_act_lo, g_act_hi, g_pos, g_neg, DY_PROLOGUE, ACC)
+            a = load_operand(
+                x_ptr,
+                x_ptr,
+                row_off[:, None] + offs_c[None, :] * sxc,
+                mask_a,
+                offs_c,
+                c_mask,
+                CIN,
+                scale_ptr,
+                shift_ptr,
+                scale_ptr,
+                act_lo,
+                act_hi,
+                pos,
+                neg,
+                PROLOGUE,
+                ACC,
+            )
+            b = load_operand(
+                dy_ptr,
+                saved_ptr,
+                offs_m[:, None].to(tl.int64) * COUT + offs_o[None, :],
+                m_mask[:, None] & o_mask[None, :],
+                offs_o,
+                o_mask,
+                COUT,
+                g_scale_ptr,
+                g_shift_ptr,
+                g_coef_ptr,
+                g_act_lo,
+                g_act_hi,
+                g_pos,
+                g_neg,
+                DY_PROLOGUE,
+                ACC,
+            )
             acc = tl.dot(tl.trans(a.to(DOT)), b.to(DOT), acc, input_precision=PRECISION)
 
     dw_ptrs = dw_ptr + ((pid_s * KH * KW + tap) * CIN + offs_c[:, None]).to(tl.int64) * COUT + offs_o[None, :]
@@ -141,16 +206,40 @@ def conv2d_weight_grad(
     saved, g_scale, g_shift, g_coef, g_lo, g_hi, g_acts = grad_prologue_args(dy_prologue, dy, acc)
     grid = lambda meta: (taps * triton.cdiv(cin, meta["BLOCK_C"]), triton.cdiv(cout, meta["BLOCK_O"]), splits)
     _conv_wgrad_kernel[grid](
-        x, dy, dw, scale, shift,
-        saved, g_scale, g_shift, g_coef,
-        n, h, w, cin, oh, ow, cout,
+        x,
+        dy,
+        dw,
+        scale,
+        shift,
+        saved,
+        g_scale,
+        g_shift,
+        g_coef,
+        n,
+        h,
+        w,
+        cin,
+        oh,
+        ow,
+        cout,
         *x.stride(),
-        stride, padding,
-        *skip_range, *centre_range,
-        act_lo, act_hi, acts,
-        g_lo, g_hi, g_acts,
+        stride,
+        padding,
+        *skip_range,
+        *centre_range,
+        act_lo,
+        act_hi,
+        acts,
+        g_lo,
+        g_hi,
+        g_acts,
         _ROWS_PER_SPLIT,
-        KH=kernel_size, KW=kernel_size, PROLOGUE=prologue_kind(prologue), DY_PROLOGUE=prologue_kind(dy_prologue),
-        ACC=tl_dtype(acc), DOT=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+        KH=kernel_size,
+        KW=kernel_size,
+        PROLOGUE=prologue_kind(prologue),
+        DY_PROLOGUE=prologue_kind(dy_prologue),
+        ACC=tl_dtype(acc),
+        DOT=dot_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype),
     )
     return dw.sum(0) if splits > 1 else dw[0]

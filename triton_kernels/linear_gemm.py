@@ -15,6 +15,7 @@ out[i, j] = sum_r P_A(A)[i, r] * P_B(B)[r, j]
   count, the tile mean and the sum of squared deviations from it, which :func:`row_statistics`
   combines with Chan's formula (a sum of squares minus a squared mean would cancel badly).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -67,13 +68,50 @@ def _segment_stats(part_ptr, acc, valid, seg_mask, offs_m, m_mask, M, ACC: tl.co
 )
 @triton.jit
 def _ln_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, part_ptr,
-    saved_ptr, ssm, ssk, stats_a, coef_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a,
-    stats_b, gb_lo, gb_hi, bb_lo, bb_hi, split_b, act_ptr,
-    M, N, K, sam, sak, sbk, sbn, som, son, T, stats_split, part_tiles,
-    PRO_A: tl.constexpr, A_TOKENS_ALONG_K: tl.constexpr, PRO_B: tl.constexpr, STATS: tl.constexpr,
-    GELU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    part_ptr,
+    saved_ptr,
+    ssm,
+    ssk,
+    stats_a,
+    coef_a,
+    ga_lo,
+    ga_hi,
+    ba_lo,
+    ba_hi,
+    split_a,
+    stats_b,
+    gb_lo,
+    gb_hi,
+    bb_lo,
+    bb_hi,
+    split_b,
+    act_ptr,
+    M,
+    N,
+    K,
+    sam,
+    sak,
+    sbk,
+    sbn,
+    som,
+    son,
+    T,
+    stats_split,
+    part_tiles,
+    PRO_A: tl.constexpr,
+    A_TOKENS_ALONG_K: tl.constexpr,
+    PRO_B: tl.constexpr,
+    STATS: tl.constexpr,
+    GELU: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -91,22 +129,93 @@ def _ln_gemm_kernel(
         a_mask = m_mask[:, None] & k_mask[None, :]
         cols_k = offs_k[None, :].to(tl.int64)
         a = tl.load(a_ptr + rows_m * sam + cols_k * sak, mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * sbk + offs_n[None, :] * sbn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b = tl.load(
+            b_ptr + offs_k[:, None].to(tl.int64) * sbk + offs_n[None, :] * sbn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         if PRO_A == 1:  # A's rows are tokens, its columns the normalised channels
-            a = ln_act_tile(a, offs_m[:, None], m_mask[:, None], offs_k[None, :], k_mask[None, :], stats_a, T,
-                            ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)
+            a = ln_act_tile(
+                a,
+                offs_m[:, None],
+                m_mask[:, None],
+                offs_k[None, :],
+                k_mask[None, :],
+                stats_a,
+                T,
+                ga_lo,
+                ga_hi,
+                ba_lo,
+                ba_hi,
+                split_a,
+                pos,
+                neg,
+                GELU,
+                ACC,
+            )
         elif PRO_A == 2:  # A is an output gradient: dAct + dLN against the saved pre-norm tensor
             u = tl.load(saved_ptr + rows_m * ssm + cols_k * ssk, mask=a_mask, other=0.0)
             if A_TOKENS_ALONG_K:  # dY^T of a weight gradient
-                a = ln_grad_tile(a, u, offs_k[None, :], k_mask[None, :], offs_m[:, None], m_mask[:, None], stats_a,
-                                 coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)
+                a = ln_grad_tile(
+                    a,
+                    u,
+                    offs_k[None, :],
+                    k_mask[None, :],
+                    offs_m[:, None],
+                    m_mask[:, None],
+                    stats_a,
+                    coef_a,
+                    T,
+                    ga_lo,
+                    ga_hi,
+                    ba_lo,
+                    ba_hi,
+                    split_a,
+                    pos,
+                    neg,
+                    GELU,
+                    ACC,
+                )
             else:
-                a = ln_grad_tile(a, u, offs_m[:, None], m_mask[:, None], offs_k[None, :], k_mask[None, :], stats_a,
-                                 coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)
+                a = ln_grad_tile(
+                    a,
+                    u,
+                    offs_m[:, None],
+                    m_mask[:, None],
+                    offs_k[None, :],
+                    k_mask[None, :],
+                    stats_a,
+                    coef_a,
+                    T,
+                    ga_lo,
+                    ga_hi,
+                    ba_lo,
+                    ba_hi,
+                    split_a,
+                    pos,
+                    neg,
+                    GELU,
+                    ACC,
+                )
         if PRO_B:  # B's rows are tokens
-            b = ln_act_tile(b, offs_k[:, None], k_mask[:, None], offs_n[None, :], n_mask[None, :], stats_b, T,
-                            gb_lo, gb_hi, bb_lo, bb_hi, split_b, pos, neg, GELU, ACC)
+            b = ln_act_tile(
+                b,
+                offs_k[:, None],
+                k_mask[:, None],
+                offs_n[None, :],
+                n_mask[None, :],
+                stats_b,
+                T,
+                gb_lo,
+                gb_hi,
+                bb_lo,
+                bb_hi,
+                split_b,
+                pos,
+                neg,
+                GELU,
+                ACC,
+            )
         acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
 
     valid = m_mask[:, None] & n_mask[None, :]
@@ -143,8 +252,10 @@ def _norm_args(p: LnPrologue, acc: torch.dtype) -> tuple:
 def _check_prologue(p, operand: Tensor, name: str, tokens_axis: int) -> int:
     """The token count of a prologue on ``operand`` (checked against its vectors)."""
     if isinstance(p, LnGradPrologue) and p.saved.shape != operand.shape:
-        raise ValueError(f"{name}: the saved tensor {tuple(p.saved.shape)} must match the gradient {tuple(operand.shape)}"
-                         " (a transposed gradient takes the prologue's .t())")
+        raise ValueError(
+            f"{name}: the saved tensor {tuple(p.saved.shape)} must match the gradient {tuple(operand.shape)}"
+            " (a transposed gradient takes the prologue's .t())"
+        )
     tokens = operand.shape[tokens_axis]
     shapes = [p.norm.stats, p.coef] if isinstance(p, LnGradPrologue) else [p.stats]
     if any(t.shape != (4, tokens) for t in shapes):
@@ -201,14 +312,38 @@ def ln_gemm(
     if m > 0 and n > 0:
         stats_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a = a_args
         _ln_gemm_kernel[grid](
-            a, b, out, part,
-            saved, *saved.stride(), stats_a, coef, ga_lo, ga_hi, ba_lo, ba_hi, split_a,
-            *b_args, acts,
-            m, n, k, *a.stride(), *b.stride(), *out.stride(), tokens[0] if tokens else 1, stats_split if stats else n,
+            a,
+            b,
+            out,
+            part,
+            saved,
+            *saved.stride(),
+            stats_a,
+            coef,
+            ga_lo,
+            ga_hi,
+            ba_lo,
+            ba_hi,
+            split_a,
+            *b_args,
+            acts,
+            m,
+            n,
+            k,
+            *a.stride(),
+            *b.stride(),
+            *out.stride(),
+            tokens[0] if tokens else 1,
+            stats_split if stats else n,
             part.shape[0] if stats else 0,
-            PRO_A=0 if prologue_a is None else (2 if a_grad else 1), A_TOKENS_ALONG_K=a_tokens_axis == 1,
-            PRO_B=prologue_b is not None, STATS=stats, GELU=bool(pros) and pros[0].gelu,
-            ACC=tl_dtype(acc), DOT=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype),
+            PRO_A=0 if prologue_a is None else (2 if a_grad else 1),
+            A_TOKENS_ALONG_K=a_tokens_axis == 1,
+            PRO_B=prologue_b is not None,
+            STATS=stats,
+            GELU=bool(pros) and pros[0].gelu,
+            ACC=tl_dtype(acc),
+            DOT=dot_dtype(a.dtype),
+            PRECISION=dot_precision(a.dtype),
         )
     if not stats:
         return out, None
@@ -269,7 +404,12 @@ def row_statistics(part: Tensor, eps: float) -> Tensor:
     block = 16 if interpreting() else 256
     if m > 0:
         _row_statistics_kernel[(triton.cdiv(m, block),)](
-            part.contiguous(), out, part.shape[0], m, device_constants((eps,), part.device, torch.float64),
-            F64=part.dtype == torch.float64, BLOCK=block,
+            part.contiguous(),
+            out,
+            part.shape[0],
+            m,
+            device_constants((eps,), part.device, torch.float64),
+            F64=part.dtype == torch.float64,
+            BLOCK=block,
         )
     return out

@@ -7,6 +7,7 @@
   loading (:class:`~.ln_tiles.LnGradPrologue`: the input gradient itself is never stored), and
   d(gamma), d(beta) from per-program column partials summed in float64 (no atomics, deterministic).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,22 +28,73 @@ def _blocks(width: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _ln_act_fwd_kernel(u_ptr, y_ptr, stats_ptr, g_lo, g_hi, b_lo, b_hi, act_ptr, T, C, split,
-                       GELU: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ln_act_fwd_kernel(
+    u_ptr,
+    y_ptr,
+    stats_ptr,
+    g_lo,
+    g_hi,
+    b_lo,
+    b_hi,
+    act_ptr,
+    T,
+    C,
+    split,
+    GELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask, c_mask = offs_m < T, offs_c < C
     ptrs = offs_m[:, None].to(tl.int64) * C + offs_c[None, :]
     u = tl.load(u_ptr + ptrs, mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-    y = ln_act_tile(u, offs_m[:, None], m_mask[:, None], offs_c[None, :], c_mask[None, :], stats_ptr, T,
-                    g_lo, g_hi, b_lo, b_hi, split, tl.load(act_ptr), tl.load(act_ptr + 1), GELU, ACC)
+    y = ln_act_tile(
+        u,
+        offs_m[:, None],
+        m_mask[:, None],
+        offs_c[None, :],
+        c_mask[None, :],
+        stats_ptr,
+        T,
+        g_lo,
+        g_hi,
+        b_lo,
+        b_hi,
+        split,
+        tl.load(act_ptr),
+        tl.load(act_ptr + 1),
+        GELU,
+        ACC,
+    )
     tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
-def _ln_grad_sums_kernel(dy_ptr, sdy, u_ptr, su, stats_ptr, g_lo, g_hi, b_lo, b_hi, act_ptr, coef_ptr, part_ptr,
-                         T, C, split, width_lo, width_hi, GELU: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ln_grad_sums_kernel(
+    dy_ptr,
+    sdy,
+    u_ptr,
+    su,
+    stats_ptr,
+    g_lo,
+    g_hi,
+    b_lo,
+    b_hi,
+    act_ptr,
+    coef_ptr,
+    part_ptr,
+    T,
+    C,
+    split,
+    width_lo,
+    width_hi,
+    GELU: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """One read of dy and u per program of BLOCK_M tokens: the row sums of dxhat = g * gamma and
     dxhat * xhat per segment (-> the coefficients) and the column partials of d(gamma), d(beta)."""
     pid = tl.program_id(0)
@@ -83,8 +135,9 @@ def _ln_grad_sums_kernel(dy_ptr, sdy, u_ptr, su, stats_ptr, g_lo, g_hi, b_lo, b_
     tl.store(coef_ptr + 3 * T + offs_m, s2_hi / width_hi, mask=m_mask)
 
 
-def ln_act_forward(u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: bool, gelu: bool,
-                   slope: float, scale: float) -> Tensor:
+def ln_act_forward(
+    u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: bool, gelu: bool, slope: float, scale: float
+) -> Tensor:
     """act(LN(u)) for contiguous u [T, C] with row statistics ``stats`` [4, T] (both segments equal)."""
     t, c = u.shape
     acc = acc_dtype(u.dtype)
@@ -93,9 +146,19 @@ def ln_act_forward(u: Tensor, stats: Tensor, gamma: Tensor, beta: Tensor, act: b
     split = 0 if act else c
     if t > 0 and c > 0:
         _ln_act_fwd_kernel[(triton.cdiv(t, block_m), triton.cdiv(c, block_c))](
-            u, y, as_acc(stats, acc), *affine_pointers(gamma, beta, split, acc),
-            act_vector(slope, scale, u, acc), t, c, split,
-            GELU=gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+            u,
+            y,
+            as_acc(stats, acc),
+            *affine_pointers(gamma, beta, split, acc),
+            act_vector(slope, scale, u, acc),
+            t,
+            c,
+            split,
+            GELU=gelu,
+            ACC=tl_dtype(acc),
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+            num_warps=warps,
         )
     return y
 
@@ -107,7 +170,9 @@ def ln_grad_sums(dy: Tensor, u: Tensor, norm: LnPrologue) -> tuple[LnGradPrologu
     t, c = u.shape
     for name, m in (("dy", dy), ("u", u)):
         if m.dim() != 2 or m.shape != (t, c) or (m.numel() and m.stride(1) != 1):
-            raise ValueError(f"{name} must be a [{t}, {c}] matrix with unit column stride, got {tuple(m.shape)} / {m.stride()}")
+            raise ValueError(
+                f"{name} must be a [{t}, {c}] matrix with unit column stride, got {tuple(m.shape)} / {m.stride()}"
+            )
     if norm.stats.shape != (4, t):
         raise ValueError(f"the row statistics must be [4, {t}], got {tuple(norm.stats.shape)}")
     acc = acc_dtype(u.dtype)
@@ -118,10 +183,25 @@ def ln_grad_sums(dy: Tensor, u: Tensor, norm: LnPrologue) -> tuple[LnGradPrologu
     part = (torch.empty if t > 0 and c > 0 else torch.zeros)((max(programs, 1), 2, c), device=u.device, dtype=acc)
     if t > 0 and c > 0:
         _ln_grad_sums_kernel[(programs,)](
-            dy, dy.stride(0), u, u.stride(0), as_acc(norm.stats, acc), *affine_pointers(norm.gamma, norm.beta, norm.split, acc),
-            act_vector(norm.slope, norm.scale, u, acc), coef, part, t, c, norm.split,
-            max(min(norm.split, c), 1), max(c - norm.split, 1),  # the segments' widths (an empty one divides 0)
-            GELU=norm.gelu, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+            dy,
+            dy.stride(0),
+            u,
+            u.stride(0),
+            as_acc(norm.stats, acc),
+            *affine_pointers(norm.gamma, norm.beta, norm.split, acc),
+            act_vector(norm.slope, norm.scale, u, acc),
+            coef,
+            part,
+            t,
+            c,
+            norm.split,
+            max(min(norm.split, c), 1),
+            max(c - norm.split, 1),  # the segments' widths (an empty one divides 0)
+            GELU=norm.gelu,
+            ACC=tl_dtype(acc),
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+            num_warps=warps,
         )
     sums = part.sum(0, dtype=torch.float64)
     grad = LnGradPrologue(norm, u, coef)

@@ -12,6 +12,7 @@ The tile functions take the token and channel indices as broadcastable 2-D block
 ``[1, K]``, or the other way round), so one function serves an operand whose rows are tokens (a
 forward or input-gradient product) and one whose columns are (the weight gradient's ``dY^T``).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Union
@@ -101,8 +102,24 @@ def segment_value(ptr, field, T, tok, tok_mask, second):
 
 
 @triton.jit
-def ln_act_tile(v, tok, tok_mask, ch, ch_mask, stats_ptr, T, g_lo, g_hi, b_lo, b_hi, split, pos, neg,
-                GELU: tl.constexpr, ACC: tl.constexpr):
+def ln_act_tile(
+    v,
+    tok,
+    tok_mask,
+    ch,
+    ch_mask,
+    stats_ptr,
+    T,
+    g_lo,
+    g_hi,
+    b_lo,
+    b_hi,
+    split,
+    pos,
+    neg,
+    GELU: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Layer norm (+ activation on the second segment) of a tile; zero outside the masks."""
     second = ch >= split
     mean = segment_value(stats_ptr, 0, T, tok, tok_mask, second)
@@ -124,8 +141,26 @@ def ln_grad_parts(dy, u, mean, rstd, gam, bet, second, mask, pos, neg, GELU: tl.
 
 
 @triton.jit
-def ln_grad_tile(dy, u, tok, tok_mask, ch, ch_mask, stats_ptr, coef_ptr, T, g_lo, g_hi, b_lo, b_hi, split, pos, neg,
-                 GELU: tl.constexpr, ACC: tl.constexpr):
+def ln_grad_tile(
+    dy,
+    u,
+    tok,
+    tok_mask,
+    ch,
+    ch_mask,
+    stats_ptr,
+    coef_ptr,
+    T,
+    g_lo,
+    g_hi,
+    b_lo,
+    b_hi,
+    split,
+    pos,
+    neg,
+    GELU: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """:class:`LnGradPrologue` on a loaded gradient tile and the saved pre-norm tile at the same place."""
     second = ch >= split
     mask = tok_mask & ch_mask

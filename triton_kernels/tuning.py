@@ -2,9 +2,10 @@
 small one under the interpreter (which cannot autotune over several and is slow on big tiles).
 
 ``PNNH_TRITON_AUTOTUNE=0`` keeps only the first GPU configuration of each kernel: every variant then
-compiles once instead of once per configuration, which is what a correctness run on a GPU wants (the
-first GPU session ran out of time compiling, ~40 s per block configuration); benchmarks leave it on.
+compiles once instead of once per configuration, which is what a correctness run on a GPU wants
+(compiling costs ~40 s per block configuration there); benchmarks leave it on.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Backends of the PNNH block and the dispatch between them."""
+
 from .base import Backend
 from .cpu import CpuBackend
 from .cuda import CudaBackend

@@ -1,4 +1,5 @@
 """What a backend is: one implementation of the PNNH block for some devices and dtypes."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,5 +1,6 @@
 """Channels-last feature maps as [pixels, channels] matrices and back: the layout of the 'cpu' and
 'triton' conv ops between their convolutions (no copies when the map is channels_last already)."""
+
 from __future__ import annotations
 
 from torch import Tensor

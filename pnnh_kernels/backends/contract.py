@@ -183,7 +183,6 @@ class _Calls:
         return list(self.backward(dy, a, saved, need_dx))
 
 
-
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     y = output[0]
     ctx.save_for_backward(*inputs[:_NUM_TENSORS], *output[1:])

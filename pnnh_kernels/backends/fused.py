@@ -56,7 +56,9 @@ class FusedBackend(Backend):
             return f"the {self.name} backend fuses the relu/leaky_relu/identity family, not {config.activation.kind}"
         return None
 
-    def conv2d(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
+    def conv2d(
+        self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool
+    ) -> Tensor:
         use_batch = uses_batch_statistics(norms.coder, training)
         running = None
         if not use_batch:
@@ -70,7 +72,9 @@ class FusedBackend(Backend):
             _update_running(norms, saved.mean, saved.var, config.momentum)
         return _like_input(y, x)
 
-    def linear(self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool) -> Tensor:
+    def linear(
+        self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool
+    ) -> Tensor:
         rows = self.linear_rows(x)
         y, _ = self.linear_op()(block_args(rows, weights, norms, config))
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -5,6 +5,7 @@ back to the pure-PyTorch ``eager`` backend (the algebraic reference) with a warn
 reason. Naming a backend explicitly never falls back: it runs that backend or raises
 :class:`BackendUnavailableError` saying why.
 """
+
 from __future__ import annotations
 
 import os

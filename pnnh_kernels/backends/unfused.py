@@ -1,4 +1,5 @@
 """The two unfused, pure-PyTorch backends: 'reference' (literal, the oracle) and 'eager' (algebraic)."""
+
 from __future__ import annotations
 
 from ..eager import conv_block_eager, linear_block_eager

@@ -17,6 +17,7 @@ Saved for backward: x, the pre-norm layer-1 halves ``zc``/``zl`` (for a 1x1 code
 learner's rows) and layer 2's pre-norm ``u`` (rows), and the statistics; the normalised tensors are
 recomputed.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
@@ -74,7 +75,17 @@ def _conv_rows_backward(
         return (torch.mm(grad, w2d) if need_input else None), torch.mm(grad.t(), inp).view(weight.shape)
     pad = weight.shape[-1] // 2
     d_in, d_w, _ = torch.ops.aten.convolution_backward(
-        g.nchw(grad), g.nchw(inp), weight, None, [1, 1], [pad, pad], [1, 1], transposed, [0, 0], 1, [need_input, True, False]
+        g.nchw(grad),
+        g.nchw(inp),
+        weight,
+        None,
+        [1, 1],
+        [pad, pad],
+        [1, 1],
+        transposed,
+        [0, 0],
+        1,
+        [need_input, True, False],
     )
     return (g.rows_of(d_in) if need_input else None), d_w.contiguous()
 
@@ -135,7 +146,9 @@ def _forward_kxk_coder(a: BlockArgs) -> tuple[Tensor, RowsSaved]:
     zc_pre, zl_pre = _layer1_rows(g, g.rows_of(a.x), a)
     halves = layer1_halves(zc_pre, zl_pre, cc)
     if running is None:
-        mean1, inv1, var1 = (torch.cat(p) for p in zip(_batch_stats(halves[0], cc, a.eps), _batch_stats(halves[1], hid, a.eps)))
+        mean1, inv1, var1 = (
+            torch.cat(p) for p in zip(_batch_stats(halves[0], cc, a.eps), _batch_stats(halves[1], hid, a.eps))
+        )
     else:
         mean1, inv1, var1 = (t[: cc + hid] for t in running)
 

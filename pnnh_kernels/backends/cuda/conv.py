@@ -60,7 +60,9 @@ class _Widths(NamedTuple):
 
 
 def _widths(a: BlockArgs) -> _Widths:
-    return _Widths(a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0], a.encoder.shape[-1], a.learner1.shape[-1])
+    return _Widths(
+        a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0], a.encoder.shape[-1], a.learner1.shape[-1]
+    )
 
 
 def _stats(z3: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,7 +180,9 @@ def _fake_forward(a: BlockArgs) -> tuple[Tensor, PlanarSaved]:
 # --------------------------------------------------------------------------- backward
 
 
-def _dbn_act(dy3: Tensor, half: Half, out: Tensor, stats: TensorPair, gamma_beta: TensorPair, use_act: bool, a: BlockArgs) -> Tensor:
+def _dbn_act(
+    dy3: Tensor, half: Half, out: Tensor, stats: TensorPair, gamma_beta: TensorPair, use_act: bool, a: BlockArgs
+) -> Tensor:
     """dAct + dBN of one half in two fused passes, written into ``out``; returns the sums [dbeta, dgamma]."""
     (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
     C = extension()
@@ -211,7 +215,9 @@ def _layer1_input_backward(
     x = a.x.contiguous()
     n, cin, h, wd = x.shape
     if w.kc == w.k:
-        dx, d_cat = _conv_bwd(dzc.view(n, w.cc + w.hid, h, wd), x, torch.cat([a.encoder, a.learner1]), w.k // 2, False, need_dx)
+        dx, d_cat = _conv_bwd(
+            dzc.view(n, w.cc + w.hid, h, wd), x, torch.cat([a.encoder, a.learner1]), w.k // 2, False, need_dx
+        )
         return dx, d_cat[: w.cc].clone(), d_cat[w.cc :].clone()
     dx, d_learn1 = _conv_bwd(dzl.view(n, w.hid, h, wd), x, a.learner1, w.k // 2, False, need_dx)
     if w.kc == 1:  # the coder's GEMM: its input gradient accumulates into dx in place

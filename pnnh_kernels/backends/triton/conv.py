@@ -26,6 +26,7 @@ nothing normalised.
 Intermediates are [N*H*W, C] (NHWC); y comes back in the input's memory format (written so by the last
 pass), dx as a channels_last NCHW tensor.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -173,9 +174,13 @@ def _backward(dy: Tensor, a: BlockArgs, s: TritonConvSaved, need_dx: bool) -> Bl
 
     # the weight gradients: layer 2's recomputes BN_1 + act from z in one operand and du in the other
     prologue = _layer1_prologue(g, coef1[0], coef1[4], a)
-    dw2 = conv2d_weight_grad(g.nchw(s.z), dy_rows, g.K, 1, g.pad, prologue=prologue, dy_prologue=du, skip_range=g.narrow)
+    dw2 = conv2d_weight_grad(
+        g.nchw(s.z), dy_rows, g.K, 1, g.pad, prologue=prologue, dy_prologue=du, skip_range=g.narrow
+    )
     dw1 = conv2d_weight_grad(a.x, dh, g.K, 1, g.pad, dy_prologue=dz, centre_range=g.narrow)
-    d_enc, d_learn1, d_learn2, d_dec = unpack_block_weight_grads(dw1, dw2, a.encoder, a.learner1, a.learner2, a.decoder, a.gain)
+    d_enc, d_learn1, d_learn2, d_dec = unpack_block_weight_grads(
+        dw1, dw2, a.encoder, a.learner1, a.learner2, a.decoder, a.gain
+    )
 
     dx = torch.empty((0,), device=a.x.device, dtype=a.x.dtype)
     if need_dx:

@@ -18,6 +18,7 @@ weight gradient also recomputes the hidden layer from ``z`` in its other operand
 ``z``, ``u`` (pre-norm), the row statistics and the packed weights; the weight gradients are written
 in the packed layout and unpacked into the parameters' shapes by one launch.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -74,7 +75,9 @@ def _fake_forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
     t, c1, out = x.shape[0], a.encoder.shape[0] + a.learner1.shape[0], a.learner2.shape[0]
     stats = x.new_empty((4, t), dtype=acc_dtype(x.dtype))
     packed = a.encoder.new_empty((sum(block_shape(a.encoder, a.learner1, a.learner2).packed_sizes()),))
-    return x.new_empty((t, out)), TritonLinearSaved(x.new_empty((t, c1)), x.new_empty((t, out)), stats, torch.empty_like(stats), packed)
+    return x.new_empty((t, out)), TritonLinearSaved(
+        x.new_empty((t, c1)), x.new_empty((t, out)), stats, torch.empty_like(stats), packed
+    )
 
 
 def _backward(dy: Tensor, a: BlockArgs, s: TritonLinearSaved, need_dx: bool) -> BlockGrads:
