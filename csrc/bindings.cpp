@@ -10,7 +10,7 @@
 
 namespace {
 
-// the coder algebra's parts as tuples, for their unit tests (tests/test_rows_coder.py)
+// the coder algebra's parts as tuples, for their unit tests (tests/backends/test_cpu_coder.py)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> coder_fold(
     const at::Tensor& enc, const at::Tensor& dec_matrix, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& gamma, const at::Tensor& beta, double gain) {

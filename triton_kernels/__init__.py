@@ -7,8 +7,9 @@
 - :mod:`.conv_weight_grad`: the weight gradient of that convolution, with the same prologue (so the
   normalised / activated input is recomputed from the saved pre-norm tensor, never stored) and the
   backward prologue on the output gradient.
-- :mod:`.common`: the two load prologues: BN-apply + activation (:class:`Prologue`) and dAct + dBN
+- :mod:`.bn_tiles`: the two load prologues: BN-apply + activation (:class:`Prologue`) and dAct + dBN
   (:class:`GradPrologue`, applied to an output gradient inside both backward convolutions).
+- :mod:`.launch`: what every launch needs: the interpreter switch, dtypes, cached device constants.
 - :mod:`.bn_stats`: batch-norm statistics and the prologue's scale / shift from the epilogues' partials,
   one launch; the backward's sums and :class:`GradPrologue` coefficients likewise.
 - :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
@@ -25,9 +26,10 @@ The ops built on them live in :mod:`pnnh_kernels.backends.triton` (``conv.py``, 
 """
 
 from .bn_act_rows import bn_act_backward_sums, bn_act_forward
-from .common import GradPrologue, Prologue, interpreting
+from .bn_tiles import GradPrologue, Prologue
 from .conv_implicit_gemm import conv2d_implicit_gemm
 from .conv_weight_grad import conv2d_weight_grad
+from .launch import interpreting
 from .linear_gemm import ln_gemm, row_statistics
 from .ln_act_rows import ln_act_forward, ln_grad_sums
 from .ln_tiles import LnGradPrologue, LnPrologue

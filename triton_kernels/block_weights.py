@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_dtype, device_constants, interpreting
+from .launch import acc_dtype, device_constants, interpreting
 
 
 class BlockShape(NamedTuple):

@@ -5,7 +5,7 @@
   y = gamma * xhat + beta from the pre-norm z (these are also d(beta) and d(gamma));
   The apply, dz = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)) in training (gamma * invstd
   * g in eval), is no pass of its own: it runs inside the loads of the gradient convolutions that
-  consume dz (:class:`~.common.GradPrologue`).
+  consume dz (:class:`~.bn_tiles.GradPrologue`).
 
 Reductions write per-program partials that are summed in float64 afterwards: no atomics, deterministic.
 """
@@ -19,17 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (
-    Pair,
-    acc_dtype,
-    act_derivative,
-    act_vector,
-    as_acc,
-    interpreting,
-    load_split,
-    split_halves,
-    tl_dtype,
-)
+from .bn_tiles import act_derivative
+from .launch import Pair, acc_dtype, act_vector, as_acc, interpreting, load_split, split_halves, tl_dtype
 
 _ROWS_PER_PROGRAM = 2048  # of the reduction pass; a multiple of BLOCK_M
 

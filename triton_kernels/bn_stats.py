@@ -6,7 +6,7 @@ prologue's scale / shift (``gamma * invstd``, ``beta - mean * scale``), computin
 
 ``bn_backward_finalize`` does the same for the backward: from the [tiles, 2, C] partials of sum(g) and
 sum(g * xhat) it writes those sums as d(beta) and d(gamma), and the [5, C] coefficients of
-:class:`~.common.GradPrologue`, which applies dBN inside the next convolutions' loads.
+:class:`~.bn_tiles.GradPrologue`, which applies dBN inside the next convolutions' loads.
 
 Done with torch ops, each was about a dozen small launches per layer, and on a GPU the block is bound
 by launching work (benchmarks/results/NOTES.md), not by this arithmetic. For the same reason a layer's
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import Pair, device_constants, interpreting, inverse_sqrt, load_split, split_halves
+from .launch import Pair, device_constants, interpreting, inverse_sqrt, load_split, split_halves
 
 
 def _grid(c: int) -> tuple[int, int]:
@@ -214,7 +214,7 @@ def bn_backward_finalize(
     """(coef, grads) from ``part`` [tiles, 2, C], per-tile sum(g) and sum(g * xhat) over ``count`` rows.
 
     coef: [5, C] in the partials' dtype, rows (a, mean, b, k, shift): the first four are
-    :class:`~.common.GradPrologue`'s ``coef``; the forward's scale is ``a`` (gamma * invstd) and its
+    :class:`~.bn_tiles.GradPrologue`'s ``coef``; the forward's scale is ``a`` (gamma * invstd) and its
     shift the fifth row (for the activation's derivative, and layer 2's weight-gradient prologue).
     grads: [d(gamma), d(beta)] as new tensors in gamma's dtype, or [d(gamma_lo), d(beta_lo),
     d(gamma_hi), d(beta_hi)] when gamma and beta come as halves."""

@@ -24,19 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (
-    GradPrologue,
-    Prologue,
-    acc_dtype,
-    conv_output_size,
-    dot_dtype,
-    dot_precision,
-    dummy,
-    load_operand,
-    operand_args,
-    prologue_kind,
-    tl_dtype,
-)
+from .bn_tiles import GradPrologue, Prologue, load_operand, operand_args, prologue_kind
+from .launch import acc_dtype, conv_output_size, dot_dtype, dot_precision, dummy, tl_dtype
 from .tuning import gemm_configs, prune_by_width
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU

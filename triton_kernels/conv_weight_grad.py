@@ -18,19 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (
-    GradPrologue,
-    Prologue,
-    acc_dtype,
-    conv_output_size,
-    dot_dtype,
-    dot_precision,
-    grad_prologue_args,
-    load_operand,
-    prologue_args,
-    prologue_kind,
-    tl_dtype,
-)
+from .bn_tiles import GradPrologue, Prologue, grad_prologue_args, load_operand, prologue_args, prologue_kind
+from .launch import acc_dtype, conv_output_size, dot_dtype, dot_precision, tl_dtype
 from .tuning import gemm_configs, prune_by_width
 
 # (BLOCK_M = pixels per step, BLOCK_C, BLOCK_O, warps, stages) tried on a GPU

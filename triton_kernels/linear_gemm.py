@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (
+from .launch import (
     acc_dtype,
     act_vector,
     as_acc,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import acc_dtype, act_vector, as_acc, interpreting, load_split, tl_dtype
+from .launch import acc_dtype, act_vector, as_acc, interpreting, load_split, tl_dtype
 from .ln_tiles import LnGradPrologue, LnPrologue, affine_pointers, ln_act_tile, ln_grad_parts, segment_value
 
 

@@ -15,16 +15,14 @@ forward or input-gradient product) and one whose columns are (the weight gradien
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import as_acc, load_split
-
-Pair = Union[Tensor, tuple[Tensor, Tensor]]
+from .launch import Pair, as_acc, load_split
 
 
 class LnPrologue(NamedTuple):

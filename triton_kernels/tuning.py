@@ -12,7 +12,7 @@ import os
 
 import triton
 
-from .common import interpreting
+from .launch import interpreting
 
 
 def autotuning() -> bool:

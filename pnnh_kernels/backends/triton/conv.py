@@ -49,7 +49,7 @@ from pnnh_kernels.triton_kernels.block_weights import (
     unpack_block_weight_grads,
 )
 from pnnh_kernels.triton_kernels.bn_stats import bn_backward_finalize, bn_finalize
-from pnnh_kernels.triton_kernels.common import Pair
+from pnnh_kernels.triton_kernels.launch import Pair
 
 from ..channels_last_rows import RowsLayout
 from ..contract import BlockArgs, BlockGrads, BlockOp

@@ -32,7 +32,7 @@ from pnnh_kernels.triton_kernels.block_weights import (  # needs triton: the bac
     packed_views,
     unpack_block_weight_grads,
 )
-from pnnh_kernels.triton_kernels.common import acc_dtype
+from pnnh_kernels.triton_kernels.launch import acc_dtype
 from pnnh_kernels.triton_kernels.linear_gemm import ln_gemm, row_statistics
 from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_forward, ln_grad_sums
 from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue
@@ -63,8 +63,10 @@ def _forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
     cc, out = a.encoder.shape[0], a.learner2.shape[0]
     packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain)
     z, part1 = ln_gemm(a.x, w1[0], stats_split=cc)
+    assert part1 is not None  # stats_split asks for the row-statistics partials
     stats1 = row_statistics(part1, a.eps)
     u, part2 = ln_gemm(z, w2[0], prologue_a=_hidden_norm(stats1, a), stats_split=out)
+    assert part2 is not None
     stats2 = row_statistics(part2, a.eps)
     y = ln_act_forward(u, stats2, a.out_gamma, a.out_beta, a.final_act, *_activation(a))
     return y, TritonLinearSaved(z, u, stats1, stats2, packed)

@@ -1,7 +1,7 @@
 """The 'cuda' backend (the extension's CUDA kernels around cuDNN / cuBLAS) against the reference.
 
 The block tests run where torch has CUDA and a GPU is present, and skip elsewhere; the refusal tests run
-everywhere. (tests/test_cuda_sources.py compiles every kernel with nvcc wherever nvcc exists.)
+everywhere. (test_cuda_sources.py compiles every kernel with nvcc wherever nvcc exists.)
 """
 
 import pytest

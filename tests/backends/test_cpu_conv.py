@@ -1,0 +1,181 @@
+"""The 'cpu' backend's PNNHConv2d (backends/cpu/conv.py) against the reference: outputs, every gradient,
+running statistics, gradcheck, odd shapes and layouts, the custom ops (opcheck, torch.compile), auto's
+choice, refusals. The 'cuda' backend's planar op runs the same checks on the test-only planar CPU passes."""
+
+import pytest
+import torch
+from helpers import (
+    BLOCK_CASES,
+    TOLERANCES,
+    assert_modules_agree,
+    block_gradcheck,
+    op_args,
+    randomize_norms,
+    twin,
+)
+from planar_cpu_kernels import run_cuda_op_on_cpu_kernels
+
+import pnnh_kernels as pk
+from pnnh_kernels._extension import extension_error
+from pnnh_kernels.backends.cpu import CpuBackend
+from pnnh_kernels.backends.cpu.conv import conv_block_rows
+from pnnh_kernels.backends.cuda.conv import conv_block_fused
+from pnnh_kernels.backends.registry import select_backend
+
+pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
+
+CASES = BLOCK_CASES
+
+
+@pytest.fixture(params=["rows", "planar"])
+def cpu_op(request, monkeypatch):
+    """The 'cpu' backend runs the channels-last rows op; the planar (NCHW) op is the one the 'cuda'
+    backend runs, so its Python half is checked here too, on the test-only planar CPU passes."""
+    if request.param == "planar":
+        run_cuda_op_on_cpu_kernels(monkeypatch)
+        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
+    return request.param
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_backend_matches_reference(case, training, dtype, cpu_op):
+    ref = pk.PNNHConv2d(5, backend="reference", **CASES[case]).to(dtype).train(training)
+    randomize_norms(ref)
+    fused = twin(ref, "cpu")
+    assert_modules_agree(ref, fused, torch.randn(3, 5, 7, 6, dtype=dtype), *TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 6, 7, 7), (2, 6, 1, 1), (3, 6, 13, 1), (1, 6, 2, 13)], ids=["batch1", "1x1", "column", "row"]
+)
+def test_cpu_backend_odd_shapes(shape, cpu_op):
+    ref = pk.PNNHConv2d(6, backend="reference").double()
+    rtol, atol = TOLERANCES[torch.float64]
+    if shape[0] * shape[2] * shape[3] <= 2:
+        # batch norm over two values per channel: y is +-1 and every gradient a difference of O(1) terms,
+        # so two correct orders of evaluation (the cpu op folds BN_c into the decoder) differ by ~1e-10
+        atol = 1e-8
+    assert_modules_agree(ref, twin(ref, "cpu"), torch.randn(shape, dtype=torch.float64), rtol, atol)
+
+
+def test_cpu_backend_channels_last_and_strided_input(cpu_op):
+    ref = pk.PNNHConv2d(6, backend="reference").double()
+    randomize_norms(ref)
+    fused = twin(ref, "cpu")
+    strided = torch.randn(2, 12, 9, 10, dtype=torch.float64)[:, ::2, :, 1:]
+    channels_last = torch.randn(2, 6, 9, 9, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for x in (strided, channels_last):
+        assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+    assert fused(channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(tied=False), dict(coder_kernel_size=3)])
+def test_cpu_backend_with_a_channels_last_model(options, cpu_op):
+    """model.to(memory_format=channels_last), as the README advises on a CPU, makes the 4-D weights
+    channels-last too; the weight gradients must still be right."""
+    ref = pk.PNNHConv2d(6, backend="reference", **options).double()
+    randomize_norms(ref)
+    fused = twin(ref, "cpu").to(memory_format=torch.channels_last)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fused.parameters() if p.dim() == 4)
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
+    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(kernel_size=1)])
+def test_cpu_backend_parameter_grads_without_input_grad(options, cpu_op):
+    """A first layer: x needs no gradient, so the op skips dx (and the coder's in-place dx product)."""
+    ref = pk.PNNHConv2d(5, backend="reference", **options).double()
+    randomize_norms(ref)
+    fused = twin(ref, "cpu")
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    for block in (ref, fused):
+        block(x).square().sum().backward()
+    for (name, p_ref), (_, p_fused) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpu_backend_batch1_eval_uses_running_statistics():
+    ref = pk.PNNHConv2d(4, backend="reference").double().eval()
+    randomize_norms(ref)
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(twin(ref, "cpu")(x), ref(x))
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(tied=False, coder_kernel_size=3), dict(activation="leaky_relu", negative_slope=0.3)]
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_backend_gradcheck(options, training):
+    block = pk.PNNHConv2d(3, hidden_channels=4, backend="cpu", **options).double().train(training)
+    randomize_norms(block)
+    assert block_gradcheck(block, torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False), dict(kernel_size=1)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_custom_ops_pass_opcheck(cpu_op, options, layout):
+    op = (conv_block_rows if cpu_op == "rows" else conv_block_fused).op
+    block = pk.PNNHConv2d(4, **options).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    torch.library.opcheck(op, op_args(block, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: pk.PNNHConv2d(4, backend="cpu"), (2, 4, 5, 5)),
+        (lambda: pk.PNNHLinear(4, hidden_features=6, activation="gelu", backend="cpu"), (3, 4)),
+    ],
+    ids=["conv", "linear"],
+)
+def test_torch_compile_traces_the_cpu_backend_without_graph_breaks(make, shape):
+    """Eager calls take an autograd.Function; under torch.compile the custom op must be what is traced."""
+    block = make().double().train()
+    reference = twin(block, "reference")
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert_modules_agree(
+        reference, compiled, torch.randn(shape, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1
+    )
+
+
+def test_auto_uses_cpu_for_inference_and_for_training_large_maps():
+    block = pk.PNNHConv2d(4)
+    x = torch.randn(2, 4, 3, 3)
+    args = (x, block.block_weights(), block.config)
+    assert select_backend("auto", "conv2d", *args).name == "eager"  # a small map, parameters need gradients
+    with torch.no_grad():
+        assert select_backend("auto", "conv2d", *args).name == "cpu"
+    large = torch.empty(4, 4, 16, 16)  # 4096 elements: the training threshold
+    assert select_backend("auto", "conv2d", large, block.block_weights(), block.config).name == "cpu"
+    below = torch.empty(4, 4, 16, 15)
+    assert select_backend("auto", "conv2d", below, block.block_weights(), block.config).name == "eager"
+    kxk = pk.PNNHConv2d(4, coder_kernel_size=3)
+    assert select_backend("auto", "conv2d", large, kxk.block_weights(), kxk.config).name == "eager"
+    linear = pk.PNNHLinear(64)
+    args = (linear.block_weights(), linear.config)
+    assert select_backend("auto", "linear", torch.randn(2, 64), *args).name == "eager"
+    assert select_backend("auto", "linear", torch.empty(1024, 64), *args).name == "cpu"
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: (
+                pk.PNNHConv2d(4, backend="cpu", dtype=torch.bfloat16),
+                torch.randn(2, 4, 3, 3, dtype=torch.bfloat16),
+            ),
+            "float32/float64",
+        ),
+        (lambda: (pk.PNNHConv2d(4, backend="cpu", norm="none"), torch.randn(2, 4, 3, 3)), "fuses batch norm"),
+        (lambda: (pk.PNNHLinear(4, backend="cpu", norm="batch"), torch.randn(2, 4)), "fuses layer norm for PNNHLinear"),
+        (lambda: (pk.PNNHLinear(4, backend="cpu", bias=True), torch.randn(2, 4)), "takes no linear biases"),
+    ],
+)
+def test_cpu_backend_refuses_clearly(make, match):
+    block, x = make()
+    with pytest.raises(pk.BackendUnavailableError, match=match):
+        block(x)
