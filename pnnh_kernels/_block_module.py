@@ -12,6 +12,11 @@ from .backends import check_backend_name
 from .block import BlockConfig, BlockNorms, BlockWeights, DeviceLike, NormParams
 from .coder import PNNHCoder
 
+_NO_TORCHSCRIPT = (
+    "pnnh_kernels: TorchScript (torch.jit.script / torch.jit.trace) is not supported: the block picks its "
+    "backend per call; use torch.compile or torch.export instead"
+)
+
 
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -123,7 +128,8 @@ class PNNHBlockBase(nn.Module):
         def params(n: Optional[nn.Module]) -> Optional[NormParams]:
             if n is None:
                 return None
-            return NormParams(*(getattr(n, name, None) for name in ("weight", "bias", "running_mean", "running_var")))
+            running = (getattr(n, "running_mean", None), getattr(n, "running_var", None))
+            return NormParams(n.weight, n.bias, *running)  # type: ignore[arg-type]
 
         return BlockNorms(params(self.coder_norm), params(self.learner_norm), params(self.out_norm))
 
@@ -135,7 +141,12 @@ class PNNHBlockBase(nn.Module):
                 if tracked is not None:
                     tracked.add_(1)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(_NO_TORCHSCRIPT)
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError(_NO_TORCHSCRIPT)
         out = type(self)._functional(
             x, self.block_weights(), self.block_norms(), self.config, training=self.training, backend=self.backend
         )

@@ -12,6 +12,7 @@ import time
 import torch
 
 import pnnh_kernels as pk
+from pnnh_kernels.backends import refusal_reason, registered_backends
 
 
 def _time_step(block: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -34,18 +35,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    print(f"pnnh_kernels {pk.__version__}, torch {torch.__version__}; backends here: {pk.available_backends()}")
+    print(f"pnnh_kernels {pk.__version__}, torch {torch.__version__}")
     x = torch.randn(args.batch, args.channels, args.size, args.size)
     reference = pk.PNNHConv2d(args.channels, backend="reference")
     print(reference)
-    results = {}
-    for name in pk.available_backends():
+    for name, backend in sorted(registered_backends().items()):
+        reason = refusal_reason(backend, "conv2d", x, reference.block_weights(), reference.config)
+        if reason is not None:
+            print(f"  {name:>10}: not here ({reason})")
+            continue
         block = copy.deepcopy(reference)
         block.backend = name
         y = block(x)
-        results[name] = _time_step(block, x, args.repeats)
+        seconds = _time_step(block, x, args.repeats)
         err = (y - reference(x)).abs().max().item() if name != "reference" else 0.0
-        print(f"  {name:>10}: forward+backward {1e3 * results[name]:8.2f} ms   max |y - reference| = {err:.2e}")
+        print(f"  {name:>10}: forward+backward {1e3 * seconds:8.2f} ms   max |y - reference| = {err:.2e}")
     print(f"shape (N, C, H, W) = {tuple(x.shape)}, float32, {torch.get_num_threads()} CPU threads")
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .block import BlockConfig, BlockNorms, BlockWeights
+from .block import BlockConfig, BlockNorms, BlockWeights, NormParams
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _finite_check_enabled: Optional[bool] = None  # None: on for CPU tensors, off for GPU ones
@@ -42,17 +42,19 @@ def _all_finite(x: Tensor) -> bool:
 
 
 def _tensors(weights: BlockWeights, norms: BlockNorms) -> Iterator[tuple[str, Tensor]]:
-    for name, t in weights._asdict().items():
+    # zip over the fields, not _asdict(): this runs on every call, and a dict per record costs microseconds
+    for name, t in zip(BlockWeights._fields, weights):
         if t is not None:
             yield name, t
-    for part, params in norms._asdict().items():
+    for part, params in zip(BlockNorms._fields, norms):
         if params is not None:
-            for name, t in params._asdict().items():
+            for name, t in zip(NormParams._fields, params):
                 if t is not None:
                     yield f"{part}_norm.{name}", t
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (False for device types autocast does not know)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type autocast does not know (meta, ...)
@@ -69,7 +71,7 @@ def _check_common(x: Tensor, weights: BlockWeights, norms: BlockNorms, config: B
             raise RuntimeError(f"input is on {x.device} but {name} is on {t.device}; move the module with .to()")
         if name.endswith(("running_mean", "running_var")):
             continue
-        if t.dtype != x.dtype and not _autocast_enabled(x.device.type):
+        if t.dtype != x.dtype and not autocast_enabled(x.device.type):
             raise TypeError(
                 f"input dtype {x.dtype} does not match {name} dtype {t.dtype}; "
                 "convert the module with .to(dtype) or run under torch.autocast"
@@ -123,10 +125,33 @@ def check_linear_inputs(
         _check_batch_statistics(x.numel() // x.shape[-1], config, training)
 
 
+_REQUIRED_WEIGHTS = frozenset(("encoder", "learner1", "learner2"))
+
+
+def _check_tensors(weights: BlockWeights, norms: BlockNorms) -> None:
+    """Every weight, bias and norm parameter a tensor (or None where optional), named when it is not."""
+    if not isinstance(weights, BlockWeights):
+        raise TypeError(f"weights must be a pnnh_kernels.BlockWeights, got {type(weights).__name__}")
+    if not isinstance(norms, BlockNorms):
+        raise TypeError(f"norms must be a pnnh_kernels.BlockNorms, got {type(norms).__name__}")
+    for name, t in zip(BlockWeights._fields, weights):
+        if not isinstance(t, Tensor) and (t is not None or name in _REQUIRED_WEIGHTS):
+            raise TypeError(f"weights.{name} must be a torch.Tensor, got {type(t).__name__}")
+    for part, params in zip(BlockNorms._fields, norms):
+        if params is None:
+            continue
+        if not isinstance(params, NormParams):
+            raise TypeError(f"norms.{part} must be a pnnh_kernels.NormParams or None, got {type(params).__name__}")
+        for name, t in zip(NormParams._fields, params):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"norms.{part}.{name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
 def check_block_weights(weights: BlockWeights, norms: BlockNorms, config: BlockConfig, *, conv: bool) -> None:
     """Check that the weight shapes describe one consistent block (a functional call can pass anything)."""
     rank = 4 if conv else 2
     kind = "conv" if conv else "linear"
+    _check_tensors(weights, norms)
     for name in ("encoder", "learner1", "learner2", "decoder"):
         t = getattr(weights, name)
         if t is not None and t.dim() != rank:

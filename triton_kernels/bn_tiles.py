@@ -58,6 +58,12 @@ def prologue_args(prologue: Optional[Prologue], like: Tensor, acc: torch.dtype) 
     return as_acc(p.scale, acc), as_acc(p.shift, acc), p.act_lo, p.act_hi, acts
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape, and the same strides along every dimension longer than 1 (a stride of a size-1
+    dimension is never used: a channels_last and an NCHW view of one channel are the same memory)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 def grad_prologue_args(prologue: Optional[GradPrologue], like: Tensor, acc: torch.dtype) -> tuple:
     """(saved, scale, shift, coef, act_lo, act_hi, act_vector) kernel arguments; dummies without one.
     ``like``: the gradient the prologue rides on (``saved`` must match its shape and strides)."""
@@ -65,7 +71,7 @@ def grad_prologue_args(prologue: Optional[GradPrologue], like: Tensor, acc: torc
         unused = dummy(like, acc)
         return like, unused, unused, unused, 0, 0, unused
     p = prologue
-    if p.saved.shape != like.shape or p.saved.stride() != like.stride():
+    if not _same_layout(p.saved, like):
         raise ValueError(
             f"the saved tensor {tuple(p.saved.shape)} / {p.saved.stride()} must share the gradient's "
             f"shape and strides {tuple(like.shape)} / {like.stride()}"

@@ -23,8 +23,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "pnnh_cpu.h"
+#include "finite.h"
 #include "norm_checks.h"
+#include "pnnh_cpu.h"
 #include "vector_clones.h"
 
 namespace pnnh {
@@ -191,6 +192,15 @@ at::Tensor blocked_column_sums(int64_t rows, int64_t cn, int64_t group, const at
   return result;
 }
 
+// The vectorised sums keep their per-block partials in the data's dtype: squares of float32 values past
+// ~1e19 overflow there, where float64 holds them. Then the columns are summed again in float64 (rare;
+// eager's CPU batch norm accumulates in float64 too). Non-finite data stays non-finite either way.
+at::Tensor finite_or_float64_sums(const at::Tensor& sums, const at::Tensor& z, int64_t c0, int64_t cn) {
+  if (z.scalar_type() == at::kDouble || all_finite(sums)) return sums;
+  const auto cols = z.narrow(1, c0, cn).to(at::kDouble);
+  return at::stack({cols.sum(0), cols.square().sum(0)});
+}
+
 }  // namespace
 
 // Per-channel sum and sum of squares (float64) of columns [c0, c0 + cn): [2, cn].
@@ -206,7 +216,7 @@ at::Tensor rows_channel_sums(const at::Tensor& z, int64_t c0, int64_t cn) {
       });
     });
   });
-  return out;
+  return finite_or_float64_sums(out, z, c0, cn);
 }
 
 // out[:, out_c0 + c] = act(gamma_c * (z[:, c0 + c] - mean_c) * invstd_c + beta_c) for c < cn = mean.numel().

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 
+#include "finite.h"
 #include "pnnh_cpu.h"
 
 namespace pnnh {
@@ -22,7 +23,12 @@ namespace pnnh {
 at::Tensor coder_input_moments(const at::Tensor& xr) {
   // the fused sums pass, not sum(dtype=float64), which converts all of xr first
   auto sums = rows_channel_sums(xr, 0, xr.size(1)).narrow(0, 0, 1);
-  return at::cat({sums, at::mm(xr.t(), xr).to(at::kDouble)});
+  auto gram = at::mm(xr.t(), xr).to(at::kDouble);
+  if (xr.scalar_type() != at::kDouble && !all_finite(gram)) {
+    const auto xd = xr.to(at::kDouble);  // products past float32's range (inputs past ~1e18): rare
+    gram = at::mm(xd.t(), xd);
+  }
+  return at::cat({sums, gram});
 }
 
 std::tuple<at::Tensor, at::Tensor> coder_batch_stats(const at::Tensor& moments, const at::Tensor& enc, int64_t count) {
@@ -64,8 +70,15 @@ CoderGrads coder_backward(const at::Tensor& h, const c10::optional<at::Tensor>& 
   auto q = fold.a * invstd * sum_g_zhat / double(count);
   auto c = q * mean - fold.a * sum_g / double(count);
   auto mom = moments.to(h.scalar_type());
-  auto gram = mom.narrow(0, 1, mom.size(0) - 1);
-  d_enc = d_enc - q.unsqueeze(1) * at::mm(w, gram) + at::outer(c, mom[0]);
+  if (all_finite(mom)) {
+    auto gram = mom.narrow(0, 1, mom.size(0) - 1);
+    d_enc = d_enc - q.unsqueeze(1) * at::mm(w, gram) + at::outer(c, mom[0]);
+  } else {  // inputs past ~1e18: their moments exist in float64 only, and so does this product
+    auto gram = moments.narrow(0, 1, moments.size(0) - 1);
+    auto qd = q.to(at::kDouble), cd = c.to(at::kDouble);
+    auto share = at::outer(cd, moments[0]) - qd.unsqueeze(1) * at::mm(w.to(at::kDouble), gram);
+    d_enc = d_enc + share.to(d_enc.scalar_type());
+  }
   return {d_enc, d_mat, sum_g_zhat, sum_g, -at::mm(w.t() * q, w), at::mv(w.t(), c)};
 }
 

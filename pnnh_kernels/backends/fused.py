@@ -12,6 +12,7 @@ from torch import Tensor
 from .._extension import extension_error
 from ..block import BlockConfig, BlockNorms, BlockWeights
 from ..norm import uses_batch_statistics
+from ..validation import autocast_enabled
 from .base import Backend
 from .contract import BlockOp, block_args
 
@@ -23,6 +24,8 @@ class FusedBackend(Backend):
     fused = True
     #: the data dtypes its kernels compute in
     dtypes: tuple[torch.dtype, ...] = ()
+    #: whether its ops compute under torch.autocast (low-precision convolutions, float32 statistics)
+    serves_autocast = False
 
     def conv_op(self) -> BlockOp:
         raise NotImplementedError
@@ -34,6 +37,8 @@ class FusedBackend(Backend):
         reason = super().unsupported_reason(op, x, weights, config)
         if reason:
             return reason
+        if autocast_enabled(x.device.type) and not self.serves_autocast:
+            return f"the {self.name} backend does not compute under torch.autocast; autocast runs on 'eager'"
         if x.dtype not in self.dtypes:
             names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"the {self.name} backend computes in {names}, not {x.dtype}"

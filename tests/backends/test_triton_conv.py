@@ -60,6 +60,16 @@ def test_triton_block_odd_shapes(device, shape):
     assert_modules_agree(ref, twin(ref, "triton"), x, *TOLERANCES[dtype], steps=1)
 
 
+@pytest.mark.parametrize("coder_kernel_size", [1, 3])
+def test_triton_block_with_one_channel_everywhere(device, coder_kernel_size):
+    # one channel: the saved pre-norm tensor and the gradient agree in memory but not in every stride
+    dtype = exact_dtype(device)
+    ref = pk.PNNHConv2d(1, hidden_channels=1, coder_kernel_size=coder_kernel_size, backend="reference")
+    ref = ref.to(device=device, dtype=dtype)
+    x = torch.randn(1, 1, 3, 6, dtype=dtype, device=device)
+    assert_modules_agree(ref, twin(ref, "triton"), x, *TOLERANCES[dtype], steps=1)
+
+
 def test_triton_block_channels_last_and_strided_input(device):
     dtype = exact_dtype(device)
     ref = pk.PNNHConv2d(6, backend="reference").to(device=device, dtype=dtype)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import twin
 
 import pnnh_kernels as pk
 
@@ -146,3 +147,66 @@ def test_functional_rejects_inconsistent_weights():
         pk.pnnh_conv2d(x, w._replace(encoder=torch.randn(4, 4)), config=config)
     with pytest.raises(ValueError, match="needs NormParams"):
         pk.pnnh_conv2d(x, w)  # default config has batch norm
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        (lambda w: w._replace(encoder=[[1.0]]), "weights.encoder must be a torch.Tensor, got list"),
+        (lambda w: w._replace(decoder=3.0), "weights.decoder must be a torch.Tensor, got float"),
+        (lambda w: (w.encoder, w.learner1, w.learner2), "weights must be a pnnh_kernels.BlockWeights, got tuple"),
+    ],
+    ids=["list_encoder", "float_decoder", "plain_tuple"],
+)
+def test_functional_names_an_argument_that_is_not_a_tensor(weights, match):
+    block = pk.PNNHConv2d(4)
+    with pytest.raises(TypeError, match=match):
+        pk.pnnh_conv2d(torch.randn(2, 4, 3, 3), weights(block.block_weights()), block.block_norms(), block.config)
+
+
+def test_functional_names_a_norm_parameter_that_is_not_a_tensor():
+    block = pk.PNNHConv2d(4)
+    norms = block.block_norms()
+    norms = norms._replace(out=norms.out._replace(weight=[1.0] * 4))
+    with pytest.raises(TypeError, match=r"norms\.out\.weight must be a torch\.Tensor or None, got list"):
+        pk.pnnh_conv2d(torch.randn(2, 4, 3, 3), block.block_weights(), norms, block.config)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: pk.PNNHConv2d(4), lambda: torch.nn.Sequential(pk.PNNHConv2d(4))], ids=["block", "in_a_model"]
+)
+def test_torchscript_is_refused_with_the_supported_paths(make):
+    with pytest.raises(RuntimeError, match=r"TorchScript .* not supported.*torch\.compile or torch\.export"):
+        torch.jit.script(make())
+    with pytest.raises(RuntimeError, match=r"TorchScript .* not supported.*torch\.compile or torch\.export"):
+        torch.jit.trace(make(), torch.randn(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "make, shape",
+    [(lambda: pk.PNNHConv2d(16), (8, 16, 16, 16)), (lambda: pk.PNNHLinear(64), (1024, 64))],
+    ids=["conv", "linear"],
+)
+def test_autocast_works_with_auto_and_matches_eager_under_autocast(make, shape, dtype):
+    # shapes large enough that auto would pick the 'cpu' backend without autocast
+    block = make()
+    x = torch.randn(shape, requires_grad=True)
+    eager = twin(block, "eager")
+    with torch.autocast("cpu", dtype=dtype):
+        y = block(x)
+        y_eager = eager(x)
+    y.float().sum().backward()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_a_fused_backend_named_under_autocast_refuses_clearly(backend_name):
+    block = pk.PNNHConv2d(4, backend=backend_name)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(pk.BackendUnavailableError, match=r"does not compute under torch\.autocast"),
+    ):
+        block(torch.randn(2, 4, 3, 3))

@@ -124,3 +124,13 @@ def test_running_statistics_match_torch_batchnorm(backend):
         torch.testing.assert_close(mine.running_mean, theirs.running_mean)
         torch.testing.assert_close(mine.running_var, theirs.running_var)
         assert int(mine.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_torch_export_captures_the_block(backend):
+    # torch.export is a supported path (TorchScript is not): the exported program computes the same block
+    block = pk.PNNHConv2d(4, backend=backend).eval()
+    randomize_norms(block)
+    x = torch.randn(2, 4, 5, 5)
+    program = torch.export.export(block, (x,))
+    torch.testing.assert_close(program.module()(x), block(x), rtol=1e-6, atol=1e-6)
