@@ -9,6 +9,7 @@ torchrun --nproc_per_node 2 -m pnnh_kernels.train.cli train ...   # DDP
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -16,6 +17,8 @@ from dataclasses import fields
 from typing import Optional
 
 import torch
+
+from pnnh_kernels import BackendUnavailableError
 
 from .analysis import analyse, write_table
 from .checkpoint import load_checkpoint
@@ -49,6 +52,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--backend", default=d.backend, help="PNNH block backend: auto, eager, reference, ...")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     p.add_argument("--device", default=d.device)
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -71,8 +75,25 @@ def _analysis_batch(dataset: str, data_root: Optional[str], image_size: Optional
     return torch.stack([bundle.test[i][0] for i in range(min(n, len(bundle.test)))])
 
 
+def _default_out_dir(args: argparse.Namespace, name: str) -> str:
+    """``runs/<name>``, or the first ``runs/<name>-N`` free of earlier output when that one holds some
+    (an explicit --out-dir is never renamed: a run there is refused, resumed or overwritten, as asked)."""
+    base = os.path.join("runs", name)
+    if getattr(args, "resume", None) or args.overwrite:
+        return base
+    candidate, n = base, 1
+    while os.path.isdir(candidate) and os.listdir(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    if candidate != base:
+        print(
+            f"{base} holds an earlier run; this one goes to {candidate} (--overwrite replaces it instead)", flush=True
+        )
+    return candidate
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    out_dir = args.out_dir or os.path.join("runs", f"{args.model}-{args.dataset}")
+    out_dir = args.out_dir or _default_out_dir(args, f"{args.model}-{args.dataset}")
     config = _config(args, model=args.model, out_dir=out_dir, resume=args.resume)
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -106,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    out_dir = args.out_dir or os.path.join("runs", f"sweep-{args.dataset}")
+    out_dir = args.out_dir or _default_out_dir(args, f"sweep-{args.dataset}")
     base = _config(args, out_dir=out_dir)
     rows = run_sweep(base, args.families, args.depths, out_dir)
     print(f"\n{'family':8s} {'depth':>5s} {'params':>10s} {'test acc':>9s} {'img/s':>8s}")
@@ -119,7 +140,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    out_dir = args.out_dir or os.path.join("runs", f"analysis-{args.dataset}")
+    out_dir = args.out_dir or _default_out_dir(args, f"analysis-{args.dataset}")
+    outputs = [f"{name}.csv" for name in args.models] + ["dissipation.png"]
+    existing = [name for name in outputs if os.path.exists(os.path.join(out_dir, name))]
+    if existing and not args.overwrite:
+        raise ValueError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them")
     os.makedirs(out_dir, exist_ok=True)
     x = _analysis_batch(args.dataset, args.data_root, args.image_size)
     bundle = load_dataset(args.dataset, args.data_root, args.image_size)
@@ -171,16 +196,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace earlier tables and plot in the output folder")
     p.set_defaults(run=cmd_analyze)
     return parser
+
+
+def _user_error(exc: BaseException) -> str:
+    """One line for an error a user can act on (bad option, data, checkpoint, disk); no traceback."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on device{f' writing {exc.filename}' if exc.filename else ''}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return str(exc)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
-        print(f"pnnh-train: error: {exc}", file=sys.stderr)
+    except (DatasetError, ValueError, OSError, BackendUnavailableError, FloatingPointError) as exc:
+        print(f"pnnh-train: error: {_user_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from pnnh_kernels.models import create_model, list_models, model_family
 
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .data import DataBundle, load_dataset
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
@@ -61,6 +67,8 @@ class TrainConfig:
     #: stop this invocation after this many epochs (a planned interruption; resume later with resume="auto")
     stop_after: Optional[int] = None
     model_options: dict = field(default_factory=dict)
+    #: replace a run already in out_dir (without it, a folder holding one is refused unless resuming)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -69,6 +77,17 @@ class TrainConfig:
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "warmup_epochs", "workers", "momentum", "label_smoothing", "drop_path_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a non-negative number, got {value}")
+        for name in ("label_smoothing", "drop_path_rate", "reuse_drop_rate"):
+            if not (0 <= getattr(self, name) < 1):
+                raise ValueError(f"{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop-after must be at least 1 epoch, got {self.stop_after}")
+        if self.reuse_every < 1:
+            raise ValueError(f"reuse-every must be at least 1, got {self.reuse_every}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -90,9 +109,15 @@ def seed_everything(seed: int) -> None:
 
 
 def _device(config: TrainConfig, info: DistInfo) -> torch.device:
-    if config.device != "auto":
-        return torch.device(config.device)
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if config.device == "auto":
+        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise ValueError(f"--device {config.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: this torch has no CUDA device (use --device cpu or auto)")
+    return device
 
 
 def build_model(config: TrainConfig, bundle: DataBundle) -> nn.Module:
@@ -105,7 +130,10 @@ def build_model(config: TrainConfig, bundle: DataBundle) -> nn.Module:
     if family == "vit":
         kwargs.setdefault("img_size", bundle.image_size)
         kwargs.setdefault("patch_size", max(1, bundle.image_size // 8))
-    return create_model(config.model, **kwargs)
+    try:
+        return create_model(config.model, **kwargs)
+    except TypeError as exc:  # an option the model's builder does not take (--model-options)
+        raise ValueError(f"model {config.model} cannot be built with these options: {exc}") from None
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -251,7 +279,10 @@ def _resume(run: _Run) -> None:
     resume_path = run.last_path if config.resume == "auto" else config.resume
     if not resume_path or (config.resume == "auto" and not os.path.isfile(run.last_path)):
         return
-    state = load_checkpoint(resume_path, map_location=run.device)
+    state = load_checkpoint(resume_path, map_location=run.device, kind="resume")
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "epoch", "best_acc", "history") if k not in state]
+    if missing:
+        raise CheckpointError(f"{resume_path} is corrupted: it lacks {', '.join(missing)}")
     saved = TrainConfig.from_dict(state["config"])
     if (saved.model, saved.dataset) != (config.model, config.dataset):
         raise ValueError(
@@ -278,19 +309,33 @@ def _step_model(run: _Run) -> nn.Module:
     return torch.compile(model) if run.config.compile else model
 
 
+#: what a run leaves in its folder
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
+
+
+def _check_out_dir(config: TrainConfig) -> None:
+    """A folder that holds a run is continued (--resume) or replaced on request (--overwrite), never silently."""
+    if config.resume or config.overwrite:
+        return
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(config.out_dir, name))]
+    if existing:
+        raise ValueError(
+            f"{config.out_dir} already holds a run ({', '.join(existing)}); continue it with --resume auto, "
+            "replace it with --overwrite, or choose another --out-dir"
+        )
+
+
 def _start_outputs(run: _Run) -> None:
-    """config.json, the opening line, and metrics.jsonl holding exactly the epochs the checkpoint has seen."""
+    """The opening line; temporary files of interrupted checkpoint writes are removed. Nothing of a
+    previous run changes before this one has an epoch to record (:func:`_save_epoch`)."""
     config = run.config
-    os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
-        json.dump(asdict(config), f, indent=2)
+    for path in remove_stale_temporaries(config.out_dir):
+        print(f"removed {path}, left by an interrupted checkpoint write", flush=True)
     n_params = sum(p.numel() for p in run.model.parameters())
     print(
         f"training {config.model} ({n_params:,} parameters) on {config.dataset} [{run.device}, {run.info.world_size} process(es)]",
         flush=True,
     )
-    with open(run.metrics_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in run.history)
 
 
 def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tuple[float, float, float, float]:
@@ -360,11 +405,14 @@ def _epoch_record(run: _Run, epoch: int, totals: tuple[float, float, float, floa
     }
 
 
-def _save_epoch(run: _Run, record: dict) -> None:
-    """metrics.jsonl, last.pt (everything a resume needs), best.pt when the test accuracy is the best yet."""
+def _save_epoch(run: _Run, record: dict, first: bool) -> None:
+    """config.json (at this invocation's first epoch), metrics.jsonl (exactly the epochs last.pt has seen),
+    last.pt (everything a resume needs), best.pt when the test accuracy is the best yet; each file replaced
+    atomically."""
     config, epoch = run.config, record["epoch"]
-    with open(run.metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if first:
+        write_text_atomic(json.dumps(asdict(config), indent=2), os.path.join(config.out_dir, "config.json"))
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in run.history), run.metrics_path)
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -375,12 +423,10 @@ def _save_epoch(run: _Run, record: dict) -> None:
         "history": run.history,
         "config": asdict(config),
     }
-    save_atomic(state, run.last_path)
+    save_checkpoint(state, run.last_path, kind="resume")
     if record["test_acc"] >= run.best_acc:
-        save_atomic(
-            {"model": run.model.state_dict(), "config": asdict(config), "epoch": epoch},
-            os.path.join(config.out_dir, "best.pt"),
-        )
+        best = {"model": run.model.state_dict(), "config": asdict(config), "epoch": epoch}
+        save_checkpoint(best, os.path.join(config.out_dir, "best.pt"), kind="weights")
     print(
         f"epoch {epoch:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
         f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  {record['images_per_s']:.0f} img/s",
@@ -402,6 +448,7 @@ def _summary(run: _Run) -> dict:
 
 
 def _train(config: TrainConfig, info: DistInfo) -> dict:
+    _check_out_dir(config)
     run = _set_up(config, info)
     _resume(run)
     step_model = _step_model(run)
@@ -415,7 +462,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
         run.history.append(record)
         run.best_acc = max(run.best_acc, record["test_acc"])
         if info.is_main:
-            _save_epoch(run, record)
+            _save_epoch(run, record, first=epoch == run.start_epoch)
     if info.enabled:
         print(f"rank {info.rank}: parameter checksum {parameter_checksum(run.model):.10e}", flush=True)
     return _summary(run)

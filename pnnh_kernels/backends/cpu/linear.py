@@ -29,16 +29,17 @@ class LinearSaved(NamedTuple):
 
 
 def _affine(a: BlockArgs) -> list[Tensor]:
-    return [t.contiguous() for t in a.affine]  # the passes read gamma and beta with unit stride
+    # the passes read gamma and beta with unit stride; checked first, a no-op call still costs a dispatch
+    return [t if t.is_contiguous() else t.contiguous() for t in a.affine]
 
 
-def _layer1(z: Tensor, a: BlockArgs) -> tuple[Tensor, Tensor, Tensor]:
+def _layer1(z: Tensor, a: BlockArgs, affine: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """[z_c, act(z_l)] in one buffer, and each half's row statistics."""
     C = extension()
     cc = a.encoder.shape[0]
     hidden = z.shape[1] - cc
     h = torch.empty_like(z)
-    gc, bc, g1, b1 = _affine(a)[:4]
+    gc, bc, g1, b1 = affine[:4]
     act = (a.activation, a.slope, a.scale)
     stats_c = C.ln_act_forward(z, 0, cc, h, 0, gc, bc, a.eps, False, *act)
     stats_l = C.ln_act_forward(z, cc, hidden, h, cc, g1, b1, a.eps, True, *act)
@@ -52,14 +53,15 @@ def _layer2_weight(a: BlockArgs) -> Tensor:
 
 def _forward(a: BlockArgs) -> tuple[Tensor, LinearSaved]:
     """x: [rows, in]."""
+    affine = _affine(a)
     w1 = torch.cat([a.encoder, a.learner1])
     z = torch.matmul(a.x, w1.t()).contiguous()
-    h, stats_c, stats_l = _layer1(z, a)
+    h, stats_c, stats_l = _layer1(z, a, affine)
     w2 = _layer2_weight(a)
     u = torch.matmul(h, w2.t()).contiguous()
     y = torch.empty_like(u)
     act = (a.activation, a.slope, a.scale)
-    g2, b2 = _affine(a)[4:]
+    g2, b2 = affine[4:]
     stats_out = extension().ln_act_forward(u, 0, u.shape[1], y, 0, g2, b2, a.eps, a.final_act, *act)
     return y, LinearSaved(z, u, stats_c, stats_l, stats_out, w1, w2)
 
@@ -84,11 +86,12 @@ def _backward(dy: Tensor, a: BlockArgs, s: LinearSaved, need_dx: bool) -> BlockG
     C = extension()
     cc, out = a.encoder.shape[0], a.learner2.shape[0]
     hidden = s.w1.shape[0] - cc
-    gc, bc, g1, b1, g2, b2 = _affine(a)
+    affine = _affine(a)
+    gc, bc, g1, b1, g2, b2 = affine
     act = (a.activation, a.slope, a.scale)
     du = torch.empty_like(s.u)
     p_out = C.ln_act_backward(dy.contiguous(), 0, s.u, 0, out, s.stats_out, g2, b2, du, a.final_act, *act).sum(0)
-    h, _, _ = _layer1(s.z, a)  # recomputed, not stored
+    h, _, _ = _layer1(s.z, a, affine)  # recomputed, not stored
     d_decoder = torch.matmul(du.t(), h[:, :cc]).mul_(a.gain)  # two products: no column-slice copy of one
     d_learn2 = torch.matmul(du.t(), h[:, cc:])
     # h is spent: its buffer takes dh, and dz is written over dh (the passes read each element of dh

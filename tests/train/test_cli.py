@@ -1,0 +1,184 @@
+"""``pnnh-train`` (train/cli.py): the main job end to end, the sweep, and every user mistake as one line
+on stderr with exit code 2 (no traceback); a folder that holds a run is never overwritten unasked."""
+
+import json
+
+import pytest
+import torch
+
+from pnnh_kernels.train.cli import main as cli_main
+
+
+def _fails_cleanly(argv, capsys, match):
+    code = cli_main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pnnh-train: error: "), err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli_main(
+        ["train", "--model", "pnnh_resnet8", "--epochs", "2", "--out-dir", str(out), "--analyze", "--no-progress"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in (
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+        "dissipation.png",
+        "config.json",
+        "dissipation_trained.csv",
+    ):
+        assert (out / name).exists(), name
+        if name.endswith((".png", ".pt", ".csv")) and name != "best.pt":
+            assert str(out / name) in printed or name in ("dissipation_trained.csv",)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["test_acc"] > 0.3  # two epochs on digits learn something (chance is 0.1)
+    assert "final test accuracy" in printed
+
+
+def test_cli_reports_errors_cleanly(capsys):
+    assert cli_main(["train", "--dataset", "cifar10", "--no-progress"]) == 2
+    assert "needs --data-root" in capsys.readouterr().err
+
+
+def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = cli_main(
+        [
+            "sweep",
+            "--families",
+            "plain",
+            "pnnh",
+            "--depths",
+            "8",
+            "--epochs",
+            "1",
+            "--out-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("family,depth,model,parameters") and len(rows) == 3
+    assert (out / "sweep.png").exists()
+
+
+TINY = ["--model", "resnet8", "--epochs", "1", "--batch-size", "256", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (["--weight-decay", "-1"], "weight-decay must be a non-negative number"),
+        (["--warmup-epochs", "-5"], "warmup-epochs must be a non-negative number"),
+        (["--workers", "-1"], "workers must be a non-negative number"),
+        (["--stop-after", "0"], "stop-after must be at least 1 epoch"),
+        (["--label-smoothing", "1.5"], "label-smoothing must lie in [0, 1)"),
+        (["--model", "no_such_net"], "unknown model 'no_such_net'"),
+        (["--model-options", '{"no_such_option": 1}'], "cannot be built with these options"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+        (["--model", "pnnh_resnet8", "--backend", "cuda" if not torch.cuda.is_available() else "nope"], "backend"),
+    ],
+    ids=[
+        "weight_decay",
+        "warmup",
+        "workers",
+        "stop_after",
+        "label_smoothing",
+        "model",
+        "model_options",
+        "device",
+        "backend",
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, options, match):
+    _fails_cleanly(["train", *TINY, "--out-dir", str(tmp_path / "run"), *options], capsys, match)
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", *TINY, "--out-dir", str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json")}
+    capsys.readouterr()
+    _fails_cleanly(["train", *TINY, "--out-dir", str(out)], capsys, "already holds a run")
+    assert {name: (out / name).read_bytes() for name in before} == before  # nothing touched
+    assert cli_main(["train", *TINY, "--out-dir", str(out), "--overwrite"]) == 0
+    assert cli_main(["train", *TINY, "--out-dir", str(out), "--resume", "auto"]) == 0  # finished: nothing to do
+
+
+def test_a_rerun_that_fails_in_its_first_epoch_changes_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli_main(["train", *TINY, "--out-dir", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("loss became nan at epoch 1; lower the learning rate")
+
+    monkeypatch.setattr("pnnh_kernels.train.trainer._train_step", diverge)
+    _fails_cleanly(["train", *TINY, "--out-dir", str(out), "--overwrite"], capsys, "loss became nan")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"", "is empty"), (b"not a checkpoint", "corrupted or not a pnnh-train checkpoint")],
+    ids=["empty", "text"],
+)
+def test_a_bad_resume_file_is_one_line(tmp_path, capsys, content, match):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    line = _fails_cleanly(["train", *TINY, "--out-dir", str(tmp_path / "run"), "--resume", str(bad)], capsys, match)
+    assert str(bad) in line
+
+
+def test_resuming_from_best_pt_says_to_use_last_pt(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", *TINY, "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    _fails_cleanly(["train", *TINY, "--out-dir", str(out), "--resume", str(out / "best.pt")], capsys, "last.pt")
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "last.pt"))
+
+    monkeypatch.setattr("pnnh_kernels.train.trainer.save_checkpoint", no_space)
+    _fails_cleanly(["train", *TINY, "--out-dir", str(tmp_path / "run")], capsys, "no space left on device writing")
+
+
+def test_metrics_hold_exactly_the_recorded_epochs(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", *TINY, "--epochs", "2", "--stop-after", "1", "--out-dir", str(out)]) == 0
+    assert cli_main(["train", *TINY, "--epochs", "2", "--out-dir", str(out), "--resume", "auto"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_the_default_folder_is_never_overwritten_a_fresh_one_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", *TINY]) == 0
+    first = (tmp_path / "runs" / "resnet8-digits" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert cli_main(["train", *TINY]) == 0
+    assert "runs/resnet8-digits-2" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "resnet8-digits-2" / "last.pt").exists()
+    assert (tmp_path / "runs" / "resnet8-digits" / "metrics.jsonl").read_bytes() == first
+
+
+def test_analysis_tables_are_not_overwritten_unasked(tmp_path, capsys):
+    argv = ["analyze", "--models", "plain_resnet8", "--out-dir", str(tmp_path / "a")]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    _fails_cleanly(argv, capsys, "pass --overwrite")
+    assert cli_main([*argv, "--overwrite"]) == 0
