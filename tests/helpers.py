@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -47,10 +48,12 @@ def randomize_norms(module: nn.Module, seed: int = 0) -> None:
                     m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
-def run_step(module: nn.Module, x: torch.Tensor, grad_out_seed: int = 1):
-    """Forward, then backward with a fixed random cotangent; returns (y, dx, {param: grad})."""
+def run_step(module: nn.Module, x: torch.Tensor, grad_out_seed: int = 1, autocast: Optional[torch.dtype] = None):
+    """Forward (under torch.autocast in ``autocast`` when given), then backward with a fixed random
+    cotangent; returns (y, dx, {param: grad})."""
     x = x.detach().clone().requires_grad_(True)
-    y = module(x)
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y = module(x)
     g = torch.Generator().manual_seed(grad_out_seed)
     cotangent = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
     (y * cotangent).sum().backward()
@@ -101,14 +104,19 @@ def gpu_exact_math():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def low_precision_errors(block64: nn.Module, backend: str, x64: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
+def low_precision_errors(
+    block64: nn.Module, backend: str, x64: torch.Tensor, dtype: torch.dtype, autocast: bool = False
+) -> dict[str, float]:
     """Largest error, over the output, the input gradient and every parameter gradient, of ``backend``
-    and of 'eager' run in ``dtype``, against ``block64`` (float64). One training step each."""
+    and of 'eager' run in ``dtype`` (or, with ``autocast``, float32 parameters and data under autocast to
+    ``dtype``), against ``block64`` (float64). One training step each."""
     expected = run_step(block64, x64)
     errors = {}
     for name in ("eager", backend):
-        m = twin(block64, name).to(dtype)
-        y, dx, grads = run_step(m, x64.to(dtype))
+        storage = torch.float32 if autocast else dtype
+        m = twin(block64, name).to(storage)
+        y, dx, grads = run_step(m, x64.to(storage), autocast=dtype if autocast else None)
+        assert y.dtype == dtype and all(g.dtype == storage for g in grads.values()), name
         worst = max((y.double() - expected[0]).abs().max().item(), (dx.double() - expected[1]).abs().max().item())
         for key, g in grads.items():
             ref = expected[2][key]

@@ -108,7 +108,7 @@ def _pack_kernel(
         coder = o < CC
         v_c = tl.load(enc_ptr + ((o * CIN + i) * KC + rc) * KC + sc, mask=mask & coder & in_c, other=0.0)
         v_l = tl.load(l1_ptr + (((o - CC) * CIN + i) * KL + rl) * KL + sl, mask=mask & (o >= CC) & in_l, other=0.0)
-        tl.store(out_ptr + offs, tl.where(coder, v_c, v_l), mask=mask)
+        tl.store(out_ptr + offs, tl.where(coder, v_c, v_l).to(out_ptr.dtype.element_ty), mask=mask)
     else:  # layer 2: [t, i, o], i < CC the decoder times the gain, else the learner
         mask = offs < size2
         i, o, rc, sc, in_c, rl, sl, in_l = _packed_position(offs, C1, COUT, K, KC, KL)
@@ -121,7 +121,7 @@ def _pack_kernel(
         gain = tl.load(const_ptr)  # in the accumulation dtype (no float64 for narrower data)
         v_c = (v_c.to(gain.dtype) * gain).to(v_c.dtype)
         v_l = tl.load(l2_ptr + ((o * HID + (i - CC)) * KL + rl) * KL + sl, mask=mask & (i >= CC) & in_l, other=0.0)
-        tl.store(out_ptr + size1 + offs, tl.where(coder, v_c, v_l), mask=mask)
+        tl.store(out_ptr + size1 + offs, tl.where(coder, v_c, v_l).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block() -> int:
@@ -129,13 +129,19 @@ def _block() -> int:
 
 
 def pack_block_weights(
-    enc: Tensor, learn1: Tensor, learn2: Tensor, dec: Optional[Tensor], gain: float
+    enc: Tensor,
+    learn1: Tensor,
+    learn2: Tensor,
+    dec: Optional[Tensor],
+    gain: float,
+    dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(flat, w1, w2): one new flat tensor holding layer 1's ``[K*K, Cin, C1]`` and layer 2's
-    ``[K*K, C1, Cout]`` packed weights, and the two as views of it."""
+    ``[K*K, C1, Cout]`` packed weights, and the two as views of it. ``dtype`` (default: the weights'):
+    the packed copy's, so float32 parameters are packed straight into an autocast dtype, no cast launched."""
     shape = block_shape(enc, learn1, learn2)
     size1, size2 = shape.packed_sizes()
-    flat = torch.empty(size1 + size2, device=enc.device, dtype=enc.dtype)
+    flat = torch.empty(size1 + size2, device=enc.device, dtype=dtype or enc.dtype)
     block = _block()
     _pack_kernel[(triton.cdiv(max(size1, size2), block), 2)](
         enc.contiguous(),

@@ -32,6 +32,20 @@ def running_stats(a: BlockArgs, dtype: torch.dtype) -> tuple[Tensor, Tensor, Ten
     return mean.to(dtype).contiguous(), torch.rsqrt(var.double() + a.eps).to(dtype), var.to(dtype, copy=True)
 
 
+def weights_in_data_dtype(a: BlockArgs) -> BlockArgs:
+    """``a`` with the four weights in the data's dtype: under autocast they arrive as float32 parameters
+    beside low-precision data, and the library convolutions take one dtype."""
+    dtype = a.x.dtype
+    if a.encoder.dtype == dtype:
+        return a
+    return a._replace(
+        encoder=a.encoder.to(dtype),
+        learner1=a.learner1.to(dtype),
+        learner2=a.learner2.to(dtype),
+        decoder=None if a.decoder is None else a.decoder.to(dtype),
+    )
+
+
 def contiguous_as(dtype: torch.dtype, *tensors: Tensor) -> list[Tensor]:
     # the checks first: a no-op .to()/.contiguous() still costs a dispatch, and blocks are called often
     return [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors]

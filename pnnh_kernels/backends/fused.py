@@ -4,7 +4,7 @@ the op stays functional for torch.compile)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from ..block import BlockConfig, BlockNorms, BlockWeights
 from ..norm import uses_batch_statistics
 from ..validation import autocast_enabled
 from .base import Backend
-from .contract import BlockOp, block_args
+from .contract import BlockArgs, BlockOp, block_args
 
 
 class FusedBackend(Backend):
@@ -37,15 +37,34 @@ class FusedBackend(Backend):
         reason = super().unsupported_reason(op, x, weights, config)
         if reason:
             return reason
-        if autocast_enabled(x.device.type) and not self.serves_autocast:
+        autocast = autocast_enabled(x.device.type)
+        if autocast and not self.serves_autocast:
             return f"the {self.name} backend does not compute under torch.autocast; autocast runs on 'eager'"
-        if x.dtype not in self.dtypes:
+        dtype = self.compute_dtype(x)
+        if dtype not in self.dtypes:
             names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"the {self.name} backend computes in {names}, not {x.dtype}"
+            return f"the {self.name} backend computes in {names}, not {dtype}"
         block_tensors = (weights.encoder, weights.learner1, weights.learner2, weights.decoder)
-        if any(t is not None and t.dtype != x.dtype for t in block_tensors):
-            return f"the {self.name} backend needs the weights in the input's dtype (no autocast)"
+        allowed = (dtype, torch.float32) if autocast else (dtype,)  # autocast: float32 parameters
+        if any(t is not None and t.dtype not in allowed for t in block_tensors):
+            return f"the {self.name} backend needs the weights in the input's dtype (or float32 under autocast)"
         return self._linear_reason(weights, config) if op == "linear" else self._conv_reason(config)
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the kernels compute in: autocast's for float32 data under autocast, else the data's.
+        Statistics, norm parameters and the parameters' gradients stay float32 either way."""
+        if self.serves_autocast and x.dtype == torch.float32 and autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _run(self, op: BlockOp, a: BlockArgs) -> tuple[Tensor, Any]:
+        """The op on ``a`` with its data in the compute dtype (the cast is autograd's, so the input's
+        gradient comes back in the input's dtype); autocast off inside, the op chose the dtypes."""
+        dtype = self.compute_dtype(a.x)
+        if dtype == a.x.dtype:
+            return op(a)
+        with torch.autocast(a.x.device.type, enabled=False):
+            return op(a._replace(x=a.x.to(dtype)))
 
     def _linear_reason(self, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         if config.norm != "layer":
@@ -72,7 +91,8 @@ class FusedBackend(Backend):
                 torch.cat([p.running_mean for p in parts]),  # type: ignore[union-attr, misc]
                 torch.cat([p.running_var for p in parts]),  # type: ignore[union-attr, misc]
             )
-        y, saved = self.conv_op()(block_args(x, weights, norms, config, use_batch=use_batch, running=running))
+        args = block_args(x, weights, norms, config, use_batch=use_batch, running=running)
+        y, saved = self._run(self.conv_op(), args)
         if training and norms.coder is not None and norms.coder.running_mean is not None:
             _update_running(norms, saved.mean, saved.var, config.momentum)
         return _like_input(y, x)
@@ -81,7 +101,7 @@ class FusedBackend(Backend):
         self, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool
     ) -> Tensor:
         rows = self.linear_rows(x)
-        y, _ = self.linear_op()(block_args(rows, weights, norms, config))
+        y, _ = self._run(self.linear_op(), block_args(rows, weights, norms, config))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def linear_rows(self, x: Tensor) -> Tensor:

@@ -65,12 +65,15 @@ def test_cuda_block_channels_last_and_strided_input(exact):
 
 
 @gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["pure", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_low_precision_error_within_twice_eager(dtype):
+def test_cuda_low_precision_error_within_twice_eager(dtype, autocast):
+    # pure: the module in dtype; autocast: float32 parameters under torch.autocast (convolutions in dtype,
+    # statistics and parameter gradients float32), each against eager computed the same way
     ref64 = pk.PNNHConv2d(16, backend="reference").to(device="cuda", dtype=torch.float64)
     randomize_norms(ref64)
     x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64, device="cuda")
-    errors = low_precision_errors(ref64, "cuda", x64, dtype)
+    errors = low_precision_errors(ref64, "cuda", x64, dtype, autocast=autocast)
     assert errors["cuda"] <= 2 * errors["eager"] + 1e-3, errors
 
 

@@ -83,15 +83,22 @@ def test_triton_block_channels_last_and_strided_input(device):
     assert fused(strided).is_contiguous()
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["pure", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_low_precision_error_within_twice_eager(device, dtype):
-    """FlashAttention's rule, over outputs and every gradient: the fused kernels in fp16/bf16 err at most
-    about twice as much as the eager PyTorch block in the same dtype (both against float64)."""
+def test_triton_low_precision_error_within_twice_eager(device, dtype, autocast):
+    """FlashAttention's rule, over outputs and every gradient: the fused kernels in fp16/bf16 (the module
+    converted, or float32 parameters under torch.autocast) err at most about twice as much as the eager
+    PyTorch block the same way (both against float64)."""
     ref64 = pk.PNNHConv2d(16, backend="reference").to(device=device, dtype=torch.float64)
     randomize_norms(ref64)
     x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
-    errors = low_precision_errors(ref64, "triton", x64, dtype)
-    assert errors["triton"] <= 2 * errors["eager"] + 1e-3, errors
+    errors = low_precision_errors(ref64, "triton", x64, dtype, autocast=autocast)
+    bound = errors["eager"]
+    if autocast and device == "cpu" and dtype == torch.bfloat16:
+        # the interpreter rounds float32 -> bfloat16 toward zero (test_triton_kernels.py), a bias eager's
+        # round-to-nearest lacks; there the bound is eager's error in pure bfloat16 (compiled: the strict one)
+        bound = low_precision_errors(ref64, "triton", x64, dtype)["eager"]
+    assert errors["triton"] <= 2 * bound + 1e-3, errors
 
 
 @pytest.mark.parametrize("training", [True, False])

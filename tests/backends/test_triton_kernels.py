@@ -16,6 +16,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton
+import triton.language as tl
 from triton_devices import exact_dtype, requires_a_device
 
 from pnnh_kernels.triton_kernels import (
@@ -364,3 +365,25 @@ def test_grad_prologue_refuses_a_saved_tensor_of_another_layout(device):
     )
     with pytest.raises(ValueError, match="strides"):
         conv2d_weight_grad(torch.randn(3, 2, 2, 2, dtype=dtype, device=device), dy, 1, 1, 0, dy_prologue=bad)
+
+
+@triton.jit
+def _store_cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def test_how_this_triton_rounds_float32_to_bfloat16(device):
+    """Compiled Triton rounds to nearest even, as torch does; the interpreter truncates toward zero. The
+    bf16 autocast error bound in test_triton_conv.py relies on this: when this test fails on the CPU,
+    the interpreter rounds correctly and that bound can be the strict one there too."""
+    x = torch.randn(4096, device=device) * 10
+    y = torch.empty(4096, device=device, dtype=torch.bfloat16)
+    _store_cast_kernel[(4,)](x, y, 4096, BLOCK=1024)
+    nearest = x.to(torch.bfloat16)
+    if device == "cpu":
+        toward_zero = (x.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+        assert torch.equal(y, toward_zero) and not torch.equal(y, nearest)
+    else:
+        assert torch.equal(y, nearest)

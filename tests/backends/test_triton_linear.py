@@ -236,13 +236,15 @@ def test_triton_linear_gradcheck_and_opcheck(device):
     torch.library.opcheck(torch.ops.pnnh.linear_block_triton.default, op_args(block, x))
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["pure", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_linear_low_precision_error_within_twice_eager(device, dtype):
+def test_triton_linear_low_precision_error_within_twice_eager(device, dtype, autocast):
     ref64 = pk.PNNHLinear(32, hidden_features=64, activation="gelu", backend="reference").to(
         device=device, dtype=torch.float64
     )
     randomize_norms(ref64)
-    errors = low_precision_errors(ref64, "triton", torch.randn(16, 32, dtype=torch.float64, device=device), dtype)
+    x64 = torch.randn(16, 32, dtype=torch.float64, device=device)
+    errors = low_precision_errors(ref64, "triton", x64, dtype, autocast=autocast)
     assert errors["triton"] <= 2 * errors["eager"] + 1e-3, errors
 
 

@@ -25,6 +25,7 @@ class CudaBackend(ExtensionBackend):
     device_types = ("cuda",)
     priority = 20
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    serves_autocast = True
 
     def unavailable_reason(self) -> Optional[str]:
         reason = extension_error()

@@ -36,6 +36,7 @@ from ..conv_parts import (
     param_dtype,
     running_stats,
     stats_from_sums,
+    weights_in_data_dtype,
 )
 
 
@@ -141,6 +142,7 @@ def _decode_into(u: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> None:
 
 
 def _forward(a: BlockArgs) -> tuple[Tensor, PlanarSaved]:
+    a = weights_in_data_dtype(a)
     x = a.x.contiguous()
     n, _, h, wd = x.shape
     w = _widths(a)
@@ -235,7 +237,8 @@ def _bn_grads(sums: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
     return sums[1].to(gamma.dtype, copy=True), sums[0].to(gamma.dtype, copy=True)
 
 
-def _backward(dy: Tensor, a: BlockArgs, s: PlanarSaved, need_dx: bool) -> BlockGrads:
+def _backward(dy: Tensor, params: BlockArgs, s: PlanarSaved, need_dx: bool) -> BlockGrads:
+    a = weights_in_data_dtype(params)
     n, _, h, wd = a.x.shape
     w = _widths(a)
     c1 = w.cc + w.hid
@@ -262,8 +265,10 @@ def _backward(dy: Tensor, a: BlockArgs, s: PlanarSaved, need_dx: bool) -> BlockG
     dx, d_enc, d_learn1 = _layer1_input_backward(dzc, dzl, a, w, need_dx)
     if d_enc_decode is not None:
         d_enc = d_enc + d_enc_decode
+    as_param = params.encoder.dtype  # the weights' gradients in their own dtype (float32 under autocast)
     return BlockGrads(
-        empty_unless(dx, a.x), d_enc, d_learn1, d_learn2, empty_unless(d_dec, a.x),
+        empty_unless(dx, a.x), d_enc.to(as_param), d_learn1.to(as_param), d_learn2.to(as_param),
+        empty_unless(d_dec, a.x) if d_dec is None else d_dec.to(as_param),
         *_bn_grads(sums_c, a.coder_gamma), *_bn_grads(sums_1, a.learner_gamma), *_bn_grads(sums2, a.out_gamma),
     )  # fmt: skip
 

@@ -32,6 +32,7 @@ class TritonBackend(FusedBackend):
     device_types = ("cuda", "cpu")
     priority = 15
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    serves_autocast = True
 
     def unavailable_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:

@@ -107,7 +107,7 @@ def _forward(a: BlockArgs) -> tuple[Tensor, TritonConvSaved]:
     x = a.x
     g = _Geometry(a)
     c1 = g.c1
-    packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain)
+    packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain, dtype=x.dtype)
     stats = [x.new_empty((c1 + g.out,), dtype=param_dtype(x.dtype)) for _ in range(3)]  # mean, invstd, var
 
     def finalize(part: Optional[Tensor], lo: int, hi: int, gamma: Pair, beta: Pair) -> tuple[Tensor, Tensor]:

@@ -61,7 +61,7 @@ def _hidden_norm(stats1: Tensor, a: BlockArgs) -> LnPrologue:
 def _forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
     """x: [tokens, in]."""
     cc, out = a.encoder.shape[0], a.learner2.shape[0]
-    packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain)
+    packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain, dtype=a.x.dtype)
     z, part1 = ln_gemm(a.x, w1[0], stats_split=cc)
     assert part1 is not None  # stats_split asks for the row-statistics partials
     stats1 = row_statistics(part1, a.eps)
@@ -76,7 +76,7 @@ def _fake_forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
     x = a.x
     t, c1, out = x.shape[0], a.encoder.shape[0] + a.learner1.shape[0], a.learner2.shape[0]
     stats = x.new_empty((4, t), dtype=acc_dtype(x.dtype))
-    packed = a.encoder.new_empty((sum(block_shape(a.encoder, a.learner1, a.learner2).packed_sizes()),))
+    packed = x.new_empty((sum(block_shape(a.encoder, a.learner1, a.learner2).packed_sizes()),))
     return x.new_empty((t, out)), TritonLinearSaved(
         x.new_empty((t, c1)), x.new_empty((t, out)), stats, torch.empty_like(stats), packed
     )
