@@ -44,6 +44,56 @@ def test_no_host_sync_in_forward_and_backward(backend, block):
     assert rec.launches > 0  # the recording saw the step
 
 
+GPU_BACKENDS = ["eager", "cuda", "triton"]
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA device")
+
+
+def _gpu_step(module: torch.nn.Module, backend: str, x: torch.Tensor) -> torch.nn.Module:
+    block = twin(module, backend).cuda()
+    if pk.backends.refusal_reason(
+        pk.backends.registered_backends()[backend],
+        "linear" if x.dim() == 2 else "conv2d",
+        x.cuda(),
+        block.block_weights(),
+        block.config,
+    ):
+        pytest.skip(f"{backend} does not serve this block here")
+    return block
+
+
+@gpu
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync_on_the_gpu(backend, block):
+    make, shape = BLOCKS[block]
+    x = torch.randn(shape, device="cuda")
+    rec = training_step(_gpu_step(make(), backend, x), x)
+    assert rec.syncs == {}, rec.syncs
+
+
+def _cuda_kernels(block: torch.nn.Module, x: torch.Tensor) -> int:
+    """CUDA kernels one forward + backward launches (after a warm-up step), from the profiler."""
+    x = x.detach().requires_grad_()
+    block(x).sum().backward()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        block(x).sum().backward()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+@gpu
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fused_backends_launch_no_more_cuda_kernels_than_eager(backend, block):
+    make, shape = BLOCKS[block]
+    module = make()
+    x = torch.randn(shape, device="cuda")
+    fused = _cuda_kernels(_gpu_step(module, backend, x), x)
+    eager = _cuda_kernels(twin(module, "eager").cuda(), x)
+    assert fused <= eager, (fused, eager)
+
+
 LAYOUTS = [
     (block, layout) for block in sorted(BLOCKS) for layout in ("nchw", "channels_last") if block.startswith("conv")
 ] + [("linear", "rows")]
