@@ -113,11 +113,22 @@ class PNNHBottleneck(nn.Module):
     is off by default, as in the PNNH models' basic blocks (docs/MODELS.md says why).
     """
 
-    def __init__(self, channels: int, coder: Optional[PNNHCoder] = None, final_activation: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        coder: Optional[PNNHCoder] = None,
+        final_activation: bool = False,
+        hidden_channels: Optional[int] = None,
+        coder_channels: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.final_activation = final_activation
-        width = channels // Bottleneck.expansion
-        self.coder = coder if coder is not None else PNNHCoder(channels, channels, 1)
+        width = hidden_channels or channels // Bottleneck.expansion
+        if coder is not None and coder_channels not in (None, coder.coder_channels):
+            raise ValueError(
+                f"coder_channels={coder_channels} disagrees with the shared coder's {coder.coder_channels}"
+            )
+        self.coder = coder if coder is not None else PNNHCoder(channels, coder_channels or channels, 1)
         self.coder_norm = nn.BatchNorm2d(self.coder.coder_channels)
         self.layer1 = conv_bn(channels, width, 1)
         self.layer2 = conv_bn(width, width, 3)
@@ -131,6 +142,31 @@ class PNNHBottleneck(nn.Module):
         learned = self.layer3(F.relu(self.layer2(F.relu(self.layer1(x)))))
         y = self.out_norm(decoded + learned)
         return F.relu(y) if self.final_activation else y
+
+
+class _Slimming:
+    """Per-stage learner and coder widths of PNNH blocks: ``hidden_ratio`` of the learner's natural width
+    (a basic block's width, a bottleneck's inner width) and ``coder_ratio`` of the block width, or the
+    absolute ``hidden_channels`` / ``coder_channels`` of ``pnnh_options`` (the same in every stage)."""
+
+    def __init__(self, expansion: int, hidden_ratio: Optional[float], coder_ratio: Optional[float], options: dict):
+        for name, ratio, absolute in (
+            ("hidden_ratio", hidden_ratio, "hidden_channels"),
+            ("coder_ratio", coder_ratio, "coder_channels"),
+        ):
+            if ratio is not None and not 0 < ratio <= 4:
+                raise ValueError(f"{name} must lie in (0, 4], got {ratio}")
+            if ratio is not None and absolute in options:
+                raise ValueError(f"give {name} or pnnh_options[{absolute!r}], not both")
+        self.expansion, self.hidden_ratio, self.coder_ratio, self.base = expansion, hidden_ratio, coder_ratio, options
+
+    def options(self, channels: int) -> dict:
+        options = dict(self.base)
+        if self.hidden_ratio is not None:
+            options["hidden_channels"] = max(1, round(self.hidden_ratio * channels / self.expansion))
+        if self.coder_ratio is not None:
+            options["coder_channels"] = max(1, round(self.coder_ratio * channels))
+        return options
 
 
 class ResNet(nn.Module):
@@ -148,6 +184,8 @@ class ResNet(nn.Module):
         in_chans: int = 3,
         drop_path_rate: float = 0.0,
         share_coder: bool = False,
+        hidden_ratio: Optional[float] = None,
+        coder_ratio: Optional[float] = None,
         pnnh_options: Optional[dict] = None,
         backend: str = "auto",
     ) -> None:
@@ -165,6 +203,7 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(conv_bn(in_chans, 64, 7, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
             in_ch, shortcut = 64, "B"
 
+        slimming = _Slimming(block_cls.expansion, hidden_ratio, coder_ratio, pnnh_options or {})
         rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         stages = []
         for stage_index, (count, width) in enumerate(zip(layers, widths)):
@@ -175,11 +214,10 @@ class ResNet(nn.Module):
                 stride = 2 if (i == 0 and stage_index > 0) else 1
                 rate = next(rates)
                 if variant == "pnnh" and stride == 1 and in_ch == out_ch:
+                    options = slimming.options(out_ch)
                     if share_coder and coder is None:
-                        coder = PNNHCoder(out_ch, out_ch, 1)
-                    blocks.append(
-                        self._pnnh_block(block, out_ch, coder if share_coder else None, pnnh_options, backend)
-                    )
+                        coder = PNNHCoder(out_ch, options.get("coder_channels", out_ch), 1)
+                    blocks.append(self._pnnh_block(block, out_ch, coder if share_coder else None, options, backend))
                 else:
                     sc = shortcut if variant == "residual" else None
                     blocks.append(block_cls(in_ch, out_ch, stride, shortcut=sc, drop_path=rate))
@@ -194,11 +232,17 @@ class ResNet(nn.Module):
         # No ReLU after the block's last norm by default: batch norm centres the coder path, and a ReLU
         # there would drop half of what it carries at every block (docs/MODELS.md, docs/RESULTS.md).
         options = {"final_activation": False, **(options or {})}
+        if coder is not None:  # a shared coder brings its own width (checked against an explicit one)
+            width = options.pop("coder_channels", coder.coder_channels)
+            if width != coder.coder_channels:
+                raise ValueError(f"coder_channels={width} disagrees with the shared coder's {coder.coder_channels}")
         if block == "bottleneck":
-            extra = set(options) - {"final_activation"}
+            extra = set(options) - {"final_activation", "hidden_channels", "coder_channels"}
             if extra:
-                raise ValueError(f"PNNH bottleneck blocks take only final_activation, not {sorted(extra)}")
-            return PNNHBottleneck(channels, coder, options["final_activation"])
+                raise ValueError(
+                    f"PNNH bottleneck blocks take final_activation, hidden_channels and coder_channels, not {sorted(extra)}"
+                )
+            return PNNHBottleneck(channels, coder, **options)
         return PNNHConv2d(channels, coder=coder, backend=backend, **options)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -225,28 +269,40 @@ def _imagenet(depth: int, variant: str, **kwargs) -> ResNet:
     return ResNet(block, layers, [64, 128, 256, 512], stem="imagenet", variant=variant, **kwargs)
 
 
-def _register_family(variant: str, prefix: str) -> None:
+def _register_family(variant: str, prefix: str, defaults: Optional[dict] = None, what: str = "") -> None:
     family = {"residual": "resnet", "plain": "plain", "pnnh": "pnnh"}[variant]
+    what = what or variant
     for depth in (8, 20, 32, 44, 56, 110):
 
         def build(depth=depth, **kwargs):
-            return _cifar(depth, variant, **kwargs)
+            return _cifar(depth, variant, **{**(defaults or {}), **kwargs})
 
         build.__name__ = f"{prefix}resnet{depth}"
-        build.__doc__ = f"CIFAR-style {variant} ResNet-{depth} (3 stages of 16/32/64 channels)."
+        build.__doc__ = f"CIFAR-style {what} ResNet-{depth} (3 stages of 16/32/64 channels)."
         register_model(family)(build)
     for depth in _IMAGENET:
+        imagenet_defaults = dict(defaults or {})
+        if defaults and _IMAGENET[depth][0] == "bottleneck":
+            imagenet_defaults.update(SLIM_BOTTLENECK)
 
-        def build(depth=depth, **kwargs):
-            return _imagenet(depth, variant, **kwargs)
+        def build(depth=depth, imagenet_defaults=imagenet_defaults, **kwargs):
+            return _imagenet(depth, variant, **{**imagenet_defaults, **kwargs})
 
         build.__name__ = f"{prefix}resnet{depth}"
-        build.__doc__ = f"ImageNet-style {variant} ResNet-{depth}."
+        build.__doc__ = f"ImageNet-style {what} ResNet-{depth}."
         register_model(family)(build)
 
+
+#: the slim PNNH nets: learners of half the stage width, one coder per stage; about half a ResNet's
+#: parameters (docs/MODELS.md)
+SLIM = {"hidden_ratio": 0.5, "share_coder": True}
+#: and for bottlenecks a coder of the inner width: a coder as wide as the block (2048 channels in the last
+#: stage) costs as much as the bottleneck's three convolutions together
+SLIM_BOTTLENECK = {"coder_ratio": 0.25}
 
 _register_family("residual", "")
 _register_family("plain", "plain_")
 _register_family("pnnh", "pnnh_")
+_register_family("pnnh", "pnnh_slim_", SLIM, "slim PNNH")
 
 __all__ = ["VARIANTS", "BasicBlock", "Bottleneck", "OptionAShortcut", "PNNHBottleneck", "ResNet"]

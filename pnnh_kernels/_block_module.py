@@ -88,6 +88,10 @@ class PNNHBlockBase(nn.Module):
                 f"shared coder maps {coder.in_channels} -> {coder.out_channels} channels with kernel "
                 f"{coder.kernel_size}; this block needs {in_channels} -> {out_channels} with kernel {coder_kernel_size}"
             )
+        elif coder_channels is not None and coder_channels != coder.coder_channels:
+            raise ValueError(
+                f"shared coder maps through {coder.coder_channels} channels, not coder_channels={coder_channels}"
+            )
         self.coder = coder
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.learner1_weight = nn.Parameter(torch.empty(hidden_channels, in_channels, *learner_tail, **factory))

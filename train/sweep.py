@@ -10,7 +10,13 @@ from .analysis import write_table
 from .plots import plot_sweep
 from .trainer import TrainConfig, train
 
-FAMILY_MODELS = {"plain": "plain_resnet{}", "resnet": "resnet{}", "pnnh": "pnnh_resnet{}", "tat": "tat_vanilla{}"}
+FAMILY_MODELS = {
+    "plain": "plain_resnet{}",
+    "resnet": "resnet{}",
+    "pnnh": "pnnh_resnet{}",
+    "pnnh_slim": "pnnh_slim_resnet{}",
+    "tat": "tat_vanilla{}",
+}
 #: vanilla nets have no batch norm: the step size a BN net takes would blow them up
 FAMILY_LR_SCALE = {"tat": 0.2}
 

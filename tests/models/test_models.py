@@ -100,6 +100,53 @@ def test_pnnh_variant_replaces_exactly_the_stride1_blocks():
     assert n_params(shared) < n_params(model)
 
 
+@pytest.mark.parametrize(
+    "depth, at_most", [(56, 0.56), (110, 0.53), (50, 0.57), (34, 0.64)], ids=["56", "110", "50", "34"]
+)
+def test_slim_pnnh_nets_have_about_half_a_resnets_parameters(depth, at_most):
+    ratio = n_params(create_model(f"pnnh_slim_resnet{depth}")) / n_params(create_model(f"resnet{depth}"))
+    assert ratio <= at_most, ratio
+
+
+def test_slim_widths_are_fractions_of_each_stage():
+    model = create_model("pnnh_slim_resnet20")
+    for stage, width in zip(model.stages, (16, 32, 64)):
+        blocks = [b for b in stage if isinstance(b, pk.PNNHConv2d)]
+        assert blocks and all(b.hidden_channels == width // 2 for b in blocks)
+        assert len({id(b.coder) for b in blocks}) == 1  # one coder per stage
+    narrow = create_model("pnnh_resnet20", hidden_ratio=0.25, coder_ratio=0.5)
+    widths = [
+        (b.hidden_channels, b.coder.coder_channels) for s in narrow.stages for b in s if isinstance(b, pk.PNNHConv2d)
+    ]
+    assert widths[0] == (4, 8) and widths[-1] == (16, 32)
+
+
+def test_a_shared_coder_takes_the_coder_width_asked_for():
+    model = create_model("pnnh_resnet20", share_coder=True, pnnh_options={"coder_channels": 8})
+    coders = {b.coder.coder_channels for s in model.stages for b in s if isinstance(b, pk.PNNHConv2d)}
+    assert coders == {8}
+
+
+def test_conflicting_width_options_are_refused():
+    with pytest.raises(ValueError, match=r"give hidden_ratio or pnnh_options\['hidden_channels'\], not both"):
+        create_model("pnnh_resnet20", hidden_ratio=0.5, pnnh_options={"hidden_channels": 8})
+    with pytest.raises(ValueError, match="hidden_ratio must lie in"):
+        create_model("pnnh_resnet20", hidden_ratio=0)
+    coder = pk.PNNHCoder(8, 4)
+    with pytest.raises(ValueError, match="shared coder maps"):
+        pk.PNNHConv2d(8, coder=coder, coder_channels=8)
+
+
+def test_slim_bottlenecks_train():
+    model = create_model("pnnh_slim_resnet50", num_classes=5)
+    blocks = [m for m in model.modules() if isinstance(m, PNNHBottleneck)]
+    assert blocks and all(b.coder.coder_channels == b.layer3.weight.shape[0] // 4 for b in blocks)
+    assert all(b.layer1[0].weight.shape[0] == b.layer3.weight.shape[0] // 8 for b in blocks)  # half the inner width
+    loss = model(torch.randn(2, 3, 64, 64)).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 # --------------------------------------------------------------------------- no addition across a block
 
 _LEAVES = (pk.PNNHConv2d, pk.PNNHLinear, PNNHBottleneck, PNNHAttention, PatchEmbed)
