@@ -197,9 +197,10 @@ def test_ln_grad_prologue_matches_autograd(device, split, gelu):
 
 def test_ln_gemm_refuses_mismatched_prologues(device):
     dtype = exact_dtype(device)
+    ones, zeros = torch.ones(5, device=device), torch.zeros(5, device=device)  # on the data's device (a GPU too)
     u, dy = torch.randn(6, 5, dtype=dtype, device=device), torch.randn(6, 5, dtype=dtype, device=device)
     stats = torch.stack([u.mean(1), torch.rsqrt(u.var(1, unbiased=False) + 1e-5)] * 2)
-    grad, _, _ = ln_grad_sums(dy, u, LnPrologue(stats, torch.ones(5), torch.zeros(5), 2, False, 0.0, 1.0))
+    grad, _, _ = ln_grad_sums(dy, u, LnPrologue(stats, ones, zeros, 2, False, 0.0, 1.0))
     with pytest.raises(ValueError, match="saved tensor"):
         ln_gemm(dy.t(), torch.randn(6, 3, dtype=dtype, device=device), prologue_a=grad)  # dy^T without grad.t()
     with pytest.raises(ValueError, match="gradient prologue goes on A"):
@@ -209,10 +210,10 @@ def test_ln_gemm_refuses_mismatched_prologues(device):
             dy.t(),
             u,
             prologue_a=grad.t(),
-            prologue_b=LnPrologue(stats, torch.ones(5), torch.zeros(5), 2, True, 0.0, 1.0),
+            prologue_b=LnPrologue(stats, ones, zeros, 2, True, 0.0, 1.0),
         )
     with pytest.raises(ValueError, match=r"\[4, 6\]"):
-        ln_grad_sums(dy, u, LnPrologue(stats[:, :5], torch.ones(5), torch.zeros(5), 2, False, 0.0, 1.0))
+        ln_grad_sums(dy, u, LnPrologue(stats[:, :5], ones, zeros, 2, False, 0.0, 1.0))
 
 
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))
