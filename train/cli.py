@@ -129,10 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or _default_out_dir(args, f"sweep-{args.dataset}")
     base = _config(args, out_dir=out_dir)
-    rows = run_sweep(base, args.families, args.depths, out_dir)
-    print(f"\n{'family':8s} {'depth':>5s} {'params':>10s} {'test acc':>9s} {'img/s':>8s}")
+    rows = run_sweep(base, args.families, args.depths, out_dir, args.seeds or [args.seed])
+    print(f"\n{'family':10s} {'depth':>5s} {'params':>10s} {'test acc (mean +- sd)':>22s} {'img/s':>8s}")
     for r in rows:
-        print(f"{r['family']:8s} {r['depth']:5d} {r['parameters']:10,d} {r['test_acc']:9.4f} {r['images_per_s']:8.0f}")
+        acc = f"{r['test_acc']:.4f} +- {r['test_acc_std']:.4f}"
+        print(f"{r['family']:10s} {r['depth']:5d} {r['parameters']:10,d} {acc:>22s} {r['images_per_s']:8.0f}")
     print(
         f"results: {os.path.abspath(os.path.join(out_dir, 'sweep.csv'))}\nplot:    {os.path.abspath(os.path.join(out_dir, 'sweep.png'))}"
     )
@@ -184,6 +185,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train several families at several depths")
     p.add_argument("--families", nargs="+", default=["plain", "resnet", "pnnh", "tat"], choices=sorted(FAMILY_MODELS))
     p.add_argument("--depths", nargs="+", type=int, default=[20, 56, 110])
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="one run per seed (default: --seed); mean and spread"
+    )
     p.add_argument("--out-dir", default=None)
     _add_train_options(p)
     p.set_defaults(run=cmd_sweep)

@@ -59,6 +59,9 @@ def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
             "pnnh",
             "--depths",
             "8",
+            "--seeds",
+            "0",
+            "1",
             "--epochs",
             "1",
             "--out-dir",
@@ -67,9 +70,13 @@ def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
         ]
     )
     assert code == 0
-    rows = (out / "sweep.csv").read_text().splitlines()
-    assert rows[0].startswith("family,depth,model,parameters") and len(rows) == 3
-    assert (out / "sweep.png").exists()
+    runs = (out / "sweep.csv").read_text().splitlines()
+    assert runs[0].startswith("family,depth,seed,model,parameters") and len(runs) == 1 + 2 * 2
+    summary = (out / "sweep_summary.csv").read_text().splitlines()
+    header = summary[0].split(",")
+    assert len(summary) == 1 + 2 and "test_acc_std" in header and "seeds" in header
+    assert all(row.split(",")[header.index("seeds")] == "2" for row in summary[1:])
+    assert "+-" in capsys.readouterr().out and (out / "sweep.png").exists()
 
 
 TINY = ["--model", "resnet8", "--epochs", "1", "--batch-size", "256", "--no-progress"]
