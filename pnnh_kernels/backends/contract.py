@@ -126,6 +126,18 @@ def block_args(
     ])  # fmt: skip
 
 
+def grads_like(a: BlockArgs, dx: Tensor, *, dense: bool) -> list[Tensor]:
+    """Empty gradients as a backward returns them, for fake implementations: ``dx`` as given, the weights'
+    and norm parameters' dense (``dense``) or in their own memory format, the decoder's empty when tied."""
+    fmt = torch.contiguous_format if dense else torch.preserve_format
+
+    def like(t: Tensor) -> Tensor:
+        return torch.empty_like(t, memory_format=fmt)
+
+    decoder = like(a.decoder) if a.decoder is not None else a.x.new_empty((0,))
+    return [dx, like(a.encoder), like(a.learner1), like(a.learner2), decoder, *(like(t) for t in a.affine)]
+
+
 # --------------------------------------------------------------------------- schemas
 
 _SCHEMA_TYPES: dict[Any, str] = {

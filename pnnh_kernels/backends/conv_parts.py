@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .contract import BlockArgs
+from .contract import BlockArgs, grads_like
 
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,10 +80,5 @@ def channels_last_grads_like(a: BlockArgs, need_dx: bool) -> list[Tensor]:
     """Empty gradients as the rows ops return them (dx channels_last, the rest dense), for their fakes."""
     x = a.x
     n, cin, h, w = x.shape
-    dense = torch.contiguous_format
-    return [
-        x.new_empty((n, h, w, cin)).permute(0, 3, 1, 2) if need_dx else x.new_empty((0,)),
-        *(torch.empty_like(t, memory_format=dense) for t in (a.encoder, a.learner1, a.learner2)),
-        torch.empty_like(a.decoder, memory_format=dense) if a.decoder is not None else x.new_empty((0,)),
-        *(torch.empty_like(t, memory_format=dense) for t in a.affine),
-    ]
+    dx = x.new_empty((n, h, w, cin)).permute(0, 3, 1, 2) if need_dx else x.new_empty((0,))
+    return grads_like(a, dx, dense=True)

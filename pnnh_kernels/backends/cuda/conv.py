@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._extension import extension
-from ..contract import BlockArgs, BlockGrads, BlockOp
+from ..contract import BlockArgs, BlockGrads, BlockOp, grads_like
 from ..conv_parts import (
     CoderGrads,
     Half,
@@ -274,15 +274,7 @@ def _backward(dy: Tensor, params: BlockArgs, s: PlanarSaved, need_dx: bool) -> B
 
 
 def _fake_backward(dy: Tensor, a: BlockArgs, s: PlanarSaved, need_dx: bool) -> list[Tensor]:
-    x = a.x
-    return [
-        torch.empty_like(x) if need_dx else x.new_empty((0,)),
-        torch.empty_like(a.encoder),
-        torch.empty_like(a.learner1),
-        torch.empty_like(a.learner2),
-        torch.empty_like(a.decoder) if a.decoder is not None else x.new_empty((0,)),
-        *(torch.empty_like(t) for t in a.affine),
-    ]
+    return grads_like(a, torch.empty_like(a.x) if need_dx else a.x.new_empty((0,)), dense=False)
 
 
 conv_block_fused = BlockOp(

@@ -37,7 +37,7 @@ from pnnh_kernels.triton_kernels.linear_gemm import ln_gemm, row_statistics
 from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_forward, ln_grad_sums
 from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue
 
-from ..contract import BlockArgs, BlockGrads, BlockOp
+from ..contract import BlockArgs, BlockGrads, BlockOp, grads_like
 
 
 class TritonLinearSaved(NamedTuple):
@@ -113,13 +113,7 @@ def _backward(dy: Tensor, a: BlockArgs, s: TritonLinearSaved, need_dx: bool) -> 
 
 
 def _fake_backward(dy: Tensor, a: BlockArgs, s: TritonLinearSaved, need_dx: bool) -> list[Tensor]:
-    x = a.x
-    return [
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        *(torch.empty_like(t) for t in (a.encoder, a.learner1, a.learner2)),
-        torch.empty_like(a.decoder) if a.decoder is not None else x.new_empty((0,)),
-        *(torch.empty_like(t) for t in a.affine),
-    ]
+    return grads_like(a, torch.empty_like(a.x, memory_format=torch.contiguous_format), dense=False)
 
 
 linear_block_triton = BlockOp(
