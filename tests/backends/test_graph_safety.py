@@ -5,7 +5,7 @@ block's GPU step is bound by). Counted on the CPU: aten ops, and Triton launches
 
 import pytest
 import torch
-from helpers import twin
+from helpers import TOLERANCES, assert_modules_agree, gpu_exact_math, twin
 from op_recording import training_step
 from triton_devices import interpreting
 
@@ -112,3 +112,24 @@ def test_triton_launches_no_more_kernels_than_eager(block, layout):
     fused = training_step(twin(module, "triton"), x)
     assert fused.triton_launches > 0
     assert fused.launches <= eager.launches, (dict(fused.ops), fused.triton_launches, dict(eager.ops))
+
+
+def _reduce_overhead_agrees(backend: str, device: str, dtype: torch.dtype) -> None:
+    block = pk.PNNHConv2d(4, backend=backend).to(device=device, dtype=dtype).train()
+    compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 4, 5, 5, device=device, dtype=dtype)
+    assert_modules_agree(twin(block, "reference"), compiled, x, *TOLERANCES[dtype], steps=3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(extension_error() is not None, reason="no C++ extension")
+def test_reduce_overhead_compile_of_the_cpu_backend():
+    # inductor with its reduce-overhead mode (CUDA graphs on a GPU) takes the fused custom ops whole
+    _reduce_overhead_agrees("cpu", "cpu", torch.float64)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_reduce_overhead_compile_captures_the_fused_backends_in_cuda_graphs(backend):
+    gpu_exact_math()  # the reference's convolutions without TF32, for the float32 tolerance
+    _reduce_overhead_agrees(backend, "cuda", torch.float32)
