@@ -9,6 +9,7 @@ torchrun --nproc_per_node 2 -m pnnh_kernels.train.cli train ...   # DDP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from pnnh_kernels import BackendUnavailableError
+from pnnh_kernels.models import list_models
 
 from .analysis import analyse, write_table
 from .checkpoint import load_checkpoint
@@ -92,6 +94,37 @@ def _default_out_dir(args: argparse.Namespace, name: str) -> str:
     return candidate
 
 
+def _counterparts(model: str) -> list[str]:
+    """The plain net and the ResNet of a PNNH (or plain) ResNet's depth: what the paper compares it with."""
+    base = model
+    for prefix in ("pnnh_slim_", "pnnh_", "plain_"):
+        base = base.removeprefix(prefix)
+    if base == model or base not in list_models("resnet"):
+        return []
+    return [name for name in (f"plain_{base}", base) if name != model]
+
+
+def _analyze_run(args: argparse.Namespace, config: TrainConfig, checkpoint: str, out_dir: str) -> str:
+    """Dissipating inputs of the trained net, of the same net at initialisation, and of its plain and
+    residual counterparts at initialisation (the paper's comparison); one CSV each and one plot."""
+    bundle = load_dataset(args.dataset, args.data_root, args.image_size)
+    x = _analysis_batch(args.dataset, args.data_root, args.image_size)
+    trained = build_model(config, bundle)
+    trained.load_state_dict(load_checkpoint(checkpoint)["model"])
+    results = {}
+    for name in [args.model, *_counterparts(args.model)]:
+        seed_everything(config.seed)
+        results[f"{name} at init"] = analyse(build_model(dataclasses.replace(config, model=name), bundle), x)
+    results[f"{args.model} trained"] = analyse(trained, x)
+    for label, rows in results.items():
+        name, state = label.split()[0], label.split()[-1]
+        suffix = state if name == args.model else f"{name}_{state}"
+        write_table(rows, os.path.join(out_dir, f"dissipation_{suffix}.csv"))
+    path = os.path.join(out_dir, "dissipation.png")
+    plot_analysis(results, path, "how much of the input survives each layer")
+    return os.path.abspath(path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or _default_out_dir(args, f"{args.model}-{args.dataset}")
     config = _config(args, model=args.model, out_dir=out_dir, resume=args.resume)
@@ -105,16 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "curves": os.path.abspath(os.path.join(out_dir, "curves.png")),
     }
     if args.analyze:
-        x = _analysis_batch(args.dataset, args.data_root, args.image_size)
-        trained = build_model(config, load_dataset(args.dataset, args.data_root, args.image_size))
-        trained.load_state_dict(load_checkpoint(result["checkpoint"])["model"])
-        seed_everything(config.seed)
-        fresh = build_model(config, load_dataset(args.dataset, args.data_root, args.image_size))
-        results = {f"{args.model} at init": analyse(fresh, x), f"{args.model} trained": analyse(trained, x)}
-        for label, rows in results.items():
-            write_table(rows, os.path.join(out_dir, f"dissipation_{label.split()[-1]}.csv"))
-        plot_analysis(results, os.path.join(out_dir, "dissipation.png"), "how much of the input survives each layer")
-        outputs["dissipation"] = os.path.abspath(os.path.join(out_dir, "dissipation.png"))
+        outputs["dissipation"] = _analyze_run(args, config, result["checkpoint"], out_dir)
     final = result["final"]
     print(
         f"\n{args.model}: final test accuracy {final['test_acc']:.4f} (best {result['best_test_acc']:.4f}), "

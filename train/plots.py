@@ -11,11 +11,12 @@ import matplotlib.pyplot as plt
 def plot_history(history: list[dict], path: str, title: str) -> None:
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train")
-    ax_acc.plot(epochs, [r["test_acc"] for r in history], label="test")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], marker=".", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss")
+    ax_loss.set_yscale("log")  # an early test loss of hundreds would flatten everything after it
+    ax_acc.plot(epochs, [r["train_acc"] for r in history], marker=".", label="train")
+    ax_acc.plot(epochs, [r["test_acc"] for r in history], marker=".", label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.legend()

@@ -34,6 +34,9 @@ def test_cli_train_end_to_end(tmp_path, capsys):
         "dissipation.png",
         "config.json",
         "dissipation_trained.csv",
+        "dissipation_init.csv",
+        "dissipation_plain_resnet8_init.csv",  # the paper's comparison: plain and ResNet of the same depth
+        "dissipation_resnet8_init.csv",
     ):
         assert (out / name).exists(), name
         if name.endswith((".png", ".pt", ".csv")) and name != "best.pt":
