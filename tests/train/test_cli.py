@@ -39,8 +39,8 @@ def test_cli_train_end_to_end(tmp_path, capsys):
         "dissipation_resnet8_init.csv",
     ):
         assert (out / name).exists(), name
-        if name.endswith((".png", ".pt", ".csv")) and name != "best.pt":
-            assert str(out / name) in printed or name in ("dissipation_trained.csv",)
+        if name.endswith((".png", ".pt")) and name != "best.pt":  # the tables are named in the folder only
+            assert str(out / name) in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["test_acc"] > 0.3  # two epochs on digits learn something (chance is 0.1)
