@@ -21,7 +21,8 @@ case "$STEP" in
     # the linear file first: it is short, and the conv one is long enough to run past a device call's limit
     PNNH_TRITON_AUTOTUNE=0 python3 -P -m pytest -q -p no:cacheprovider tests/backends/test_cuda_conv.py \
       tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py tests/backends/test_triton_kernels.py \
-      tests/backends/test_contract.py tests/backends/test_graph_safety.py tests/backends/test_cuda_sources.py --maxfail=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      tests/backends/test_contract.py tests/backends/test_graph_safety.py tests/backends/test_cuda_sources.py \
+      tests/train/test_cuda_graphs.py --maxfail=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
     ;;
   bench)
     NAME=${1:?name}

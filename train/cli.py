@@ -52,6 +52,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="model and batches in channels_last memory format (faster on oneDNN / cuDNN)",
     )
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile-mode", default=d.compile_mode, help="torch.compile mode: default, reduce-overhead, max-autotune"
+    )
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the whole training step in one CUDA graph (GPU)")
     p.add_argument("--backend", default=d.backend, help="PNNH block backend: auto, eager, reference, ...")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")

@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from pnnh_kernels.models import create_model, list_models, model_family
 
+from . import cuda_graphs
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -27,10 +28,13 @@ from .checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from .cuda_graphs import GraphedStep
 from .data import DataBundle, load_dataset
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
 from .optim import make_optimizer, make_scheduler
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -54,6 +58,10 @@ class TrainConfig:
     #: benchmarks/RESULTS.md: 1.0-1.8x for the block on the CPU)
     channels_last: bool = False
     compile: bool = False
+    #: torch.compile's mode: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune
+    compile_mode: str = "default"
+    #: capture the whole training step in one CUDA graph (train/cuda_graphs.py)
+    cuda_graphs: bool = False
     backend: str = "auto"
     seed: int = 0
     out_dir: str = "runs/default"
@@ -88,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"stop-after must be at least 1 epoch, got {self.stop_after}")
         if self.reuse_every < 1:
             raise ValueError(f"reuse-every must be at least 1, got {self.reuse_every}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -240,6 +250,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     reuse: Optional[FeatureReuse]
     steps_per_epoch: int
+    graphed: Optional[GraphedStep] = None
     start_epoch: int = 0
     best_acc: float = 0.0
     history: list = field(default_factory=list)
@@ -306,7 +317,10 @@ def _step_model(run: _Run) -> nn.Module:
     if run.info.enabled:
         ids = [run.info.local_rank] if run.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=run.reuse is not None)
-    return torch.compile(model) if run.config.compile else model
+    if not run.config.compile:
+        return model
+    mode = run.config.compile_mode
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 #: what a run leaves in its folder
@@ -367,14 +381,28 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
     return loss_sum, correct, count, time.perf_counter() - start
 
 
+def _check_finite(loss: torch.Tensor, epoch: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+
+
 def _train_step(run: _Run, step_model: nn.Module, autocast, x: torch.Tensor, y: torch.Tensor, epoch: int):
     """Forward, backward and the optimizer step on one batch; returns (output, loss value)."""
+    if run.graphed is not None:
+        out, loss = run.graphed.step(x, y)
+        _check_finite(loss, epoch)  # after the update: the graph holds the whole step
+    else:
+        out, loss = _eager_step(run, step_model, autocast, x, y, epoch)
+    run.scheduler.step()
+    return out, loss.item()
+
+
+def _eager_step(run: _Run, step_model: nn.Module, autocast, x: torch.Tensor, y: torch.Tensor, epoch: int):
     kind = run.reuse.begin_step() if run.reuse is not None else NORMAL
     with autocast:
         out = step_model(x)
-        loss = F.cross_entropy(out.float(), y, label_smoothing=run.config.label_smoothing)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+        loss = _loss(run)(out, y)
+    _check_finite(loss, epoch)  # before the update: a NaN step never reaches the weights
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if run.reuse is not None:
@@ -382,8 +410,23 @@ def _train_step(run: _Run, step_model: nn.Module, autocast, x: torch.Tensor, y: 
         run.reuse.end_step(kind)
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    run.scheduler.step()
-    return out, loss.item()
+    return out, loss
+
+
+def _loss(run: _Run) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    smoothing = run.config.label_smoothing
+    return lambda out, y: F.cross_entropy(out.float(), y, label_smoothing=smoothing)
+
+
+def _graph_the_step(run: _Run, step_model: nn.Module, autocast) -> None:
+    """--cuda-graphs: the step captured once and replayed, or a clear line saying why not."""
+    config = run.config
+    reason = cuda_graphs.refusal(run.device, run.info.enabled, config.feature_reuse, config.amp, config.compile)
+    if reason is not None:
+        print(f"{reason}; training without CUDA graphs", flush=True)
+        return
+    cuda_graphs.graph_ready_optimizer(run.optimizer, run.device)
+    run.graphed = GraphedStep(step_model, run.optimizer, autocast, _loss(run))
 
 
 def _epoch_record(run: _Run, epoch: int, totals: tuple[float, float, float, float], autocast) -> dict:
@@ -453,6 +496,8 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
     _resume(run)
     step_model = _step_model(run)
     autocast = _autocast(config, run.device)
+    if config.cuda_graphs:
+        _graph_the_step(run, step_model, autocast)
     if info.is_main:
         _start_outputs(run)
     end_epoch = config.epochs if config.stop_after is None else min(config.epochs, run.start_epoch + config.stop_after)
