@@ -58,6 +58,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="capture the whole training step in one CUDA graph (GPU)")
     p.add_argument("--backend", default=d.backend, help="PNNH block backend: auto, eager, reference, ...")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-size", type=int, default=None, help="train on this many images, stratified (harder)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     p.add_argument("--device", default=d.device)
     p.add_argument("--workers", type=int, default=d.workers)

@@ -6,6 +6,7 @@ float tensors ``(C, H, W)`` already normalised, plus the batch augmentation to u
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import tarfile
@@ -224,6 +225,24 @@ def load_imagefolder(root: str, image_size: int = 64, seed: int = 0) -> DataBund
     train = ImageFolder(train_root, image_size, train=True, seed=seed)
     test = ImageFolder(val_root, image_size, train=False, classes=train.classes)
     return DataBundle(train, test, len(train.classes), 3, image_size, augment=None)
+
+
+def subsample_training(bundle: DataBundle, size: int, seed: int = 0) -> DataBundle:
+    """The bundle with ``size`` training images, the same fraction of every class (a harder setting from
+    the same data; the test set is kept whole). The subset depends on ``seed`` only, not on the run's seed."""
+    if not isinstance(bundle.train, TensorDataset):
+        raise DatasetError("--train-size takes a subset of in-memory data sets (digits, CIFAR), not image folders")
+    images, labels = bundle.train.tensors
+    if not bundle.num_classes <= size <= len(labels):
+        raise DatasetError(f"--train-size must lie in [{bundle.num_classes}, {len(labels)}], got {size}")
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for c in range(bundle.num_classes):
+        idx = np.flatnonzero(labels.numpy() == c)
+        take = max(1, round(len(idx) * size / len(labels)))
+        keep += list(rng.choice(idx, size=min(take, len(idx)), replace=False))
+    chosen = torch.tensor(sorted(keep))
+    return dataclasses.replace(bundle, train=TensorDataset(images[chosen], labels[chosen]))
 
 
 def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int] = None, seed: int = 0) -> DataBundle:

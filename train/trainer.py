@@ -29,7 +29,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .cuda_graphs import GraphedStep
-from .data import DataBundle, load_dataset
+from .data import DataBundle, load_dataset, subsample_training
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
 from .optim import make_optimizer, make_scheduler
@@ -75,6 +75,8 @@ class TrainConfig:
     #: stop this invocation after this many epochs (a planned interruption; resume later with resume="auto")
     stop_after: Optional[int] = None
     model_options: dict = field(default_factory=dict)
+    #: train on this many images (the same fraction of every class; a harder setting of the same data)
+    train_size: Optional[int] = None
     #: replace a run already in out_dir (without it, a folder holding one is refused unless resuming)
     overwrite: bool = False
 
@@ -269,6 +271,8 @@ def _set_up(config: TrainConfig, info: DistInfo) -> _Run:
     seed_everything(config.seed)
     device = _device(config, info)
     bundle = load_dataset(config.dataset, config.data_root, config.image_size, config.seed)
+    if config.train_size is not None:
+        bundle = subsample_training(bundle, config.train_size)
     model = build_model(config, bundle).to(device, memory_format=_memory_format(config.channels_last))
     steps_per_epoch = math.ceil(len(bundle.train) / info.world_size / config.batch_size)
     optimizer = make_optimizer(

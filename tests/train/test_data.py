@@ -122,3 +122,18 @@ def test_imagefolder_errors(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DatasetError, match="unknown data set 'mnist'"):
         load_dataset("mnist")
+
+
+def test_train_size_keeps_every_class_in_proportion_and_the_test_set_whole():
+    from pnnh_kernels.train.data import load_digits, subsample_training
+
+    full = load_digits()
+    small = subsample_training(full, 300)
+    labels = small.train.tensors[1]
+    assert abs(len(labels) - 300) <= 10 and len(small.test) == len(full.test)
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 35  # ~30 of each of the 10 classes
+    again = subsample_training(full, 300)
+    assert torch.equal(again.train.tensors[0], small.train.tensors[0])  # the subset is fixed
+    with pytest.raises(DatasetError, match=r"--train-size must lie in \[10, 1438\]"):
+        subsample_training(full, 5)
