@@ -24,7 +24,7 @@ from pnnh_kernels.models import list_models
 
 from .analysis import analyse, write_table
 from .checkpoint import load_checkpoint
-from .data import DATASETS, DatasetError, load_dataset
+from .data import DATASETS, DataBundle, DatasetError, load_dataset
 from .plots import plot_analysis, plot_history
 from .sweep import FAMILY_MODELS, run_sweep
 from .trainer import TrainConfig, build_model, seed_everything, train
@@ -77,8 +77,7 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _analysis_batch(dataset: str, data_root: Optional[str], image_size: Optional[int], n: int = 512) -> torch.Tensor:
-    bundle = load_dataset(dataset, data_root, image_size)
+def _analysis_batch(bundle: DataBundle, n: int = 512) -> torch.Tensor:
     return torch.stack([bundle.test[i][0] for i in range(min(n, len(bundle.test)))])
 
 
@@ -113,7 +112,7 @@ def _analyze_run(args: argparse.Namespace, config: TrainConfig, checkpoint: str,
     """Dissipating inputs of the trained net, of the same net at initialisation, and of its plain and
     residual counterparts at initialisation (the paper's comparison); one CSV each and one plot."""
     bundle = load_dataset(args.dataset, args.data_root, args.image_size)
-    x = _analysis_batch(args.dataset, args.data_root, args.image_size)
+    x = _analysis_batch(bundle)
     trained = build_model(config, bundle)
     trained.load_state_dict(load_checkpoint(checkpoint)["model"])
     results = {}
@@ -176,8 +175,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         raise ValueError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them")
     os.makedirs(out_dir, exist_ok=True)
-    x = _analysis_batch(args.dataset, args.data_root, args.image_size)
     bundle = load_dataset(args.dataset, args.data_root, args.image_size)
+    x = _analysis_batch(bundle)
     checkpoints = dict(zip(args.models, args.checkpoints or []))
     results = {}
     for name in args.models:

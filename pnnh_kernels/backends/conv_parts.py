@@ -71,6 +71,12 @@ def layer1_halves(zc: Tensor, zl: Tensor, cc: int) -> Halves:
     return ((zc, 0), (zc, cc)) if zl.numel() == 0 else ((zc, 0), (zl, 0))
 
 
+def bn_grads(sums: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """(d gamma, d beta) from a dAct + dBN pass's [dbeta, dgamma] sums; copies: a custom op's outputs may
+    not alias each other."""
+    return sums[1].to(gamma.dtype, copy=True), sums[0].to(gamma.dtype, copy=True)
+
+
 def empty_unless(t: Optional[Tensor], like: Tensor) -> Tensor:
     """``t``, or an empty tensor where a gradient is not computed (ops return tensors, never None)."""
     return t if t is not None else like.new_empty((0,))

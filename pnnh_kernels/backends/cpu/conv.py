@@ -35,6 +35,7 @@ from ..conv_parts import (
     Halves,
     TensorPair,
     affine_as,
+    bn_grads,
     channels_last_grads_like,
     empty_unless,
     layer1_halves,
@@ -107,11 +108,6 @@ def _dbn_act_rows(
     sums = C.rows_bn_act_backward_sums(grad, t, c0, mean, invstd, gamma, beta, act, a.slope, a.scale)
     C.rows_bn_act_backward_apply(grad, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, act, a.slope, a.scale)
     return sums
-
-
-def _bn_grads(sums: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """(d gamma, d beta) from the [dbeta, dgamma] sums; copies: a custom op's outputs may not alias each other."""
-    return sums[1].to(gamma.dtype, copy=True), sums[0].to(gamma.dtype, copy=True)
 
 
 # --------------------------------------------------------------------------- forward
@@ -255,7 +251,7 @@ def _backward_kxk_coder(dy: Tensor, a: BlockArgs, s: RowsSaved, need_dx: bool) -
         d_enc = d_enc + d_enc_decode
     return BlockGrads(
         g.nchw(dx) if dx is not None else a.x.new_empty((0,)), d_enc, d_learn1, d_learn2, empty_unless(d_dec, a.x),
-        *_bn_grads(sums_c, a.coder_gamma), *_bn_grads(sums_1, a.learner_gamma), *_bn_grads(sums2, a.out_gamma),
+        *bn_grads(sums_c, a.coder_gamma), *bn_grads(sums_1, a.learner_gamma), *bn_grads(sums2, a.out_gamma),
     )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from ..conv_parts import (
     Halves,
     TensorPair,
     affine_as,
+    bn_grads,
     empty_unless,
     layer1_halves,
     param_dtype,
@@ -121,9 +122,7 @@ def _conv_bwd(
 # --------------------------------------------------------------------------- forward
 
 
-def _layer1_stats(a: BlockArgs, halves: Halves, w: _Widths) -> tuple[Tensor, Tensor, Tensor]:
-    if not a.use_batch:
-        return tuple(t[: w.cc + w.hid] for t in running_stats(a, param_dtype(a.x.dtype)))  # type: ignore[return-value]
+def _layer1_batch_stats(a: BlockArgs, halves: Halves, w: _Widths) -> tuple[Tensor, Tensor, Tensor]:
     stats = [_stats(t, c0, cn, a.eps) for (t, c0), cn in zip(halves, (w.cc, w.hid))]
     return tuple(torch.cat(parts) for parts in zip(*stats))  # type: ignore[return-value]
 
@@ -146,19 +145,24 @@ def _forward(a: BlockArgs) -> tuple[Tensor, PlanarSaved]:
     x = a.x.contiguous()
     n, _, h, wd = x.shape
     w = _widths(a)
+    c1 = w.cc + w.hid
     affine = affine_as(a, param_dtype(x.dtype))
+    running = None if a.use_batch else running_stats(a, param_dtype(x.dtype))
     zc_pre, zl_pre = _layer1_conv(x, a.encoder, a.learner1)
     halves = layer1_halves(zc_pre, zl_pre, w.cc)
-    mean1, inv1, var1 = _layer1_stats(a, halves, w)
+    if running is None:
+        mean1, inv1, var1 = _layer1_batch_stats(a, halves, w)
+    else:
+        mean1, inv1, var1 = (t[:c1] for t in running)
     zc, al = _layer1_apply(halves, w, mean1, inv1, affine, a)
 
     u = F.conv2d(al.view(n, w.hid, h, wd), a.learner2, padding=w.k // 2).contiguous()
     _decode_into(u, zc, a, w)
     u3 = u.view(n, w.out, h * wd)
-    if a.use_batch:
+    if running is None:
         mean2, inv2, var2 = _stats(u3, 0, w.out, a.eps)
     else:
-        mean2, inv2, var2 = (t[w.cc + w.hid :] for t in running_stats(a, param_dtype(x.dtype)))
+        mean2, inv2, var2 = (t[c1:] for t in running)
     y = torch.empty_like(u3)
     extension().bn_act_apply(u3, 0, y, mean2, inv2, affine[4], affine[5], a.final_act, a.slope, a.scale)
     saved = PlanarSaved(zc_pre, zl_pre, u3, torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]))
@@ -232,11 +236,6 @@ def _layer1_input_backward(
     return (dx + dx_c if need_dx else None), d_enc, d_learn1
 
 
-def _bn_grads(sums: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """(d gamma, d beta) from the [dbeta, dgamma] sums; copies: a custom op's outputs may not alias each other."""
-    return sums[1].to(gamma.dtype, copy=True), sums[0].to(gamma.dtype, copy=True)
-
-
 def _backward(dy: Tensor, params: BlockArgs, s: PlanarSaved, need_dx: bool) -> BlockGrads:
     a = weights_in_data_dtype(params)
     n, _, h, wd = a.x.shape
@@ -269,7 +268,7 @@ def _backward(dy: Tensor, params: BlockArgs, s: PlanarSaved, need_dx: bool) -> B
     return BlockGrads(
         empty_unless(dx, a.x), d_enc.to(as_param), d_learn1.to(as_param), d_learn2.to(as_param),
         empty_unless(d_dec, a.x) if d_dec is None else d_dec.to(as_param),
-        *_bn_grads(sums_c, a.coder_gamma), *_bn_grads(sums_1, a.learner_gamma), *_bn_grads(sums2, a.out_gamma),
+        *bn_grads(sums_c, a.coder_gamma), *bn_grads(sums_1, a.learner_gamma), *bn_grads(sums2, a.out_gamma),
     )  # fmt: skip
 
 
