@@ -48,6 +48,23 @@ class BuildPyWithSources(build_py):
             self.copy_file(path, target, preserve_mode=False)
 
 
+def _cudnn_frontend(cuda_home):
+    """The cuDNN fused graphs (csrc/cuda/cudnn_fused.cpp) build where the cudnn-frontend and cuDNN headers are
+    found (``pip install nvidia-cudnn-frontend``); the frontend opens libcudnn at run time, torch's copy."""
+    import sys
+
+    if os.environ.get("PNNH_NO_CUDNN_FRONTEND") == "1":
+        return [], []
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    from cudnn_frontend_paths import cudnn_include, frontend_include
+
+    frontend, cudnn = frontend_include(), cudnn_include(cuda_home)
+    if frontend is None or cudnn is None:
+        return [], []
+    macros = [("PNNH_WITH_CUDNN_FRONTEND", None), ("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)]
+    return macros, [frontend, cudnn]
+
+
 def _extensions():
     if os.environ.get("PNNH_NO_EXTENSION") == "1":
         return [], {}
@@ -64,7 +81,10 @@ def _extensions():
     # the passes share torch's OpenMP thread pool rather than starting a second runtime.
     # -fno-trapping-math: lets GCC evaluate both arms of a select (the activations' y > 0 ? ...) and so
     # vectorise those loops on AVX2 / SSE, which have no masked arithmetic; nothing here reads FP exception flags.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
+    # torch 2.14's headers need C++20 (ATen refuses C++17 there); earlier torch builds with C++17
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    std = "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+    cxx_flags = ["-O3", std, "-fopenmp", "-fno-trapping-math"]
     sources = [os.path.join("csrc", "bindings.cpp"), *cpu_sources]
     cuda_sources = sorted(
         glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
@@ -76,12 +96,14 @@ def _extensions():
     )
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        macros, include_dirs = _cudnn_frontend(cpp_extension.CUDA_HOME)
         ext = cpp_extension.CUDAExtension(
             "pnnh_kernels._C",
             sources + cuda_sources,
-            define_macros=[("PNNH_WITH_CUDA", None)],
+            define_macros=[("PNNH_WITH_CUDA", None), *macros],
+            include_dirs=include_dirs,
             extra_link_args=["-fopenmp"],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", std, "--use_fast_math"]},
         )
     else:
         ext = cpp_extension.CppExtension(

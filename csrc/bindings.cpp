@@ -7,6 +7,9 @@
 #ifdef PNNH_WITH_CUDA
 #include "cuda/pnnh_cuda.h"
 #endif
+#ifdef PNNH_WITH_CUDNN_FRONTEND
+#include "cuda/cudnn_fused.h"
+#endif
 
 namespace {
 
@@ -27,6 +30,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Ten
   return {g.encoder, g.decoder_matrix, g.gamma, g.beta, g.input_self, g.input_const};
 }
 
+#ifdef PNNH_WITH_CUDNN_FRONTEND
+std::string cudnn_fused_support(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t pad,
+                                bool prologue, double slope, at::ScalarType dtype) {
+  return pnnh::cudnn_fused::support({n, c, h, w, k, r, pad, prologue, slope, dtype});
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,6 +47,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_apply", &pnnh::cuda::bn_act_apply_torch, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &pnnh::cuda::bn_act_backward_sums_torch, "fused dAct + dBN reductions");
   m.def("bn_act_backward_apply", &pnnh::cuda::bn_act_backward_apply_torch, "fused dAct + dBN input gradient");
+#endif
+#ifdef PNNH_WITH_CUDNN_FRONTEND
+  // cuDNN fused graphs (csrc/cuda/cudnn_fused.cpp): conv with a BN-apply + activation prologue and a
+  // statistics epilogue; support() says whether cuDNN has an engine for a shape
+  m.def("cudnn_fused_support", &cudnn_fused_support, "'' when cuDNN can run the fused conv graph, else why not");
+  m.def("cudnn_conv_genstats", &pnnh::cudnn_fused::conv_genstats, "[act(x*scale+bias) ->] conv -> (y, sum, sq_sum)");
+  m.attr("with_cudnn_frontend") = true;
+#else
+  m.attr("with_cudnn_frontend") = false;
 #endif
   // channels-last rows: the CPU backend's layout (CPU tensors only)
   m.def("rows_channel_sums", &pnnh::rows_channel_sums, "per-channel sum and sum of squares over rows (float64)");

@@ -6,7 +6,10 @@ Public API:
     pnnh_conv2d, pnnh_linear    functional forms
     Activation                  activation spec (relu / leaky_relu / identity / gelu, with scale)
     available_backends()        backends that can run here
+    convert_resnet              a torchvision / timm ResNet -> its PNNH counterpart (pnnh_kernels.models)
 """
+
+from typing import Any
 
 from .activation import Activation, make_activation
 from .backends import BackendUnavailableError, available_backends, register_backend
@@ -19,6 +22,16 @@ from .validation import set_finite_check
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    # the converter lives with the models, which import this package: load it on first use
+    if name == "convert_resnet":
+        from .models.convert import convert_resnet
+
+        return convert_resnet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Activation",
     "BackendUnavailableError",
@@ -30,6 +43,7 @@ __all__ = [
     "PNNHConv2d",
     "PNNHLinear",
     "available_backends",
+    "convert_resnet",
     "make_activation",
     "pnnh_conv2d",
     "pnnh_linear",

@@ -24,6 +24,14 @@ def _source_dir() -> Optional[str]:
     return None
 
 
+def cxx_standard() -> str:
+    """The C++ standard torch's headers need: C++20 from torch 2.14 (ATen refuses C++17 there), else C++17."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
 def _jit_build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
@@ -39,7 +47,7 @@ def _jit_build() -> ModuleType:
     return load(
         name="pnnh_kernels_C",
         sources=sources,
-        extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"],  # the same flags as setup.py
+        extra_cflags=["-O3", f"-std={cxx_standard()}", "-fopenmp", "-fno-trapping-math"],  # the same flags as setup.py
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -60,7 +68,7 @@ def _find() -> tuple[Optional[ModuleType], Optional[str]]:
     if os.environ.get("PNNH_NO_EXTENSION") == "1":
         return None, "compiled kernels disabled by PNNH_NO_EXTENSION=1"
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from . import _C  # type: ignore[attr-defined,unused-ignore]
 
         return _C, None
     except ImportError as exc:

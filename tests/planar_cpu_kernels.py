@@ -9,6 +9,8 @@ from types import ModuleType
 
 from torch.utils.cpp_extension import load
 
+from pnnh_kernels._extension import cxx_standard
+
 _SOURCES = pathlib.Path(__file__).resolve().parent / "planar_cpu"
 
 
@@ -18,7 +20,7 @@ def planar_cpu_kernels() -> ModuleType:
         name="pnnh_test_planar_cpu",
         sources=[str(_SOURCES / "bindings.cpp"), str(_SOURCES / "bn_act_planar.cpp")],
         extra_include_paths=[str(_SOURCES.parents[1] / "csrc" / "cpu")],  # norm_checks.h, vector_clones.h
-        extra_cflags=["-O2", "-std=c++17", "-fopenmp"],
+        extra_cflags=["-O2", f"-std={cxx_standard()}", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
     )
 

@@ -26,7 +26,7 @@ from .analysis import analyse, write_table
 from .checkpoint import load_checkpoint
 from .data import DATASETS, DataBundle, DatasetError, load_dataset
 from .plots import plot_analysis, plot_history
-from .sweep import FAMILY_MODELS, run_sweep
+from .sweep import FAMILIES, parse_lr_scales, run_sweep
 from .trainer import TrainConfig, build_model, seed_everything, train
 
 
@@ -62,7 +62,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     p.add_argument("--device", default=d.device)
     p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar within an epoch")
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also log to <out-dir>/tensorboard (pip install tensorboard)"
+    )
     p.add_argument("--stop-after", type=int, default=None, help="stop after N epochs of this run (resume later)")
     p.add_argument("--feature-reuse", action="store_true", help="droppath + freeze iterations (residual models)")
     p.add_argument("--reuse-drop-rate", type=float, default=d.reuse_drop_rate)
@@ -157,11 +160,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or _default_out_dir(args, f"sweep-{args.dataset}")
     base = _config(args, out_dir=out_dir)
-    rows = run_sweep(base, args.families, args.depths, out_dir, args.seeds or [args.seed])
-    print(f"\n{'family':10s} {'depth':>5s} {'params':>10s} {'test acc (mean +- sd)':>22s} {'img/s':>8s}")
+    lr_scales = parse_lr_scales(args.lr_scales)
+    rows = run_sweep(base, args.families, args.depths, out_dir, args.seeds or [args.seed], lr_scales)
+    print(f"\n{'family':20s} {'depth':>5s} {'params':>10s} {'test acc (mean +- sd)':>22s} {'img/s':>8s}")
     for r in rows:
         acc = f"{r['test_acc']:.4f} +- {r['test_acc_std']:.4f}"
-        print(f"{r['family']:10s} {r['depth']:5d} {r['parameters']:10,d} {acc:>22s} {r['images_per_s']:8.0f}")
+        print(f"{r['family']:20s} {r['depth']:5d} {r['parameters']:10,d} {acc:>22s} {r['images_per_s']:8.0f}")
     print(
         f"results: {os.path.abspath(os.path.join(out_dir, 'sweep.csv'))}\nplot:    {os.path.abspath(os.path.join(out_dir, 'sweep.png'))}"
     )
@@ -211,10 +215,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("sweep", help="train several families at several depths")
-    p.add_argument("--families", nargs="+", default=["plain", "resnet", "pnnh", "tat"], choices=sorted(FAMILY_MODELS))
+    p.add_argument("--families", nargs="+", default=["plain", "resnet", "pnnh", "tat"], choices=sorted(FAMILIES))
     p.add_argument("--depths", nargs="+", type=int, default=[20, 56, 110])
     p.add_argument(
         "--seeds", nargs="+", type=int, default=None, help="one run per seed (default: --seed); mean and spread"
+    )
+    p.add_argument(
+        "--lr-scales", nargs="*", default=[], help="FAMILY=SCALE: replace a family's learning-rate scale on --lr"
     )
     p.add_argument("--out-dir", default=None)
     _add_train_options(p)

@@ -48,21 +48,28 @@ def plot_analysis(results: dict[str, list[dict]], path: str, title: str) -> None
 
 
 def plot_sweep(rows: list[dict], path: str) -> None:
-    """Accuracy against depth and against parameter count, and throughput, per family (paper's figure 3)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    """One figure per sweep: accuracy, parameters and throughput against depth, and accuracy against
+    parameters (the paper's figure 3 and its efficiency claim); bars are one standard deviation over seeds."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for family in sorted({r["family"] for r in rows}):
         mine = sorted((r for r in rows if r["family"] == family), key=lambda r: r["depth"])
-        axes[0].plot([r["depth"] for r in mine], [r["test_acc"] for r in mine], marker="o", label=family)
-        axes[1].plot([r["parameters"] / 1e6 for r in mine], [r["test_acc"] for r in mine], marker="o", label=family)
-        for r in mine:
-            axes[1].annotate(str(r["depth"]), (r["parameters"] / 1e6, r["test_acc"]), fontsize=7)
-        axes[2].plot([r["depth"] for r in mine], [r["images_per_s"] for r in mine], marker="o", label=family)
+        depths = [r["depth"] for r in mine]
+        acc, acc_sd = [r["test_acc"] for r in mine], [r.get("test_acc_std", 0.0) for r in mine]
+        params = [r["parameters"] / 1e6 for r in mine]
+        axes[0].errorbar(depths, acc, yerr=acc_sd, marker="o", capsize=3, label=family)
+        axes[1].plot(depths, params, marker="o", label=family)
+        speed, speed_sd = [r["images_per_s"] for r in mine], [r.get("images_per_s_std", 0.0) for r in mine]
+        axes[2].errorbar(depths, speed, yerr=speed_sd, marker="o", capsize=3, label=family)
+        axes[3].errorbar(params, acc, yerr=acc_sd, marker="o", capsize=3, label=family)
+        for r, x in zip(mine, params):
+            axes[3].annotate(str(r["depth"]), (x, r["test_acc"]), fontsize=7)
     axes[0].set(xlabel="depth", ylabel="test accuracy", title="accuracy vs depth")
-    axes[1].set(xlabel="parameters (M)", ylabel="test accuracy", title="accuracy vs parameters")
+    axes[1].set(xlabel="depth", ylabel="parameters (M)", title="parameters vs depth")
     axes[2].set(xlabel="depth", ylabel="training images/s", title="training throughput")
+    axes[3].set(xlabel="parameters (M)", ylabel="test accuracy", title="accuracy vs parameters")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

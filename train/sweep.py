@@ -4,40 +4,61 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 from collections.abc import Sequence
+from typing import Optional
 
 from .analysis import write_table
 from .plots import plot_sweep
 from .trainer import TrainConfig, train
 
-FAMILY_MODELS = {
-    "plain": "plain_resnet{}",
-    "resnet": "resnet{}",
-    "pnnh": "pnnh_resnet{}",
-    "pnnh_slim": "pnnh_slim_resnet{}",
-    "tat": "tat_vanilla{}",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A sweep row's model (``{}`` takes the depth) and its recipe: a learning-rate scale on ``--lr`` and
+    training options on top of the sweep's own (drop path, feature reuse)."""
+
+    model: str
+    lr_scale: float = 1.0
+    options: tuple[tuple[str, object], ...] = ()
+
+
 #: vanilla nets have no batch norm: the step size a BN net takes blows them up. TAT-110 on digits, SGD,
-#: 15 epochs, seed 0 (docs/RESULTS.md): 92.8% at lr 0.004 (0.08x the default 0.05), 76.0% at 0.01
-FAMILY_LR_SCALE = {"tat": 0.08}
+#: 15 epochs, seed 0 (docs/RESULTS.md): 92.8% at lr 0.004 (0.08x the default 0.05), 76.0% at 0.01.
+#: The feature-reuse rows are ResNets trained three ways: plainly, with timm-style drop path, and with
+#: droppath + freeze iterations at two settings (docs/TRAINING.md).
+FAMILIES = {
+    "plain": Family("plain_resnet{}"),
+    "resnet": Family("resnet{}"),
+    "resnet_droppath": Family("resnet{}", options=(("drop_path_rate", 0.1),)),
+    "resnet_reuse": Family("resnet{}", options=(("feature_reuse", True), ("reuse_drop_rate", 0.2))),
+    "resnet_reuse_every4": Family(
+        "resnet{}", options=(("feature_reuse", True), ("reuse_drop_rate", 0.2), ("reuse_every", 4))
+    ),
+    "pnnh": Family("pnnh_resnet{}"),
+    "pnnh_slim": Family("pnnh_slim_resnet{}"),
+    "tat": Family("tat_vanilla{}", lr_scale=0.08),
+}
 
 
-def _run_one(base: TrainConfig, family: str, depth: int, seed: int, out_dir: str) -> dict:
-    name = FAMILY_MODELS[family].format(depth)
+def _run_one(base: TrainConfig, family_name: str, depth: int, seed: int, out_dir: str, lr_scale: float) -> dict:
+    family = FAMILIES[family_name]
+    name = family.model.format(depth)
     config = dataclasses.replace(
         base,
         model=name,
         seed=seed,
-        out_dir=os.path.join(out_dir, f"{name}-seed{seed}"),
-        lr=base.lr * FAMILY_LR_SCALE.get(family, 1.0),
+        out_dir=os.path.join(out_dir, f"{family_name}{depth}-seed{seed}"),
+        lr=base.lr * lr_scale,
         resume=None,
+        **dict(family.options),
     )
     result = train(config)
     final = result["final"]
     return {
-        "family": family,
+        "family": family_name,
         "depth": depth,
         "seed": seed,
         "model": name,
@@ -67,19 +88,42 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def parse_lr_scales(items: Sequence[str]) -> dict[str, float]:
+    """``["resnet=0.4", "tat=0.1"]`` -> learning-rate scales that replace the families' own."""
+    scales = {}
+    for item in items:
+        family, sep, value = item.partition("=")
+        try:
+            scale = float(value) if sep else float("nan")
+        except ValueError:
+            scale = float("nan")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"--lr-scales takes FAMILY=POSITIVE_NUMBER, got {item!r}")
+        scales[family] = scale
+    return scales
+
+
 def run_sweep(
-    base: TrainConfig, families: list[str], depths: list[int], out_dir: str, seeds: Sequence[int] = (0,)
+    base: TrainConfig,
+    families: list[str],
+    depths: list[int],
+    out_dir: str,
+    seeds: Sequence[int] = (0,),
+    lr_scales: Optional[dict[str, float]] = None,
 ) -> list[dict]:
     """Train every family at every depth with every seed; writes sweep.csv (one row a run),
-    sweep_summary.csv (mean and spread over the seeds), sweep.json and sweep.png. Returns the summary."""
-    unknown = set(families) - set(FAMILY_MODELS)
+    sweep_summary.csv (mean and spread over the seeds), sweep.json and sweep.png. Returns the summary.
+    ``lr_scales`` replaces the families' own learning-rate scales."""
+    lr_scales = lr_scales or {}
+    unknown = (set(families) | set(lr_scales)) - set(FAMILIES)
     if unknown:
-        raise ValueError(f"unknown families {sorted(unknown)}; choose from {sorted(FAMILY_MODELS)}")
+        raise ValueError(f"unknown families {sorted(unknown)}; choose from {sorted(FAMILIES)}")
     rows: list[dict] = []
     for depth in depths:
         for family in families:
             for seed in seeds:
-                rows.append(_run_one(base, family, depth, seed, out_dir))
+                scale = lr_scales.get(family, FAMILIES[family].lr_scale)
+                rows.append(_run_one(base, family, depth, seed, out_dir, scale))
                 write_table(rows, os.path.join(out_dir, "sweep.csv"))  # partial results survive an interruption
     summary = summarize(rows)
     write_table(summary, os.path.join(out_dir, "sweep_summary.csv"))

@@ -33,6 +33,8 @@ from .data import DataBundle, load_dataset, subsample_training
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
 from .optim import make_optimizer, make_scheduler
+from .tensorboard_log import MISSING as TENSORBOARD_MISSING
+from .tensorboard_log import TensorBoardLog, tensorboard_installed
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -79,6 +81,8 @@ class TrainConfig:
     train_size: Optional[int] = None
     #: replace a run already in out_dir (without it, a folder holding one is refused unless resuming)
     overwrite: bool = False
+    #: also write the metrics as TensorBoard scalars to out_dir/tensorboard (needs the tensorboard package)
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -98,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"stop-after must be at least 1 epoch, got {self.stop_after}")
         if self.reuse_every < 1:
             raise ValueError(f"reuse-every must be at least 1, got {self.reuse_every}")
+        if self.tensorboard and not tensorboard_installed():
+            raise ValueError(TENSORBOARD_MISSING)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
 
@@ -253,6 +259,7 @@ class _Run:
     reuse: Optional[FeatureReuse]
     steps_per_epoch: int
     graphed: Optional[GraphedStep] = None
+    log: Optional[TensorBoardLog] = None
     start_epoch: int = 0
     best_acc: float = 0.0
     history: list = field(default_factory=list)
@@ -349,6 +356,8 @@ def _start_outputs(run: _Run) -> None:
     config = run.config
     for path in remove_stale_temporaries(config.out_dir):
         print(f"removed {path}, left by an interrupted checkpoint write", flush=True)
+    if config.tensorboard:
+        run.log = TensorBoardLog(config.out_dir)
     n_params = sum(p.numel() for p in run.model.parameters())
     print(
         f"training {config.model} ({n_params:,} parameters) on {config.dataset} [{run.device}, {run.info.world_size} process(es)]",
@@ -380,7 +389,10 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
         loss_sum += loss * y.numel()
         correct += (out.argmax(1) == y).sum().item()
         count += y.numel()
-        progress.update(loss=loss, acc=correct / count, lr=run.scheduler.get_last_lr()[0])
+        lr = run.scheduler.get_last_lr()[0]
+        progress.update(loss=loss, acc=correct / count, lr=lr)
+        if run.log is not None:
+            run.log.step(run.scheduler.last_epoch, loss, lr)
     progress.close()
     return loss_sum, correct, count, time.perf_counter() - start
 
@@ -474,6 +486,8 @@ def _save_epoch(run: _Run, record: dict, first: bool) -> None:
     if record["test_acc"] >= run.best_acc:
         best = {"model": run.model.state_dict(), "config": asdict(config), "epoch": epoch}
         save_checkpoint(best, os.path.join(config.out_dir, "best.pt"), kind="weights")
+    if run.log is not None:
+        run.log.epoch(record)
     print(
         f"epoch {epoch:3d}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
         f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  {record['images_per_s']:.0f} img/s",
@@ -505,13 +519,17 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
     if info.is_main:
         _start_outputs(run)
     end_epoch = config.epochs if config.stop_after is None else min(config.epochs, run.start_epoch + config.stop_after)
-    for epoch in range(run.start_epoch, end_epoch):
-        totals = _train_epoch(run, epoch, step_model, autocast)
-        record = _epoch_record(run, epoch, totals, autocast)
-        run.history.append(record)
-        run.best_acc = max(run.best_acc, record["test_acc"])
-        if info.is_main:
-            _save_epoch(run, record, first=epoch == run.start_epoch)
+    try:
+        for epoch in range(run.start_epoch, end_epoch):
+            totals = _train_epoch(run, epoch, step_model, autocast)
+            record = _epoch_record(run, epoch, totals, autocast)
+            run.history.append(record)
+            run.best_acc = max(run.best_acc, record["test_acc"])
+            if info.is_main:
+                _save_epoch(run, record, first=epoch == run.start_epoch)
+    finally:
+        if run.log is not None:
+            run.log.close()
     if info.enabled:
         print(f"rank {info.rank}: parameter checksum {parameter_checksum(run.model):.10e}", flush=True)
     return _summary(run)

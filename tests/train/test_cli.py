@@ -59,7 +59,9 @@ def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
             "sweep",
             "--families",
             "plain",
-            "pnnh",
+            "resnet_reuse",
+            "--lr-scales",
+            "plain=0.5",
             "--depths",
             "8",
             "--seeds",
@@ -78,6 +80,10 @@ def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
     summary = (out / "sweep_summary.csv").read_text().splitlines()
     header = summary[0].split(",")
     assert len(summary) == 1 + 2 and "test_acc_std" in header and "seeds" in header
+    lrs = {row.split(",")[0]: float(row.split(",")[-1]) for row in runs[1:]}
+    assert lrs == {"plain": 0.025, "resnet_reuse": 0.05}  # the scale given, and the family's own
+    config = json.loads((out / "resnet_reuse8-seed1" / "config.json").read_text())
+    assert config["feature_reuse"] and config["model"] == "resnet8"
     assert all(row.split(",")[header.index("seeds")] == "2" for row in summary[1:])
     assert "+-" in capsys.readouterr().out and (out / "sweep.png").exists()
 
@@ -112,6 +118,13 @@ TINY = ["--model", "resnet8", "--epochs", "1", "--batch-size", "256", "--no-prog
 )
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, options, match):
     _fails_cleanly(["train", *TINY, "--out-dir", str(tmp_path / "run"), *options], capsys, match)
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pnnh_kernels.train.trainer.tensorboard_installed", lambda: False)
+    _fails_cleanly(
+        ["train", *TINY, "--out-dir", str(tmp_path / "run"), "--tensorboard"], capsys, "pip install tensorboard"
+    )
 
 
 def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):

@@ -178,3 +178,15 @@ def test_compiled_training_matches_eager_training(tmp_path):
     compiled = train(small(tmp_path / "compiled", epochs=1, compile=True))
     a, b = eager["final"], compiled["final"]
     assert math.isfinite(b["train_loss"]) and abs(a["train_loss"] - b["train_loss"]) < 0.05 * a["train_loss"]
+
+
+def test_tensorboard_gets_the_epoch_metrics_and_the_step_losses(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    result = train(small(tmp_path, epochs=2, tensorboard=True, train_size=256))
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    test_acc = events.Scalars("test/acc")
+    assert [e.step for e in test_acc] == [1, 2]
+    assert [e.value for e in test_acc] == pytest.approx([r["test_acc"] for r in result["history"]])
+    assert len(events.Scalars("step/loss")) == 2 * 2  # 256 images in batches of 128, two epochs
+    assert {"train/loss", "train/lr", "speed/images_per_s"} <= set(events.Tags()["scalars"])

@@ -1,0 +1,70 @@
+"""cuDNN's fused graphs against PyTorch (GPU; skipped without one or without a build with the frontend).
+
+Where cuDNN has no engine for a shape the test says so with cuDNN's reason (a skip, which the GPU session's
+log records), instead of failing: which patterns exist is what the probe measures.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pnnh_kernels.backends.cuda import cudnn_fused
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cudnn_fused.available()), reason="needs a GPU and a build with cudnn-frontend"
+)
+
+
+@pytest.mark.skipif(cudnn_fused.available(), reason="this build has the fused graphs")
+def test_a_build_without_the_frontend_says_so():
+    assert "without the cudnn-frontend headers" in cudnn_fused.support(
+        (1, 8, 4, 4), (8, 8, 3, 3), torch.half, prologue=True
+    )
+    with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
+        cudnn_fused.conv_genstats(torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3))
+
+
+def _expected(x, w, scale, bias, slope):
+    inp = x.float()
+    if scale is not None:
+        inp = F.leaky_relu(inp * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), slope)
+    y = F.conv2d(inp.to(x.dtype), w, padding=w.shape[-1] // 2).float()
+    return y, y.sum((0, 2, 3)), y.pow(2).sum((0, 2, 3))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prologue", [False, True])
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(8, 32, 16, 16, 32, 3), (4, 64, 8, 8, 64, 1), (2, 16, 32, 32, 16, 3)])
+def test_fused_conv_matches_pytorch(dtype, prologue, slope, shape):
+    if slope and not prologue:
+        pytest.skip("the slope belongs to the prologue")
+    n, c, h, w_, k, r = shape
+    reason = cudnn_fused.support((n, c, h, w_), (k, c, r, r), dtype, prologue=prologue, slope=slope)
+    if reason:
+        pytest.skip(f"cuDNN has no engine: {reason}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, c, h, w_, device="cuda", generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    w = (torch.randn(k, c, r, r, device="cuda", generator=gen) * (c * r * r) ** -0.5).to(dtype)
+    w = w.to(memory_format=torch.channels_last)
+    scale = torch.rand(c, device="cuda", generator=gen) + 0.5 if prologue else None
+    bias = torch.randn(c, device="cuda", generator=gen) * 0.1 if prologue else None
+    out = cudnn_fused.conv_genstats(x, w, scale, bias, slope)
+    y, s, sq = _expected(x, w, scale, bias, slope)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(out.y.float(), y, **tol)
+    count = n * h * w_
+    torch.testing.assert_close(out.sum / count, s / count, **tol)
+    torch.testing.assert_close(out.sq_sum / count, sq / count, **tol)
+    assert out.y.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_gpu
+def test_a_half_scale_and_bias_pair_is_required():
+    x = torch.randn(2, 16, 8, 8, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="give both scale and bias"):
+        cudnn_fused.conv_genstats(x, w, torch.ones(16, device="cuda"), None)
