@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh OUTDIR tests
 #   bash benchmarks/gpu_session.sh OUTDIR bench NAME [pytest-benchmark args...]   (results in OUTDIR/NAME/)
 #   bash benchmarks/gpu_session.sh OUTDIR probe    (cuDNN's fused conv graphs: support and timings)
+#   bash benchmarks/gpu_session.sh OUTDIR model [--sets cifar56 --dtypes bf16,fp16 ...]   (a whole training
+#        step every way, images/s, peak memory, kernel profile: benchmarks/model_step.py)
 # The device machine reaches no package index: the cudnn-frontend headers travel with the working tree.
 # Run `bash benchmarks/fetch_cudnn_frontend.sh` here first and pass carry=[".cudnn_frontend"] to the device
 # tool; without them the build leaves the cuDNN fused graphs out (the rest is unchanged).
@@ -33,6 +35,9 @@ case "$STEP" in
       tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py tests/backends/test_triton_kernels.py \
       tests/backends/test_contract.py tests/backends/test_graph_safety.py tests/backends/test_cuda_sources.py \
       tests/train/test_cuda_graphs.py tests/backends/test_cudnn_fused.py --maxfail=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    ;;
+  model)
+    python3 -P benchmarks/model_step.py "$OUT" --profile "$@" 2>&1 | tail -40
     ;;
   probe)
     python3 -P -c "import pnnh_kernels._C as c; print('cudnn-frontend graphs built:', c.with_cudnn_frontend)" | tee -a "$OUT/device.txt"

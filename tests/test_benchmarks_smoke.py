@@ -42,3 +42,17 @@ def test_benchmark_suite_smoke_run(tmp_path):
     assert {r["block"] for r in pairs} == {"conv", "linear", "model"}
     assert all(r["pairs"] == 3 and r["ratio_median"] > 0 for r in pairs)
     assert "### Head to head" in text
+
+
+def test_the_model_step_benchmark_runs_and_writes_its_table(tmp_path):
+    """benchmarks/model_step.py is what a GPU session runs (gpu_session.sh model): its smoke mode runs here."""
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-P", os.path.join(ROOT, "benchmarks", "model_step.py"), str(out), "--smoke", "--profile"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "model_step.json").read_text())["rows"]
+    measured = {(r["dtype"], r["variant"]): r for r in rows if "error" not in r}
+    assert {("bf16", "resnet eager"), ("bf16", "pnnh eager"), ("fp16", "pnnh auto")} <= set(measured)
+    assert measured[("bf16", "pnnh eager")]["vs pnnh eager"] == pytest.approx(1.0)
+    table = (out / "model_step.md").read_text()
+    assert "| cifar56 | bf16 | pnnh eager |" in table and "### pnnh eager:" in table
