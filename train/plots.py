@@ -69,7 +69,8 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     axes[3].set(xlabel="parameters (M)", ylabel="test accuracy", title="accuracy vs parameters")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend for the four panels, below them
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
