@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .bn_tiles import GradPrologue, Prologue, load_operand, operand_args, prologue_kind
 from .launch import acc_dtype, conv_output_size, dot_dtype, dot_precision, dummy, tl_dtype
-from .tuning import gemm_configs, prune_by_width
+from .tuning import gemm_configs, persistent_tuning, prune_by_width
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU
 _GPU_CONFIGS = [
@@ -103,6 +103,7 @@ def _accumulate_channels(
     configs=gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", _GPU_CONFIGS),
     key=["CIN", "COUT", "KH", "KW", "PROLOGUE", "STATS"],
     prune_configs_by={"early_config_prune": prune_by_width("COUT", "BLOCK_N", "CIN", "BLOCK_K")},
+    **persistent_tuning(),
 )
 @triton.jit
 def _conv_fwd_kernel(

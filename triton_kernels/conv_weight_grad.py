@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .bn_tiles import GradPrologue, Prologue, grad_prologue_args, load_operand, prologue_args, prologue_kind
 from .launch import acc_dtype, conv_output_size, dot_dtype, dot_precision, tl_dtype
-from .tuning import gemm_configs, prune_by_width
+from .tuning import gemm_configs, persistent_tuning, prune_by_width
 
 # (BLOCK_M = pixels per step, BLOCK_C, BLOCK_O, warps, stages) tried on a GPU
 _GPU_CONFIGS = [
@@ -38,6 +38,7 @@ _ROWS_PER_SPLIT = 4096  # pixels each program reduces over (a multiple of every 
     configs=gemm_configs("BLOCK_M", "BLOCK_O", "BLOCK_C", _GPU_CONFIGS),
     key=["CIN", "COUT", "KH", "KW", "PROLOGUE", "DY_PROLOGUE"],
     prune_configs_by={"early_config_prune": prune_by_width("COUT", "BLOCK_O", "CIN", "BLOCK_C")},
+    **persistent_tuning(),
 )
 @triton.jit
 def _conv_wgrad_kernel(

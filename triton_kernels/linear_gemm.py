@@ -38,7 +38,7 @@ from .launch import (
     tl_dtype,
 )
 from .ln_tiles import LnGradPrologue, LnPrologue, affine_pointers, ln_act_tile, ln_grad_tile
-from .tuning import gemm_configs, prune_by_width
+from .tuning import gemm_configs, persistent_tuning, prune_by_width
 
 _GPU_CONFIGS = [
     (128, 128, 32, 8, 3),
@@ -65,6 +65,7 @@ def _segment_stats(part_ptr, acc, valid, seg_mask, offs_m, m_mask, M, ACC: tl.co
     configs=gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", _GPU_CONFIGS),
     key=["N", "K", "PRO_A", "A_TOKENS_ALONG_K", "PRO_B", "STATS", "GELU"],
     prune_configs_by={"early_config_prune": prune_by_width("N", "BLOCK_N", "K", "BLOCK_K")},
+    **persistent_tuning(),
 )
 @triton.jit
 def _ln_gemm_kernel(

@@ -3,12 +3,16 @@ small one under the interpreter (which cannot autotune over several and is slow 
 
 ``PNNH_TRITON_AUTOTUNE=0`` keeps only the first GPU configuration of each kernel: every variant then
 compiles once instead of once per configuration, which is what a correctness run on a GPU wants
-(compiling costs ~40 s per block configuration there); benchmarks leave it on.
+(compiling costs ~40 s per block configuration there); benchmarks leave it on. On a GPU the tile each
+shape chose is kept on disk with Triton's cache (``cache_results``, Triton 3.2 and later), so a training run,
+or the next one, tunes each model shape once instead of at every start.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from typing import Any
 
 import triton
 
@@ -17,6 +21,13 @@ from .launch import interpreting
 
 def autotuning() -> bool:
     return os.environ.get("PNNH_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+def persistent_tuning() -> dict[str, Any]:
+    """``triton.autotune`` keywords that keep the chosen configuration on disk, where Triton can and it helps."""
+    if interpreting() or "cache_results" not in inspect.signature(triton.autotune).parameters:
+        return {}
+    return {"cache_results": True}
 
 
 def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:

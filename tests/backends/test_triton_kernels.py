@@ -387,3 +387,17 @@ def test_how_this_triton_rounds_float32_to_bfloat16(device):
         assert torch.equal(y, toward_zero) and not torch.equal(y, nearest)
     else:
         assert torch.equal(y, nearest)
+
+
+def test_chosen_tiles_persist_on_a_gpu_and_not_in_the_interpreter(monkeypatch):
+    import inspect
+
+    import triton
+
+    from pnnh_kernels.triton_kernels import tuning
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: True)
+    assert tuning.persistent_tuning() == {}  # the interpreter tunes nothing
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    expected = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    assert tuning.persistent_tuning() == expected
