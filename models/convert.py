@@ -135,6 +135,32 @@ def _refusal(parts: _BlockParts) -> Optional[str]:
     return None
 
 
+def _plain_refusal(parts: _BlockParts) -> Optional[str]:
+    """What a shape-changing block runs that its plain form (its layers, ReLU between) would drop, or None."""
+    for act in parts.activations:
+        if not isinstance(act, nn.ReLU):
+            return f"activation {type(act).__name__} (the plain form applies ReLU)"
+    for name, module in parts.extras.items():
+        if not _is_inactive(module):
+            return f"{name} ({type(module).__name__}) would be dropped by the plain form"
+    return None
+
+
+class PlainBlock(nn.Module):
+    """A residual block with its shortcut removed: ``relu(norm(conv(x)))`` through each of its layers, the
+    block's own convolutions and norms (weights included); what the ``pnnh_*`` families do at a stage change."""
+
+    def __init__(self, parts: _BlockParts) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(parts.convs)
+        self.norms = nn.ModuleList(parts.norms)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return x
+
+
 @dataclasses.dataclass
 class ConvertedBlock:
     name: str
@@ -152,6 +178,7 @@ class ResNetConversion:
     model: nn.Module
     converted: list[ConvertedBlock]
     kept: dict[str, str]
+    plain: list[str]
     notes: list[str]
     parameters_before: int
     parameters_after: int
@@ -167,7 +194,8 @@ class ResNetConversion:
     def summary(self) -> str:
         ratio = self.parameters_after / max(1, self.parameters_before)
         lines = [
-            f"{len(self.converted)} blocks become PNNH, {len(self.kept)} stay residual; parameters "
+            f"{len(self.converted)} blocks become PNNH, {len(self.kept) - len(self.plain)} stay residual, "
+            f"{len(self.plain)} become plain; parameters "
             f"{self.parameters_before:,} -> {self.parameters_after:,} ({ratio:.2f}x)"
         ]
         for c in self.converted:
@@ -176,7 +204,9 @@ class ResNetConversion:
                 f"  PNNH  {c.name}: {c.kind}, {c.channels} channels, learner {c.hidden_channels}, "
                 f"coder {c.coder_channels}, {weights}"
             )
-        lines += [f"  kept  {name}: {reason}" for name, reason in self.kept.items()]
+        for name, reason in self.kept.items():
+            shortcut = "shortcut removed (plain)" if name in self.plain else "residual"
+            lines.append(f"  kept  {name}: {reason}; {shortcut}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -311,9 +341,11 @@ def _widths(block: nn.Module) -> tuple[int, int]:
     return hidden, block.coder.coder_channels
 
 
-def _plan_blocks(model: nn.Module) -> tuple[dict[str, _BlockParts], dict[str, str]]:
+def _plan_blocks(
+    model: nn.Module, plain_transitions: bool
+) -> tuple[dict[str, _BlockParts], dict[str, tuple[_BlockParts, str]]]:
     convertible: dict[str, _BlockParts] = {}
-    kept: dict[str, str] = {}
+    kept: dict[str, tuple[_BlockParts, str]] = {}
     refused: list[str] = []
     for name, module in model.named_modules():
         parts = block_parts(module)
@@ -321,7 +353,10 @@ def _plan_blocks(model: nn.Module) -> tuple[dict[str, _BlockParts], dict[str, st
             continue
         reason = _keep_reason(parts)
         if reason is not None:
-            kept[name] = reason
+            kept[name] = (parts, reason)
+            refusal = _plain_refusal(parts) if plain_transitions else None
+            if refusal is not None:
+                refused.append(f"{name}: {refusal}")
             continue
         refusal = _refusal(parts)
         if refusal is not None:
@@ -353,6 +388,7 @@ def plan_resnet_conversion(
     slim: bool = False,
     backend: str = "auto",
     copy_weights: bool = True,
+    plain_transitions: bool = False,
     **block_options: Any,
 ) -> ResNetConversion:
     """Everything :func:`convert_resnet` would do, without changing ``model`` (see there)."""
@@ -363,7 +399,21 @@ def plan_resnet_conversion(
     share_coder = bool(share_coder)
     options = _Options(hidden_ratio, coder_ratio, share_coder, slim, backend, copy_weights, block_options)
     _check_options(options)
-    convertible, kept = _plan_blocks(model)
+    convertible, kept = _plan_blocks(model, plain_transitions)
+    replacements, converted, notes = _pnnh_replacements(model, convertible, options)
+    plain = list(kept) if plain_transitions else []
+    for name in plain:
+        replacements[name] = PlainBlock(kept[name][0]).train(model.get_submodule(name).training)
+    before = sum(p.numel() for p in model.parameters())
+    reasons = {name: reason for name, (_, reason) in kept.items()}
+    after = _parameters_after(model, replacements)
+    return ResNetConversion(model, converted, reasons, plain, notes, before, after, replacements)
+
+
+def _pnnh_replacements(
+    model: nn.Module, convertible: dict[str, _BlockParts], options: _Options
+) -> tuple[dict[str, nn.Module], list[ConvertedBlock], list[str]]:
+    """The PNNH block for each convertible block, what each is, and notes on the weights they took."""
     replacements: dict[str, nn.Module] = {}
     converted: list[ConvertedBlock] = []
     notes: list[str] = []
@@ -371,16 +421,15 @@ def plan_resnet_conversion(
     for name, parts in convertible.items():
         stage = name.rpartition(".")[0]
         block = _replacement(parts, shared.get(stage), options)
-        if share_coder:
+        if options.share_coder:
             shared.setdefault(stage, block.coder)
         block.train(model.get_submodule(name).training)
-        copied = copy_weights and _copy_learner(block, parts)
+        copied = options.copy_weights and _copy_learner(block, parts)
         if copied and _reset_zero_gamma(block):
             notes.append(f"{name}: the last norm's weight was zero (zero-init of a residual branch); set to one")
         replacements[name] = block
         converted.append(ConvertedBlock(name, parts.kind, parts.channels[0], *_widths(block), copied))
-    before = sum(p.numel() for p in model.parameters())
-    return ResNetConversion(model, converted, kept, notes, before, _parameters_after(model, replacements), replacements)
+    return replacements, converted, notes
 
 
 def convert_resnet(model: nn.Module, **options: Any) -> nn.Module:
@@ -397,6 +446,9 @@ def convert_resnet(model: nn.Module, **options: Any) -> nn.Module:
             ``share_coder=True`` and, for bottlenecks, ``coder_ratio=0.25`` (about half the parameters).
         backend: the PNNH basic blocks' backend (``"auto"``, ``"cpu"``, ``"triton"``, ...).
         copy_weights: start the learner from the replaced block's weights where the widths agree (default).
+        plain_transitions: also remove the shortcuts of the shape-changing blocks (they become
+            :class:`PlainBlock`, their layers and weights kept; a projection shortcut's weights go), so that
+            nothing is added across any block, as in the ``pnnh_*`` families. Off by default: kept as they are.
         other keywords: passed to each block (``final_activation``, ``activation``, ``coder_kernel_size``,
             ``hidden_channels``, ``coder_channels``, ...; bottlenecks take the first and the last two).
 
@@ -407,4 +459,11 @@ def convert_resnet(model: nn.Module, **options: Any) -> nn.Module:
     return plan_resnet_conversion(model, **options).apply()
 
 
-__all__ = ["ConvertedBlock", "ResNetConversion", "block_parts", "convert_resnet", "plan_resnet_conversion"]
+__all__ = [
+    "ConvertedBlock",
+    "PlainBlock",
+    "ResNetConversion",
+    "block_parts",
+    "convert_resnet",
+    "plan_resnet_conversion",
+]

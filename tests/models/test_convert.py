@@ -181,3 +181,31 @@ def test_bad_options_are_refused(options, message):
 def test_bottleneck_options_are_checked():
     with pytest.raises(ValueError, match="PNNH bottleneck blocks take"):
         convert_resnet(create_model("resnet50"), activation="leaky_relu")
+
+
+@pytest.mark.parametrize("name, depth_kind", [("resnet56", "cifar"), ("resnet50", "imagenet")])
+def test_plain_transitions_give_the_registered_shortcut_free_net(name, depth_kind):
+    plan = plan_resnet_conversion(create_model(name, num_classes=10), slim=True, plain_transitions=True)
+    model = plan.apply()
+    assert plan.plain == list(plan.kept) and "0 stay residual" in plan.summary()
+    registered = create_model(f"pnnh_slim_{name}", num_classes=10)
+    assert _parameter_count(model) == _parameter_count(registered) == plan.parameters_after
+    assert not any(getattr(m, "residual", False) for m in model.modules())  # no block adds across itself
+    size = 16 if depth_kind == "cifar" else 64
+    model(torch.randn(2, 3, size, size)).sum().backward()
+
+
+def test_a_plain_block_runs_the_blocks_own_layers():
+    from pnnh_kernels.models.convert import PlainBlock, block_parts
+
+    block = create_model("resnet20").stages[1][0].eval()
+    plain = PlainBlock(block_parts(block)).eval()
+    x = torch.randn(2, 16, 8, 8)
+    expected = F.relu(block.layer2(F.relu(block.layer1(x))))  # the block without its shortcut
+    torch.testing.assert_close(plain(x), expected)
+    assert plain.convs[0] is block.layer1[0]  # the same modules: the weights are kept
+
+
+def test_plain_transitions_refuse_what_the_plain_form_would_drop():
+    with pytest.raises(ValueError, match=r"stages\.1\.0: drop_path \(DropPath\) would be dropped"):
+        convert_resnet(create_model("resnet20", drop_path_rate=0.1), plain_transitions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from zoo_conversion import check_conversion
 from zoo_imports import import_zoo
 
@@ -14,6 +15,14 @@ torchvision = import_zoo("torchvision")
 @pytest.mark.parametrize("name, converted, kept", [("resnet18", 5, 3), ("resnet34", 13, 3), ("resnet50", 12, 4)])
 def test_torchvision_resnets_convert_and_train(name, converted, kept):
     check_conversion(lambda: getattr(torchvision.models, name)(num_classes=10), converted, kept)
+
+
+def test_plain_transitions_remove_every_shortcut():
+    plan = plan_resnet_conversion(torchvision.models.resnet18(num_classes=10), plain_transitions=True)
+    model = plan.apply()
+    assert plan.plain == ["layer2.0", "layer3.0", "layer4.0"]
+    assert not any("downsample" in n for n, _ in model.named_parameters())
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
 
 def test_slim_halves_resnet50():
