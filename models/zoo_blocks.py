@@ -115,23 +115,22 @@ def refusal(parts: BlockParts) -> Optional[str]:
     for norm in parts.norms:
         if type(norm) is not nn.BatchNorm2d:
             return f"norm layer {type(norm).__name__} (PNNH blocks use BatchNorm2d)"
-    for act in parts.activations:
-        if not isinstance(act, nn.ReLU):
-            return f"activation {type(act).__name__} (the converter maps ReLU blocks)"
-    for name, module in parts.extras.items():
-        if not _is_inactive(module):
-            return f"{name} ({type(module).__name__}) has no PNNH counterpart"
-    return None
+    return _beyond_conv_norm_relu(parts, "the converter maps ReLU blocks", "has no PNNH counterpart")
 
 
 def plain_refusal(parts: BlockParts) -> Optional[str]:
     """What a shape-changing block runs that its plain form (its layers, ReLU between) would drop, or None."""
+    return _beyond_conv_norm_relu(parts, "the plain form applies ReLU", "would be dropped by the plain form")
+
+
+def _beyond_conv_norm_relu(parts: BlockParts, why_relu: str, why_extra: str) -> Optional[str]:
+    """A non-ReLU activation or an active extra layer (SE, anti-aliasing, drop path), named, or None."""
     for act in parts.activations:
         if not isinstance(act, nn.ReLU):
-            return f"activation {type(act).__name__} (the plain form applies ReLU)"
+            return f"activation {type(act).__name__} ({why_relu})"
     for name, module in parts.extras.items():
         if not _is_inactive(module):
-            return f"{name} ({type(module).__name__}) would be dropped by the plain form"
+            return f"{name} ({type(module).__name__}) {why_extra}"
     return None
 
 
