@@ -65,6 +65,19 @@ def _cudnn_frontend(cuda_home):
     return macros, [frontend, cudnn]
 
 
+def _cxx_standard():
+    """pnnh_kernels._extension.cxx_standard, the one rule for the C++ standard (the first-use build uses it
+    too), loaded from its file: importing the package would import all of it at build time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_pnnh_extension", os.path.join(HERE, "pnnh_kernels", "_extension.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cxx_standard()
+
+
 def _extensions():
     if os.environ.get("PNNH_NO_EXTENSION") == "1":
         return [], {}
@@ -81,9 +94,7 @@ def _extensions():
     # the passes share torch's OpenMP thread pool rather than starting a second runtime.
     # -fno-trapping-math: lets GCC evaluate both arms of a select (the activations' y > 0 ? ...) and so
     # vectorise those loops on AVX2 / SSE, which have no masked arithmetic; nothing here reads FP exception flags.
-    # torch 2.14's headers need C++20 (ATen refuses C++17 there); earlier torch builds with C++17
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    std = "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+    std = f"-std={_cxx_standard()}"
     cxx_flags = ["-O3", std, "-fopenmp", "-fno-trapping-math"]
     sources = [os.path.join("csrc", "bindings.cpp"), *cpu_sources]
     cuda_sources = sorted(

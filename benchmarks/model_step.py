@@ -25,6 +25,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script (python -P): its helpers
+from bench_utils import synchronize
+
 from pnnh_kernels.backends import available_backends
 from pnnh_kernels.models import create_model
 from pnnh_kernels.train.cuda_graphs import GraphedStep, graph_ready_optimizer
@@ -52,9 +55,10 @@ def variants(device: torch.device, with_compile: bool) -> list[Variant]:
         if device.type == "cuda":
             out.append(Variant("pnnh eager compile reduce-overhead", "pnnh_", compile_mode="reduce-overhead"))
     out += [Variant(f"pnnh {b}", "pnnh_", b) for b in fused]
-    if device.type == "cuda":
-        out += [Variant(f"{v.name} + cuda graph", v.prefix, v.backend, cuda_graph=True) for v in list(out)]
-        out = [v for v in out if not (v.cuda_graph and v.compile_mode)]
+    if device.type == "cuda":  # a compiled model is not captured again
+        out += [
+            Variant(f"{v.name} + cuda graph", v.prefix, v.backend, cuda_graph=True) for v in out if not v.compile_mode
+        ]
     return out
 
 
@@ -75,12 +79,8 @@ def _step_fn(model, optimizer, autocast, x, y, graphed: bool) -> Callable[[], An
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dtype, device, steps: int) -> dict:
+def training_step(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dtype, device) -> Callable[[], Any]:
+    """One SGD training step of the variant's model on a fixed channels_last batch, under autocast."""
     kwargs = {"backend": variant.backend} if variant.prefix else {}
     model = create_model(variant.prefix + arch, num_classes=10, **kwargs).to(device)
     model = model.to(memory_format=torch.channels_last).train()
@@ -89,11 +89,15 @@ def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dty
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype)
-    step = _step_fn(step_model, optimizer, autocast, x, y, variant.cuda_graph)
+    return _step_fn(step_model, optimizer, autocast, x, y, variant.cuda_graph)
+
+
+def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dtype, device, steps: int) -> dict:
+    step = training_step(variant, arch, batch, size, dtype, device)
     start = time.perf_counter()
     for _ in range(3 if not variant.cuda_graph else 5):  # warm-up (compiles, captures)
         step()
-    _sync(device)
+    synchronize(device.type)
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -101,7 +105,7 @@ def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dty
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device.type)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     median = statistics.median(times)
@@ -147,17 +151,12 @@ def _add_ratios(rows: list[dict]) -> None:
 def _profile_one(arch: str, batch: int, size: int, dtype: torch.dtype, device, backend: str, activities) -> list[str]:
     from torch.profiler import profile
 
-    model = create_model("pnnh_" + arch, num_classes=10, backend=backend).to(device)
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    step = _step_fn(model, opt, torch.autocast(device.type, dtype=dtype), x, y, graphed=False)
+    step = training_step(Variant(f"pnnh {backend}", "pnnh_", backend), arch, batch, size, dtype, device)
     step()
-    _sync(device)
+    synchronize(device.type)
     with profile(activities=activities) as prof:
         step()
-        _sync(device)
+        synchronize(device.type)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
     launches = sum(e.count for e in events)

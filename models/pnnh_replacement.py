@@ -11,7 +11,7 @@ from torch import nn
 from pnnh_kernels import PNNHCoder, PNNHConv2d
 
 from . import resnet as own_resnet
-from .resnet import SLIM_BOTTLENECK
+from .resnet import SLIM_BOTTLENECK, check_width_ratios
 from .zoo_blocks import BlockParts
 
 _BOTTLENECK_OPTIONS = {"final_activation", "hidden_channels", "coder_channels"}
@@ -52,14 +52,7 @@ class ReplacementOptions:
 
 
 def check_options(options: ReplacementOptions) -> None:
-    for name, ratio, absolute in (
-        ("hidden_ratio", options.hidden_ratio, "hidden_channels"),
-        ("coder_ratio", options.coder_ratio, "coder_channels"),
-    ):
-        if ratio is not None and not 0 < ratio <= 4:
-            raise ValueError(f"{name} must lie in (0, 4], got {ratio}")
-        if ratio is not None and absolute in options.block_options:
-            raise ValueError(f"give {name} or {absolute}, not both")
+    check_width_ratios(options.hidden_ratio, options.coder_ratio, options.block_options)
 
 
 def _copy_bn(target: nn.BatchNorm2d, source: nn.Module) -> None:

@@ -144,20 +144,28 @@ class PNNHBottleneck(nn.Module):
         return F.relu(y) if self.final_activation else y
 
 
+def check_width_ratios(
+    hidden_ratio: Optional[float], coder_ratio: Optional[float], options: dict, spelled: str = "{}"
+) -> None:
+    """Width ratios lie in (0, 4] and are not given beside the absolute width they set (``options`` holds the
+    absolute ones, named in the message as ``spelled`` formats them)."""
+    for name, ratio, absolute in (
+        ("hidden_ratio", hidden_ratio, "hidden_channels"),
+        ("coder_ratio", coder_ratio, "coder_channels"),
+    ):
+        if ratio is not None and not 0 < ratio <= 4:
+            raise ValueError(f"{name} must lie in (0, 4], got {ratio}")
+        if ratio is not None and absolute in options:
+            raise ValueError(f"give {name} or {spelled.format(absolute)}, not both")
+
+
 class _Slimming:
     """Per-stage learner and coder widths of PNNH blocks: ``hidden_ratio`` of the learner's natural width
     (a basic block's width, a bottleneck's inner width) and ``coder_ratio`` of the block width, or the
     absolute ``hidden_channels`` / ``coder_channels`` of ``pnnh_options`` (the same in every stage)."""
 
     def __init__(self, expansion: int, hidden_ratio: Optional[float], coder_ratio: Optional[float], options: dict):
-        for name, ratio, absolute in (
-            ("hidden_ratio", hidden_ratio, "hidden_channels"),
-            ("coder_ratio", coder_ratio, "coder_channels"),
-        ):
-            if ratio is not None and not 0 < ratio <= 4:
-                raise ValueError(f"{name} must lie in (0, 4], got {ratio}")
-            if ratio is not None and absolute in options:
-                raise ValueError(f"give {name} or pnnh_options[{absolute!r}], not both")
+        check_width_ratios(hidden_ratio, coder_ratio, options, spelled="pnnh_options[{!r}]")
         self.expansion, self.hidden_ratio, self.coder_ratio, self.base = expansion, hidden_ratio, coder_ratio, options
 
     def options(self, channels: int) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Optional
 
 MISSING = "--tensorboard needs the tensorboard package (pip install tensorboard)"
 
@@ -33,23 +32,17 @@ class TensorBoardLog:
     def __init__(self, out_dir: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder = os.path.join(out_dir, "tensorboard")
-        self.writer: Optional[Any] = SummaryWriter(self.folder)
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar("step/loss", loss, global_step)
-            self.writer.add_scalar("step/lr", lr, global_step)
+        self.writer.add_scalar("step/loss", loss, global_step)
+        self.writer.add_scalar("step/lr", lr, global_step)
 
     def epoch(self, record: dict) -> None:
-        if self.writer is None:
-            return
         for key, tag in _EPOCH_TAGS.items():
             if key in record:
                 self.writer.add_scalar(tag, record[key], record["epoch"])
         self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.writer.close()

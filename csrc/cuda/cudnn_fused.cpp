@@ -155,6 +155,7 @@ std::string key_of(const Spec& s, int device) {
 }
 
 std::shared_ptr<FusedConvGraph> cached(const Spec& s) {
+  TORCH_CHECK(s.dtype == at::kHalf || s.dtype == at::kBFloat16, "pnnh cudnn fused conv: half or bfloat16 data only");
   static std::mutex mutex;
   static std::unordered_map<std::string, std::shared_ptr<FusedConvGraph>> graphs;
   const int device = c10::cuda::current_device();
@@ -176,11 +177,7 @@ void check_operand(const at::Tensor& t, const char* name, at::ScalarType dtype) 
 
 }  // namespace
 
-std::string support(const Spec& spec) {
-  TORCH_CHECK(spec.dtype == at::kHalf || spec.dtype == at::kBFloat16,
-              "pnnh cudnn fused conv: half or bfloat16 data only");
-  return cached(spec)->unsupported;
-}
+std::string support(const Spec& spec) { return cached(spec)->unsupported; }
 
 std::vector<at::Tensor> conv_genstats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                                       const at::Tensor& bias, bool prologue, double slope, int64_t pad) {
