@@ -2,7 +2,7 @@
 
 - :mod:`.conv_implicit_gemm`: convolution as an implicit GEMM over any input strides (NCHW or
   channels_last), with an optional BN-apply + activation prologue on the loaded input, per-channel
-  batch-statistics partials in the epilogue, and centre-tap-only channel ranges (a 1x1 coder beside
+  batch-statistics moments in the epilogue, and centre-tap-only channel ranges (a 1x1 coder beside
   a 3x3 learner in one GEMM without 9x the coder's work).
 - :mod:`.conv_weight_grad`: the weight gradient of that convolution, with the same prologue (so the
   normalised / activated input is recomputed from the saved pre-norm tensor, never stored) and the
@@ -10,6 +10,8 @@
 - :mod:`.bn_tiles`: the two load prologues: BN-apply + activation (:class:`Prologue`) and dAct + dBN
   (:class:`GradPrologue`, applied to an output gradient inside both backward convolutions).
 - :mod:`.launch`: what every launch needs: the interpreter switch, dtypes, cached device constants.
+- :mod:`.moments`: the epilogues' per-tile statistics in a form that cannot overflow (count, mean,
+  scaled squared deviations) and their float64 merge.
 - :mod:`.bn_stats`: batch-norm statistics and the prologue's scale / shift from the epilogues' partials,
   one launch; the backward's sums and :class:`GradPrologue` coefficients likewise.
 - :mod:`.bn_act_rows`: the memory-bound passes over [rows, channels] tensors: BN-apply + activation,
@@ -21,7 +23,8 @@
 - :mod:`.ln_act_rows`: PNNHLinear's layer-norm + activation pass and the reductions of the fused
   dActivation + dLayerNorm (its apply is an :class:`LnGradPrologue`).
 
-Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA.
+Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests them) and on CUDA;
+``tools/compile_triton_kernels.py`` compiles them all for a GPU on a machine without one.
 The ops built on them live in :mod:`pnnh_kernels.backends.triton` (``conv.py``, ``linear.py``).
 """
 

@@ -1,6 +1,6 @@
 """Batch-norm statistics and coefficients from per-tile partial sums, one launch per layer each way.
 
-``bn_finalize`` turns the [tiles, 2, C] (sum, sum of squares) partials of an epilogue, or the running
+``bn_finalize`` turns the [tiles, FIELDS, C] moments of an epilogue (:mod:`.moments`), or the running
 statistics in eval mode, into the mean, 1/std, unbiased variance (for the running statistics) and the
 prologue's scale / shift (``gamma * invstd``, ``beta - mean * scale``), computing in float64.
 
@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import Pair, device_constants, interpreting, inverse_sqrt, load_split, split_halves
+from .moments import FIELD_COUNT, FIELDS, merge_moments
 
 
 def _grid(c: int) -> tuple[int, int]:
@@ -78,11 +79,9 @@ def _bn_finalize_kernel(
     c_mask = offs_c < C
     eps = tl.load(const_ptr)
     if BATCH:
-        s, ss = _reduce_partials(part_ptr, tiles, C, offs_c, c_mask, BLOCK_T, BLOCK_C)
-        count = tl.load(const_ptr + 1)
-        mean = s / count
-        var = tl.maximum(ss / count - mean * mean, 0.0)
-        unbiased = var * (count / tl.maximum(count - 1.0, 1.0))
+        count, mean, m2 = merge_moments(part_ptr, tiles, FIELDS * C, C, offs_c, c_mask, BLOCK_T, BLOCK_C)
+        var = m2 / tl.maximum(count, 1.0)
+        unbiased = m2 / tl.maximum(count - 1.0, 1.0)
     else:  # eval: the running statistics
         mean = tl.load(run_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float64)
         var = tl.load(run_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float64)
@@ -99,7 +98,6 @@ def _bn_finalize_kernel(
 
 def bn_finalize(
     part: Optional[Tensor],
-    count: int,
     eps: float,
     gamma: Pair,
     beta: Pair,
@@ -108,15 +106,15 @@ def bn_finalize(
     out: Optional[tuple[Tensor, Tensor, Tensor]] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, ...]:
-    """(mean, invstd, unbiased var, scale, shift), each [C], from ``part`` [tiles, 2, C] (per-tile sum
-    and sum of squares over ``count`` values in all), or in eval mode from ``running`` (mean, var).
+    """(mean, invstd, unbiased var, scale, shift), each [C], from ``part`` [tiles, FIELDS, C] (per-tile
+    moments, :mod:`.moments`), or in eval mode from ``running`` (mean, var).
 
     gamma / beta: [C], or the (coder, learner) halves. ``out``: (mean, invstd, var) to write into
     (contiguous views of the block's statistics vectors, say); otherwise new tensors in ``dtype``
     (default: the partials' dtype)."""
     like = part if running is None else running[0]
-    if running is None and (part.dim() != 3 or part.shape[1] != 2):
-        raise ValueError(f"partials {tuple(part.shape)} are not [tiles, 2, C]")
+    if running is None and (part.dim() != 3 or part.shape[1] != FIELD_COUNT):
+        raise ValueError(f"partials {tuple(part.shape)} are not [tiles, {FIELD_COUNT}, C] moments")
     c = part.shape[2] if running is None else running[0].shape[0]
     g_lo, g_hi, split = split_halves(gamma, c)
     b_lo, b_hi, _ = split_halves(beta, c)
@@ -133,7 +131,7 @@ def bn_finalize(
             part if running is None else run_mean,
             0 if running is not None else part.shape[0],
             c,
-            device_constants((eps, count), like.device, torch.float64),
+            device_constants((eps,), like.device, torch.float64),
             run_mean.contiguous(),
             run_var.contiguous(),
             g_lo,

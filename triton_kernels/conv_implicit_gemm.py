@@ -8,8 +8,8 @@ out[m, o] = sum over taps t and input channels c of  P(x)[pixel(m) + offset(t), 
   (:class:`Prologue`), so the normalised / activated tensor never exists in memory; or, when x is an
   output gradient, the backward of the next layer's BN + activation (:class:`GradPrologue`), so the
   gradient of its pre-norm input is never stored either;
-- the epilogue writes per-tile partial sums and sums of squares of every output channel (the batch
-  statistics, reduced without atomics, hence deterministic);
+- the epilogue writes per-tile moments of every output channel (the batch statistics, in a form that
+  cannot overflow, see :mod:`.moments`; reduced without atomics, hence deterministic);
 - centre-only channel ranges: input channels [skip_lo, skip_hi) are read at the centre tap only, and
   output tiles inside [cen_lo, cen_hi) compute the centre tap only. That is how a 1x1 coder shares one
   GEMM with a 3x3 learner without doing nine times the coder's work.
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .bn_tiles import GradPrologue, Prologue, load_operand, operand_args, prologue_kind
 from .launch import acc_dtype, conv_output_size, dot_dtype, dot_precision, dummy, tl_dtype
+from .moments import FIELD_COUNT, FIELDS, moments_to_sums, store_moments, tile_moments
 from .tuning import gemm_configs, persistent_tuning, prune_by_width
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried on a GPU
@@ -265,24 +266,21 @@ def _conv_fwd_kernel(
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    if STATS:
-        v = tl.where(out_mask, acc, 0.0)
-        part_row = part_ptr + pid_m.to(tl.int64) * 2 * COUT
-        tl.store(part_row + offs_n, tl.sum(v, axis=0), mask=n_mask)
-        tl.store(part_row + COUT + offs_n, tl.sum(v * v, axis=0), mask=n_mask)
+    if STATS:  # part: [tiles, FIELDS, COUT] moments (see .moments)
+        part_row = part_ptr + pid_m.to(tl.int64) * FIELDS * COUT
+        count, mean, m2_scaled, scale = tile_moments(acc, out_mask, 0, ACC)
+        store_moments(part_row, COUT, offs_n, n_mask, count, mean, m2_scaled, scale)
         # the partials are sized for the smallest BLOCK_M; rows past this launch's tiles must read as zero,
         # and zeroing them here saves a memset launch (a few rows per program at most)
         zero = tl.zeros((BLOCK_N,), dtype=ACC)
-        row_stride = tl.full((), 2, tl.int64) * COUT
+        row_stride = tl.full((), FIELDS, tl.int64) * COUT
         for r in range(pid_m + tl.num_programs(0), part_rows, tl.num_programs(0)):
-            tail_row = part_ptr + r * row_stride
-            tl.store(tail_row + offs_n, zero, mask=n_mask)
-            tl.store(tail_row + COUT + offs_n, zero, mask=n_mask)
+            store_moments(part_ptr + r * row_stride, COUT, offs_n, n_mask, zero, zero, zero, zero)
 
 
 def _partials(rows: int, cout: int, like: Tensor, acc: torch.dtype) -> Tensor:
     """Uninitialised: the kernel writes every row (a test fills it with NaN to check that)."""
-    return torch.empty((rows, 2, cout), device=like.device, dtype=acc)
+    return torch.empty((rows, FIELD_COUNT, cout), device=like.device, dtype=acc)
 
 
 def _min_block_m() -> int:
@@ -305,7 +303,7 @@ def conv2d_implicit_gemm(
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``out`` as [N*OH*OW, COUT] and, with ``stats``, the per-channel (sum, sum of squares) [2, COUT]
-    reduced over tiles in float64, or with ``reduce_stats=False`` the per-tile partials [tiles, 2, COUT]
+    reduced over tiles in float64, or with ``reduce_stats=False`` the per-tile moments [tiles, FIELDS, COUT]
     in the accumulation dtype (float64 for float64 data, else float32) for :func:`bn_finalize`.
 
     x: [N, CIN, H, W] with any strides. w_packed: [k*k, CIN, COUT] contiguous (see :func:`pack_weight`);
@@ -372,7 +370,7 @@ def conv2d_implicit_gemm(
         )
     if not stats:
         return out, None
-    return out, (part.sum(0, dtype=torch.float64) if reduce_stats else part)
+    return out, (moments_to_sums(part) if reduce_stats else part)
 
 
 def pack_weight(weight: Tensor) -> Tensor:

@@ -109,7 +109,9 @@ def load_split(lo_ptr, hi_ptr, offs_c, split, c_mask):
 def inverse_sqrt(v, F64: tl.constexpr):
     """1 / sqrt(v) of a float64 value, the square root taken in the output dtype: correctly rounded
     float32 (sqrt_rn, as torch's; plain sqrt is approximate on CUDA), or float64 for float64 data
-    (which the backends take in the interpreter alone). Returned as float64."""
+    (which the backends take in the interpreter alone). Returned as float64. A v past float32's range
+    (the variance of activations beyond ~1e19) is taken in float64: its inverse root still fits."""
     if F64:
         return 1.0 / tl.sqrt(v)
-    return (1.0 / tl.sqrt_rn(v.to(tl.float32))).to(tl.float64)
+    narrow = (1.0 / tl.sqrt_rn(tl.minimum(v, 3.0e38).to(tl.float32))).to(tl.float64)
+    return tl.where(v < 3.0e38, narrow, 1.0 / tl.sqrt(v))

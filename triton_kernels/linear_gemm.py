@@ -12,8 +12,8 @@ out[i, j] = sum_r P_A(A)[i, r] * P_B(B)[r, j]
   Each token has two column segments with their own statistics: [0, split) the coder (no activation)
   and [split, width) the learner (activation);
 - the epilogue writes per-tile row statistics of ``out`` for the next layer norm, per segment: the
-  count, the tile mean and the sum of squared deviations from it, which :func:`row_statistics`
-  combines with Chan's formula (a sum of squares minus a squared mean would cancel badly).
+  moments of :mod:`.moments` (count, tile mean, scaled squared deviations: no overflow, no
+  cancellation), which :func:`row_statistics` merges with Chan's formula.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .launch import (
     tl_dtype,
 )
 from .ln_tiles import LnGradPrologue, LnPrologue, affine_pointers, ln_act_tile, ln_grad_tile
+from .moments import FIELD_COUNT, FIELDS, merge_moments, store_moments, tile_moments
 from .tuning import gemm_configs, persistent_tuning, prune_by_width
 
 _GPU_CONFIGS = [
@@ -51,14 +52,9 @@ _GPU_CONFIGS = [
 
 @triton.jit
 def _segment_stats(part_ptr, acc, valid, seg_mask, offs_m, m_mask, M, ACC: tl.constexpr):
-    """Store (count, mean, M2) of each row of the tile over the columns in ``seg_mask``."""
-    mask = valid & seg_mask[None, :]
-    count = tl.sum(seg_mask.to(ACC), axis=0)
-    mean = tl.sum(tl.where(mask, acc, 0.0), axis=1) / tl.maximum(count, 1.0)
-    dev = tl.where(mask, acc - mean[:, None], 0.0)
-    tl.store(part_ptr + offs_m, tl.zeros_like(mean) + count, mask=m_mask)
-    tl.store(part_ptr + M + offs_m, mean, mask=m_mask)
-    tl.store(part_ptr + 2 * M + offs_m, tl.sum(dev * dev, axis=1), mask=m_mask)
+    """Store the moments (:mod:`.moments`) of each row of the tile over the columns in ``seg_mask``."""
+    count, mean, m2_scaled, scale = tile_moments(acc, valid & seg_mask[None, :], 1, ACC)
+    store_moments(part_ptr, M, offs_m, m_mask, count, mean, m2_scaled, scale)
 
 
 @triton.autotune(
@@ -221,24 +217,24 @@ def _ln_gemm_kernel(
 
     valid = m_mask[:, None] & n_mask[None, :]
     tl.store(out_ptr + rows_m * som + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=valid)
-    if STATS:  # part: [tiles of N, 2 segments, 3, M]
-        tile = part_ptr + pid_n.to(tl.int64) * 6 * M
+    if STATS:  # part: [tiles of N, 2 segments, FIELDS, M]
+        tile = part_ptr + pid_n.to(tl.int64) * 2 * FIELDS * M
         _segment_stats(tile, acc, valid, n_mask & (offs_n < stats_split), offs_m, m_mask, M, ACC)
-        _segment_stats(tile + 3 * M, acc, valid, n_mask & (offs_n >= stats_split), offs_m, m_mask, M, ACC)
+        _segment_stats(tile + FIELDS * M, acc, valid, n_mask & (offs_n >= stats_split), offs_m, m_mask, M, ACC)
         # the partials are sized for the narrowest BLOCK_N: the last column of programs zeroes the tiles
         # past this launch's (their counts must read 0), which saves a memset launch
         if pid_n == tl.num_programs(1) - 1:
             zero = tl.zeros((BLOCK_M,), dtype=ACC)
-            tile_stride = tl.full((), 6, tl.int64) * M
+            tile_stride = tl.full((), 2 * FIELDS, tl.int64) * M
             for t in range(tl.num_programs(1), part_tiles):
                 tail = part_ptr + t * tile_stride
-                for f in tl.static_range(6):
-                    tl.store(tail + f * M + offs_m, zero, mask=m_mask)
+                store_moments(tail, M, offs_m, m_mask, zero, zero, zero, zero)
+                store_moments(tail + FIELDS * M, M, offs_m, m_mask, zero, zero, zero, zero)
 
 
 def _partials(tiles: int, m: int, like: Tensor, acc: torch.dtype) -> Tensor:
     """Uninitialised: the kernel writes every tile (a test fills it with NaN to check that)."""
-    return torch.empty((tiles, 2, 3, m), device=like.device, dtype=acc)
+    return torch.empty((tiles, 2, FIELD_COUNT, m), device=like.device, dtype=acc)
 
 
 def _min_block_n() -> int:
@@ -276,7 +272,7 @@ def ln_gemm(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``P_A(a) @ P_B(b)`` ([M, K] @ [K, N], any strides) as a new contiguous [M, N] in ``out_dtype``
     (default a's), or written into ``out`` (any strides: a transposed view, say); with ``stats_split``
-    also the epilogue's row-statistics partials [tiles, 2, 3, M] of the segments [0, stats_split) and
+    also the epilogue's row-statistics moments [tiles, 2, FIELDS, M] of the segments [0, stats_split) and
     [stats_split, N) (see :func:`row_statistics`). When both prologues are given they share the
     activation and the token count."""
     m, k = a.shape
@@ -352,38 +348,20 @@ def ln_gemm(
 
 
 @triton.jit
-def _segment_moments(part_ptr, seg: tl.constexpr, tiles, M, offs, mask, BLOCK: tl.constexpr):
-    """(count, mean, M2) of one segment of each row from the tiles' partials, in float64 (Chan's formula)."""
-    m64 = tl.full((), 1, tl.int64) * M
-    n = tl.zeros((BLOCK,), dtype=tl.float64)
-    s = tl.zeros((BLOCK,), dtype=tl.float64)
-    for t in range(tiles):
-        base = part_ptr + (t * 6 + seg * 3) * m64
-        c = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
-        s += c * tl.load(base + M + offs, mask=mask, other=0.0).to(tl.float64)
-        n += c
-    mean = s / tl.maximum(n, 1.0)
-    m2 = tl.zeros((BLOCK,), dtype=tl.float64)
-    for t in range(tiles):
-        base = part_ptr + (t * 6 + seg * 3) * m64
-        c = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
-        d = tl.load(base + M + offs, mask=mask, other=0.0).to(tl.float64) - mean
-        m2 += tl.load(base + 2 * M + offs, mask=mask, other=0.0).to(tl.float64) + c * d * d
-    return n, mean, m2
-
-
-@triton.jit
 def _rstd(m2, n, eps, F64: tl.constexpr):
     return inverse_sqrt(m2 / tl.maximum(n, 1.0) + eps, F64)
 
 
 @triton.jit
-def _row_statistics_kernel(part_ptr, out_ptr, tiles, M, const_ptr, F64: tl.constexpr, BLOCK: tl.constexpr):
+def _row_statistics_kernel(
+    part_ptr, out_ptr, tiles, M, const_ptr, F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     eps = tl.load(const_ptr)
-    n0, mean0, m2_0 = _segment_moments(part_ptr, 0, tiles, M, offs, mask, BLOCK)
-    n1, mean1, m2_1 = _segment_moments(part_ptr, 1, tiles, M, offs, mask, BLOCK)
+    tile_stride = 2 * FIELDS * M
+    n0, mean0, m2_0 = merge_moments(part_ptr, tiles, tile_stride, M, offs, mask, BLOCK_T, BLOCK)
+    n1, mean1, m2_1 = merge_moments(part_ptr + FIELDS * M, tiles, tile_stride, M, offs, mask, BLOCK_T, BLOCK)
     rstd0 = _rstd(m2_0, n0, eps, F64)
     empty = n1 == 0  # a layer with one norm: its second segment repeats the first
     mean1 = tl.where(empty, mean0, mean1)
@@ -398,8 +376,8 @@ def _row_statistics_kernel(part_ptr, out_ptr, tiles, M, const_ptr, F64: tl.const
 def row_statistics(part: Tensor, eps: float) -> Tensor:
     """[4, M] (mean, rstd of segment 0, then of segment 1) from :func:`ln_gemm`'s partials, in the
     partials' dtype, one launch; a segment without columns gets segment 0's statistics."""
-    if part.dim() != 4 or part.shape[1:3] != (2, 3):
-        raise ValueError(f"partials {tuple(part.shape)} are not [tiles, 2, 3, M]")
+    if part.dim() != 4 or part.shape[1:3] != (2, FIELD_COUNT):
+        raise ValueError(f"partials {tuple(part.shape)} are not [tiles, 2, {FIELD_COUNT}, M]")
     m = part.shape[3]
     out = torch.empty((4, m), device=part.device, dtype=part.dtype)
     block = 16 if interpreting() else 256
@@ -411,6 +389,7 @@ def row_statistics(part: Tensor, eps: float) -> Tensor:
             m,
             device_constants((eps,), part.device, torch.float64),
             F64=part.dtype == torch.float64,
+            BLOCK_T=4 if interpreting() else 8,
             BLOCK=block,
         )
     return out

@@ -52,17 +52,18 @@ struct Gelu {
   }
 };
 
+// The squared deviations are summed in double: their float squares overflow once |x| passes ~1e19.
 template <typename T>
-PNNH_VECTOR_CLONES void row_moments(const T* x, int64_t n, T& mean, T& var) {
+PNNH_VECTOR_CLONES void row_moments(const T* x, int64_t n, T& mean, double& var) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += x[j];
   const T m = s / T(n);
-  T ss = 0;
+  double ss = 0;
 #pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < n; ++j) ss += (x[j] - m) * (x[j] - m);
+  for (int64_t j = 0; j < n; ++j) ss += double(x[j] - m) * double(x[j] - m);
   mean = m;
-  var = ss / T(n);
+  var = ss / double(n);
 }
 
 template <typename T, typename Act>
@@ -121,9 +122,10 @@ void ln_act_forward_rows(const at::Tensor& z, int64_t c0, int64_t cn, const at::
   T *mean = stats.data_ptr<T>(), *rstd = mean + rows;
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T m, var;
+      T m;
+      double var;
       row_moments(zp + r * zs + c0, cn, m, var);
-      const T rs = T(1) / std::sqrt(var + T(eps));
+      const T rs = T(1.0 / std::sqrt(var + eps));
       mean[r] = m;
       rstd[r] = rs;
       ln_apply_row(zp + r * zs + c0, op + r * os + out_c0, cn, m, rs, g, b, act);

@@ -75,23 +75,24 @@ __device__ void block_sum2(A& a, A& b) {
   }
 }
 
-// grid: (cn, splits). Each block reduces a slice of one channel's outer x inner elements.
+// grid: (cn, splits). Each block reduces a slice of one channel's outer x inner elements. The sums are
+// taken in double: float squares overflow once |v| passes ~1e19, and the pass is bound by memory, not
+// by the arithmetic.
 template <typename T>
 __global__ void channel_sums_kernel(const T* z, PlanarDims d, double* sums) {
-  using A = typename Acc<T>::type;
   const int64_t c = blockIdx.x;
   const int64_t per_channel = d.outer * d.inner;
-  A s = 0, ss = 0;
+  double s = 0, ss = 0;
   for (int64_t i = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; i < per_channel; i += int64_t(gridDim.y) * blockDim.x) {
     const int64_t o = i / d.inner, k = i % d.inner;
-    const A v = load(z + (o * d.channels + d.c0 + c) * d.inner + k);
+    const double v = load(z + (o * d.channels + d.c0 + c) * d.inner + k);
     s += v;
     ss += v * v;
   }
   block_sum2(s, ss);
   if (threadIdx.x == 0) {
-    atomicAdd(sums + c, double(s));
-    atomicAdd(sums + d.cn + c, double(ss));
+    atomicAdd(sums + c, s);
+    atomicAdd(sums + d.cn + c, ss);
   }
 }
 

@@ -1,6 +1,6 @@
 """Seeded fuzzing: every backend that runs here against the float64 reference, over random block options,
 shapes (batch 1, 1-pixel maps), layouts, train / eval, dtypes and magnitudes (up to 1e19 on the fused
-'cpu' backend, whose statistics are overflow-safe; eager's float32 batch norm is not past ~1e18)."""
+backends, whose statistics are overflow-safe; eager's float32 batch norm is not past ~1e18)."""
 
 import random
 
@@ -55,9 +55,10 @@ def _applicable(case: dict, backend: str) -> bool:
     n, h, w = case["shape"]
     if case["training"] and n * h * w < (8 if case["dtype"] == torch.float32 else 2):
         return False  # batch statistics of a few values: float32 gradients are ill-conditioned there
-    if case["magnitude"] > 1e15 and (backend != "cpu" or case["dtype"] != torch.float32):
+    if case["magnitude"] > 1e15 and (backend == "eager" or case["dtype"] != torch.float32):
         return False
-    return not (backend == "triton" and case["seed"] % 4)  # the interpreter is slow: a quarter of the cases
+    # the interpreter is slow: a quarter of the cases, and every extreme one
+    return not (backend == "triton" and case["seed"] % 4 and case["magnitude"] < 1e15)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from pnnh_kernels.triton_kernels import (
 from pnnh_kernels.triton_kernels.bn_stats import bn_backward_finalize, bn_finalize
 from pnnh_kernels.triton_kernels.bn_tiles import GradPrologue
 from pnnh_kernels.triton_kernels.conv_implicit_gemm import pack_weight, unpack_weight
+from pnnh_kernels.triton_kernels.moments import moments_to_sums
 
 pytestmark = requires_a_device
 
@@ -91,7 +92,7 @@ def test_bn_finalize_matches_the_statistics_of_the_conv_output(device, channels)
     out, part = conv2d_implicit_gemm(x, pack_weight(weight), 3, 1, 1, stats=True, reduce_stats=False)
     gamma = 0.5 + torch.rand(channels, dtype=dtype, device=device)
     beta = torch.randn(channels, dtype=dtype, device=device)
-    mean, invstd, var, scale, shift = bn_finalize(part, out.shape[0], 1e-5, gamma, beta)
+    mean, invstd, var, scale, shift = bn_finalize(part, 1e-5, gamma, beta)
     ref = out.double()
     rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-5)
     close = dict(rtol=rtol, atol=atol)
@@ -112,7 +113,7 @@ def test_statistics_partials_past_the_launched_tiles_read_as_zero(device, monkey
     monkeypatch.setattr(
         gemm,
         "_partials",
-        lambda rows, cout, like, acc: torch.full((rows, 2, cout), float("nan"), dtype=acc, device=like.device),
+        lambda rows, cout, like, acc: torch.full((rows, 4, cout), float("nan"), dtype=acc, device=like.device),
     )
     dtype = exact_dtype(device)
     x = torch.randn(2, 3, 9, 7, dtype=dtype, device=device)
@@ -121,7 +122,9 @@ def test_statistics_partials_past_the_launched_tiles_read_as_zero(device, monkey
     assert part.shape[0] == triton.cdiv(out.shape[0], 8) and part.shape[0] > triton.cdiv(
         out.shape[0], gemm._conv_fwd_kernel.configs[0].kwargs["BLOCK_M"]
     )
-    torch.testing.assert_close(part.sum(0)[0].double(), out.sum(0).double(), rtol=1e-5, atol=1e-5)
+    sums = moments_to_sums(part)
+    torch.testing.assert_close(sums[0], out.sum(0).double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums[1], out.double().pow(2).sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_bn_finalize_in_eval_reads_the_running_statistics_and_split_affine_halves(device):
@@ -135,7 +138,6 @@ def test_bn_finalize_in_eval_reads_the_running_statistics_and_split_affine_halve
     block_vectors = [torch.full((c + 3,), float("nan"), dtype=dtype, device=device) for _ in range(3)]
     _mean, _invstd, _var, scale, shift = bn_finalize(
         None,
-        0,
         1e-3,
         (gamma[:split].clone(), gamma[split:].clone()),
         (beta[:split].clone(), beta[split:].clone()),

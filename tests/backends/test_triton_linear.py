@@ -89,7 +89,7 @@ def test_row_statistics_partials_past_the_launched_tiles_read_as_zero(device, mo
     monkeypatch.setattr(
         linear_gemm,
         "_partials",
-        lambda tiles, m, like, acc: torch.full((tiles, 2, 3, m), float("nan"), dtype=acc, device=like.device),
+        lambda tiles, m, like, acc: torch.full((tiles, 2, 4, m), float("nan"), dtype=acc, device=like.device),
     )
     dtype = exact_dtype(device)
     a, b = torch.randn(9, 6, dtype=dtype, device=device), torch.randn(6, 21, dtype=dtype, device=device)

@@ -114,7 +114,7 @@ def _forward(a: BlockArgs) -> tuple[Tensor, TritonConvSaved]:
         """A layer's statistics, written into the block's vectors; returns the next prologue's (scale, shift)."""
         running = None if a.use_batch else (a.running_mean[lo:hi], a.running_var[lo:hi])  # type: ignore[index]
         views = (stats[0][lo:hi], stats[1][lo:hi], stats[2][lo:hi])
-        _mean, _invstd, _var, scale, shift = bn_finalize(part, g.rows, a.eps, gamma, beta, running=running, out=views)
+        _mean, _invstd, _var, scale, shift = bn_finalize(part, a.eps, gamma, beta, running=running, out=views)
         return scale, shift
 
     z, part1 = conv2d_implicit_gemm(x, w1, g.K, 1, g.pad, centre_range=g.narrow, stats=a.use_batch, reduce_stats=False)
