@@ -169,99 +169,76 @@ def _conv_fwd_kernel(
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for tap in tl.static_range(KH * KW):
+    # a runtime tap loop: unrolled, its 2 x KH*KW pipelined channel loops made the GradPrologue
+    # specialisation take about a minute to compile
+    for tap in range(KH * KW):
         ih = oh * conv_stride - pad + tap // KW
         iw = ow * conv_stride - pad + tap % KW
         valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         w_tap_ptr = w_ptr + w_off + tap * swt
-        if tap == (KH // 2) * KW + KW // 2:
-            acc = _accumulate_channels(
-                acc,
-                x_ptr,
-                saved_ptr,
-                row_off,
-                valid,
-                w_tap_ptr,
-                swk,
-                swn,
-                0,
-                CIN,
-                sxc,
-                offs_n,
-                n_mask,
-                CIN,
-                scale_ptr,
-                shift_ptr,
-                coef_ptr,
-                act_lo,
-                act_hi,
-                pos,
-                neg,
-                PROLOGUE,
-                ACC,
-                DOT,
-                PRECISION,
-                BLOCK_K,
-            )
-        else:
-            if centre_only == 0:
-                acc = _accumulate_channels(
-                    acc,
-                    x_ptr,
-                    saved_ptr,
-                    row_off,
-                    valid,
-                    w_tap_ptr,
-                    swk,
-                    swn,
-                    0,
-                    skip_lo,
-                    sxc,
-                    offs_n,
-                    n_mask,
-                    CIN,
-                    scale_ptr,
-                    shift_ptr,
-                    coef_ptr,
-                    act_lo,
-                    act_hi,
-                    pos,
-                    neg,
-                    PROLOGUE,
-                    ACC,
-                    DOT,
-                    PRECISION,
-                    BLOCK_K,
-                )
-                acc = _accumulate_channels(
-                    acc,
-                    x_ptr,
-                    saved_ptr,
-                    row_off,
-                    valid,
-                    w_tap_ptr,
-                    swk,
-                    swn,
-                    skip_hi,
-                    CIN,
-                    sxc,
-                    offs_n,
-                    n_mask,
-                    CIN,
-                    scale_ptr,
-                    shift_ptr,
-                    coef_ptr,
-                    act_lo,
-                    act_hi,
-                    pos,
-                    neg,
-                    PROLOGUE,
-                    ACC,
-                    DOT,
-                    PRECISION,
-                    BLOCK_K,
-                )
+        # channels [0, lo_end) and [hi_start, CIN): all of them at the centre tap; elsewhere none in a
+        # centre-only tile, and all but the centre-only range [skip_lo, skip_hi) in the others
+        centre = tap == (KH // 2) * KW + KW // 2
+        skip_tap = (centre_only != 0) & (tap != (KH // 2) * KW + KW // 2)
+        lo_end = tl.where(centre, CIN, tl.where(skip_tap, 0, skip_lo))
+        hi_start = tl.where(centre | skip_tap, CIN, skip_hi)
+        acc = _accumulate_channels(
+            acc,
+            x_ptr,
+            saved_ptr,
+            row_off,
+            valid,
+            w_tap_ptr,
+            swk,
+            swn,
+            0,
+            lo_end,
+            sxc,
+            offs_n,
+            n_mask,
+            CIN,
+            scale_ptr,
+            shift_ptr,
+            coef_ptr,
+            act_lo,
+            act_hi,
+            pos,
+            neg,
+            PROLOGUE,
+            ACC,
+            DOT,
+            PRECISION,
+            BLOCK_K,
+        )
+        acc = _accumulate_channels(
+            acc,
+            x_ptr,
+            saved_ptr,
+            row_off,
+            valid,
+            w_tap_ptr,
+            swk,
+            swn,
+            hi_start,
+            CIN,
+            sxc,
+            offs_n,
+            n_mask,
+            CIN,
+            scale_ptr,
+            shift_ptr,
+            coef_ptr,
+            act_lo,
+            act_hi,
+            pos,
+            neg,
+            PROLOGUE,
+            ACC,
+            DOT,
+            PRECISION,
+            BLOCK_K,
+        )
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]

@@ -1,8 +1,8 @@
 """Every Triton kernel compiles for a GPU (sm_90) on this CPU machine: tools/compile_triton_kernels.py runs
-a conv and a linear block on the `triton` backend under bfloat16 autocast while Triton targets sm_90, so
-each launch goes through the whole compiler (front end to ptxas) and is skipped. The interpreter, which
-runs the kernels everywhere else in the tests, checks none of the GPU compiler's rules. Skipped on a GPU
-machine, whose own tests compile the kernels for real."""
+a conv and a linear block on the `triton` backend in float32 and under bfloat16 autocast while Triton
+targets sm_90, so each launch goes through the whole compiler (front end to ptxas) and is skipped. The
+interpreter, which runs the kernels everywhere else in the tests, checks none of the GPU compiler's rules.
+Skipped on a GPU machine, whose own tests compile the kernels for real."""
 
 import importlib
 import json
@@ -41,7 +41,7 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run(
-        [sys.executable, str(TOOL), "--arch", "90", "--dtypes", "bfloat16", "--quick"],
+        [sys.executable, str(TOOL), "--arch", "90", "--dtypes", "float32", "bfloat16", "--quick"],
         capture_output=True,
         text=True,
         env=env,
