@@ -182,3 +182,38 @@ def test_model_head_to_head(collector, h2h_backend, h2h_layout, depth):
         pairs,
         record,
     )
+
+
+@pytest.mark.parametrize("depth", [56, 110])
+def test_slim_against_resnet_head_to_head(collector, depth):
+    """The paper's throughput claim at model level: a slim PNNH net (about half the parameters) on `auto`
+    against the ResNet of its depth on eager, both channels_last (eager's fastest form), one training step
+    each in turn."""
+    device = collector.device
+    smoke = collector.mode == "smoke"
+    if smoke and depth != 56:
+        pytest.skip("the smoke set times one model")
+    depth_used, batch = (8, 8) if smoke else (depth, 256 if device == "cuda" else 64)
+    torch.manual_seed(0)
+    fmt = torch.channels_last
+    base = create_model(f"resnet{depth_used}", num_classes=10).to(device, memory_format=fmt).train()
+    mine = create_model(f"pnnh_slim_resnet{depth_used}", num_classes=10).to(device, memory_format=fmt).train()
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
+    record = dict(
+        pass_="train step",
+        block="model",
+        shape=f"pnnh_slim_resnet{depth_used} vs resnet{depth_used} (eager column)",
+        dims=[batch, 3, 32, 32],
+        dtype="float32",
+        variant="auto",
+        layout="channels_last",
+    )
+    _interleave(
+        collector,
+        lambda: _training_step(base, optimizers[0], x, y, device),
+        lambda: _training_step(mine, optimizers[1], x, y, device),
+        _pairs("smoke") if smoke else 8,
+        record,
+    )
