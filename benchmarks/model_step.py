@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a scrip
 from bench_utils import synchronize
 
 from pnnh_kernels.backends import available_backends
+from pnnh_kernels.backends.measured import auto_benchmark
 from pnnh_kernels.models import create_model
 from pnnh_kernels.train.cuda_graphs import GraphedStep, graph_ready_optimizer
 
@@ -44,12 +45,18 @@ class Variant:
     backend: str = "eager"
     compile_mode: Optional[str] = None
     cuda_graph: bool = False
+    measured: bool = False  #: auto with measured dispatch (pnnh_kernels.set_auto_benchmark)
 
 
 def variants(device: torch.device, with_compile: bool) -> list[Variant]:
     names = ("cuda", "triton") if device.type == "cuda" else ("cpu",)  # triton on a CPU: the interpreter only
     fused = [b for b in names if b in available_backends()]
-    out = [Variant("resnet eager", ""), Variant("pnnh eager", "pnnh_"), Variant("pnnh auto", "pnnh_", "auto")]
+    out = [
+        Variant("resnet eager", ""),
+        Variant("pnnh eager", "pnnh_"),
+        Variant("pnnh auto", "pnnh_", "auto"),
+        Variant("pnnh auto measured", "pnnh_", "auto", measured=True),
+    ]
     if with_compile:
         out.append(Variant("pnnh eager compile", "pnnh_", compile_mode="default"))
         if device.type == "cuda":
@@ -57,7 +64,9 @@ def variants(device: torch.device, with_compile: bool) -> list[Variant]:
     out += [Variant(f"pnnh {b}", "pnnh_", b) for b in fused]
     if device.type == "cuda":  # a compiled model is not captured again
         out += [
-            Variant(f"{v.name} + cuda graph", v.prefix, v.backend, cuda_graph=True) for v in out if not v.compile_mode
+            Variant(f"{v.name} + cuda graph", v.prefix, v.backend, cuda_graph=True, measured=v.measured)
+            for v in out
+            if not v.compile_mode
         ]
     return out
 
@@ -89,7 +98,15 @@ def training_step(variant: Variant, arch: str, batch: int, size: int, dtype: tor
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype)
-    return _step_fn(step_model, optimizer, autocast, x, y, variant.cuda_graph)
+    step = _step_fn(step_model, optimizer, autocast, x, y, variant.cuda_graph)
+    if not variant.measured:
+        return step
+
+    def measured_step() -> Any:  # the warm-up's first step times the backends of each block signature
+        with auto_benchmark():
+            return step()
+
+    return measured_step
 
 
 def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dtype, device, steps: int) -> dict:

@@ -6,6 +6,7 @@ Public API:
     pnnh_conv2d, pnnh_linear    functional forms
     Activation                  activation spec (relu / leaky_relu / identity / gelu, with scale)
     available_backends()        backends that can run here
+    set_auto_benchmark(True)    backend="auto" times the backends per call signature and keeps the fastest
     convert_resnet              a torchvision / timm ResNet -> its PNNH counterpart (pnnh_kernels.models)
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from .activation import Activation, make_activation
 from .backends import BackendUnavailableError, available_backends, register_backend
+from .backends.measured import measured_choices, set_auto_benchmark
 from .block import BlockConfig, BlockNorms, BlockWeights, NormParams
 from .coder import PNNHCoder
 from .conv import PNNHConv2d
@@ -45,8 +47,10 @@ __all__ = [
     "available_backends",
     "convert_resnet",
     "make_activation",
+    "measured_choices",
     "pnnh_conv2d",
     "pnnh_linear",
     "register_backend",
+    "set_auto_benchmark",
     "set_finite_check",
 ]

@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .backends import select_backend
+from .backends import choose_backend
 from .block import NORMS_CONV, BlockConfig, BlockNorms, BlockWeights
 from .validation import check_block_weights, check_conv_inputs, check_linear_inputs
 
@@ -31,7 +31,8 @@ def pnnh_conv2d(
         raise ValueError(f"PNNHConv2d norm must be one of {NORMS_CONV}, got {config.norm!r}")
     check_block_weights(weights, norms, config, conv=True)
     check_conv_inputs(x, weights, norms, config, training)
-    return select_backend(backend, "conv2d", x, weights, config).conv2d(x, weights, norms, config, training)
+    chosen = choose_backend(backend, "conv2d", x, weights, norms, config, training)
+    return chosen.conv2d(x, weights, norms, config, training)
 
 
 def pnnh_linear(
@@ -48,4 +49,5 @@ def pnnh_linear(
     config = config if config is not None else BlockConfig(norm="layer")
     check_block_weights(weights, norms, config, conv=False)
     check_linear_inputs(x, weights, norms, config, training)
-    return select_backend(backend, "linear", x, weights, config).linear(x, weights, norms, config, training)
+    chosen = choose_backend(backend, "linear", x, weights, norms, config, training)
+    return chosen.linear(x, weights, norms, config, training)

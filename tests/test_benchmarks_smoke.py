@@ -52,7 +52,12 @@ def test_the_model_step_benchmark_runs_and_writes_its_table(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((out / "model_step.json").read_text())["rows"]
     measured = {(r["dtype"], r["variant"]): r for r in rows if "error" not in r}
-    assert {("bf16", "resnet eager"), ("bf16", "pnnh eager"), ("fp16", "pnnh auto")} <= set(measured)
+    assert {
+        ("bf16", "resnet eager"),
+        ("bf16", "pnnh eager"),
+        ("fp16", "pnnh auto"),
+        ("bf16", "pnnh auto measured"),
+    } <= set(measured)
     assert measured[("bf16", "pnnh eager")]["vs pnnh eager"] == pytest.approx(1.0)
     table = (out / "model_step.md").read_text()
     assert "| cifar56 | bf16 | pnnh eager |" in table and "### pnnh eager:" in table

@@ -32,6 +32,10 @@ class Backend(ABC):
             return f"backend {self.name!r} runs on {'/'.join(self.device_types)} tensors, not {x.device.type}"
         return None
 
+    def benchmarkable(self, x: Tensor) -> bool:
+        """Whether measured ``auto`` (:mod:`.measured`) should time this backend on ``x``'s device."""
+        return True
+
     def auto_skip_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         """Why ``auto`` should prefer another backend for this call although this one could serve it
         (a measured performance choice, not a limitation: ``auto`` skips it without a warning)."""

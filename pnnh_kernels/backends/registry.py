@@ -2,8 +2,9 @@
 
 ``backend="auto"`` tries the fused backends that serve the tensor's device, fastest first, and falls
 back to the pure-PyTorch ``eager`` backend (the algebraic reference) with a warning given once per
-reason. Naming a backend explicitly never falls back: it runs that backend or raises
-:class:`BackendUnavailableError` saying why.
+reason. With measured dispatch on (:mod:`.measured`), :func:`choose_backend` times the candidates on the
+first call of each signature instead. Naming a backend explicitly never falls back: it runs that backend
+or raises :class:`BackendUnavailableError` saying why.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..block import BlockConfig, BlockWeights
+from ..block import BlockConfig, BlockNorms, BlockWeights
+from . import measured
 from .base import OPS, Backend
 
 FALLBACK = "eager"
@@ -110,3 +112,28 @@ def select_backend(requested: str, op: str, x: Tensor, weights: BlockWeights, co
     why = "; ".join(reasons) if reasons else f"no fused backend serves {x.device.type} tensors"
     _warn_once(f"pnnh_kernels: falling back to the pure-PyTorch '{FALLBACK}' backend for {op} ({why})")
     return _registry[FALLBACK]
+
+
+def choose_backend(
+    requested: str, op: str, x: Tensor, weights: BlockWeights, norms: BlockNorms, config: BlockConfig, training: bool
+) -> Backend:
+    """:func:`select_backend`, or for ``auto`` with measured dispatch on the fastest backend timed on
+    this call's signature (timed now if it is new and timing is possible)."""
+    static = select_backend(requested, op, x, weights, config)
+    if requested != "auto" or not measured.auto_benchmark_enabled():
+        return static
+    known = measured.known_choice(op, x, weights, config, training)
+    if known is not None:
+        return _registry[known]
+    if not measured.can_measure():
+        return static
+    fused = [
+        b
+        for b in sorted(_registry.values(), key=lambda b: b.priority)
+        if b.fused and x.device.type in b.device_types and b.benchmarkable(x)
+        and refusal_reason(b, op, x, weights, config) is None
+    ]  # fmt: skip
+    if not fused:
+        return static
+    choice = measured.measure([*fused, _registry[FALLBACK]], op, x, weights, norms, config, training)
+    return _registry[choice.backend]

@@ -56,6 +56,9 @@ class TritonBackend(FusedBackend):
             return "the triton backend has no float64 on a GPU (Triton's tl.dot does not take it there)"
         return super().unsupported_reason(op, x, weights, config)
 
+    def benchmarkable(self, x: Tensor) -> bool:
+        return x.device.type != "cpu"  # the interpreter: seconds per call, never a contender
+
     def auto_skip_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         if x.device.type == "cpu":
             return "the Triton interpreter is for tests, not speed"
