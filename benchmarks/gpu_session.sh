@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What a lent GPU session runs (the `device` tool): install with the CUDA kernels compiled for the GPU
 # there, run the GPU tests, then the benchmark sets named on the command line.
+#   bash benchmarks/gpu_session.sh OUTDIR all      (tests, probe, model on cifar56: each under its own time limit,
+#        under 8 minutes together after the build; what a session with one call to spare runs)
 #   bash benchmarks/gpu_session.sh OUTDIR tests
 #   bash benchmarks/gpu_session.sh OUTDIR bench NAME [pytest-benchmark args...]   (results in OUTDIR/NAME/)
 #   bash benchmarks/gpu_session.sh OUTDIR probe    (cuDNN's fused conv graphs: support and timings)
@@ -11,7 +13,7 @@
 # tool; without them the build leaves the cuDNN fused graphs out (the rest is unchanged).
 set -uo pipefail
 OUT=${1:?output folder}
-STEP=${2:?tests or bench}
+STEP=${2:?all, tests, probe, model or bench}
 shift 2
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 if [ -f .cudnn_frontend/include/cudnn_frontend.h ]; then export CUDNN_FRONTEND_INCLUDE=$PWD/.cudnn_frontend/include; fi
@@ -29,6 +31,11 @@ if ! python3 -P -c "import pnnh_kernels._C" 2>/dev/null; then
   echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/device.txt"
 fi
 case "$STEP" in
+  all)  # a part that runs out of time is cut, and the next one still runs
+    timeout 200 bash "$0" "$OUT" tests
+    timeout 60 bash "$0" "$OUT" probe
+    timeout 200 bash "$0" "$OUT" model --sets cifar56 --dtypes bf16,fp16 --steps 10
+    ;;
   tests)  # one tile configuration per kernel: correctness needs no autotuning, and compiling is the cost
     # the linear file first: it is short, and the conv one is long enough to run past a device call's limit
     PNNH_TRITON_AUTOTUNE=0 python3 -P -m pytest -q -p no:cacheprovider tests/backends/test_cuda_conv.py \

@@ -134,7 +134,10 @@ def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dty
     }
 
 
-def run_set(set_name: str, spec, dtype_name: str, device, steps: int, with_compile: bool) -> list[dict]:
+def run_set(
+    set_name: str, spec, dtype_name: str, device, steps: int, with_compile: bool, on_row: Callable[[list[dict]], None]
+) -> list[dict]:
+    """Every variant's row; ``on_row`` gets the rows so far after each (a run cut short keeps them)."""
     arch, batch, size = spec
     rows = []
     for variant in variants(device, with_compile):
@@ -152,7 +155,8 @@ def run_set(set_name: str, spec, dtype_name: str, device, steps: int, with_compi
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
-    _add_ratios(rows)
+        _add_ratios(rows)
+        on_row(rows)
     return rows
 
 
@@ -236,17 +240,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     sets = SMOKE if args.smoke else {k: SETS[k] for k in args.sets.split(",")}
     steps = 2 if args.smoke else args.steps
     os.makedirs(args.out, exist_ok=True)
-    rows = []
-    for set_name, spec in sets.items():
-        for dtype_name in args.dtypes.split(","):
-            rows += run_set(set_name, spec, dtype_name, device, steps, args.compile and not args.smoke)
-    profile_lines = []
-    if args.profile:
+    rows: list[dict] = []
+    profile_lines: list[str] = []
+    if args.profile:  # first: one step per backend is quick, and it is what optimising starts from
         arch, batch, size = next(iter(sets.values()))
         backends = ["eager"] + [v.backend for v in variants(device, False) if v.backend not in ("eager", "auto")]
         backends = list(dict.fromkeys(backends))
         profile_lines = profile_step(arch, batch, size, DTYPES[args.dtypes.split(",")[0]], device, backends)
-    write(args.out, rows, profile_lines, device)
+        write(args.out, rows, profile_lines, device)
+    for set_name, spec in sets.items():
+        for dtype_name in args.dtypes.split(","):
+            with_compile = args.compile and not args.smoke
+            rows += run_set(
+                set_name, spec, dtype_name, device, steps, with_compile,
+                on_row=lambda done, earlier=tuple(rows): write(args.out, [*earlier, *done], profile_lines, device),
+            )  # fmt: skip
     return 1 if all("error" in r for r in rows) else 0
 
 
