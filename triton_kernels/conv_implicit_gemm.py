@@ -3,6 +3,8 @@
 out[m, o] = sum over taps t and input channels c of  P(x)[pixel(m) + offset(t), c] * w[t, c, o]
 
 - rows m are output pixels (n, oh, ow); the output is written as [rows, out channels] (NHWC);
+- the reduction runs as (tap, channel block) steps in one pipelined loop per channel range, not a loop
+  per tap: the CIFAR stages' 16-64 channels make one to four blocks a tap;
 - the input is read through its four strides, so NCHW, channels_last and sliced tensors all work;
 - P is an optional prologue applied while loading: BN-apply + activation of the previous layer
   (:class:`Prologue`), so the normalised / activated tensor never exists in memory; or, when x is an
@@ -43,18 +45,31 @@ _GPU_CONFIGS = [
 
 
 @triton.jit
-def _accumulate_channels(
+def _accumulate_taps(
     acc,
     x_ptr,
     saved_ptr,
-    row_off,
-    valid,
-    w_tap_ptr,
-    swk,
-    swn,
+    w_ptr,
+    img,
+    oh,
+    ow,
+    m_mask,
+    H,
+    W,
+    sxn,
+    sxh,
+    sxw,
+    sxc,
+    conv_stride,
+    pad,
+    tap_base,
+    taps,
+    skip,
     c_start,
     c_end,
-    sxc,
+    swt,
+    swk,
+    swn,
     offs_n,
     n_mask,
     CIN,
@@ -65,21 +80,32 @@ def _accumulate_channels(
     act_hi,
     pos,
     neg,
+    KW: tl.constexpr,
     PROLOGUE: tl.constexpr,
     ACC: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    for c0 in range(c_start, c_end, BLOCK_K):
-        offs_k = c0 + tl.arange(0, BLOCK_K)
+    """acc += taps ``tap_base + t`` (t < ``taps``, skipping tap ``skip`` when it is not negative) over the
+    input channels [c_start, c_end), as one loop over (tap, channel block) steps: with 16-64 channels a
+    tap holds one to four blocks, too few for the software pipeline to overlap loads and products, while
+    the steps of all taps together are enough."""
+    blocks = tl.cdiv(c_end - c_start, BLOCK_K)
+    for step in range(taps * blocks):
+        t = step // blocks
+        tap = tap_base + t + tl.where((skip >= 0) & (tap_base + t >= skip), 1, 0)
+        ih = oh * conv_stride - pad + tap // KW
+        iw = ow * conv_stride - pad + tap % KW
+        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        offs_k = c_start + (step - t * blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < c_end
-        mask2d = valid[:, None] & k_mask[None, :]
         a = load_operand(
             x_ptr,
             saved_ptr,
             row_off[:, None] + offs_k[None, :] * sxc,
-            mask2d,
+            valid[:, None] & k_mask[None, :],
             offs_k,
             k_mask,
             CIN,
@@ -94,7 +120,9 @@ def _accumulate_channels(
             ACC,
         )
         b = tl.load(
-            w_tap_ptr + offs_k[:, None] * swk + offs_n[None, :] * swn, mask=k_mask[:, None] & n_mask[None, :], other=0.0
+            w_ptr + tap * swt + offs_k[:, None] * swk + offs_n[None, :] * swn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
         )
         acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
     return acc
@@ -169,76 +197,137 @@ def _conv_fwd_kernel(
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    # a runtime tap loop: unrolled, its 2 x KH*KW pipelined channel loops made the GradPrologue
-    # specialisation take about a minute to compile
-    for tap in range(KH * KW):
-        ih = oh * conv_stride - pad + tap // KW
-        iw = ow * conv_stride - pad + tap % KW
-        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        w_tap_ptr = w_ptr + w_off + tap * swt
-        # channels [0, lo_end) and [hi_start, CIN): all of them at the centre tap; elsewhere none in a
-        # centre-only tile, and all but the centre-only range [skip_lo, skip_hi) in the others
-        centre = tap == (KH // 2) * KW + KW // 2
-        skip_tap = (centre_only != 0) & (tap != (KH // 2) * KW + KW // 2)
-        lo_end = tl.where(centre, CIN, tl.where(skip_tap, 0, skip_lo))
-        hi_start = tl.where(centre | skip_tap, CIN, skip_hi)
-        acc = _accumulate_channels(
-            acc,
-            x_ptr,
-            saved_ptr,
-            row_off,
-            valid,
-            w_tap_ptr,
-            swk,
-            swn,
-            0,
-            lo_end,
-            sxc,
-            offs_n,
-            n_mask,
-            CIN,
-            scale_ptr,
-            shift_ptr,
-            coef_ptr,
-            act_lo,
-            act_hi,
-            pos,
-            neg,
-            PROLOGUE,
-            ACC,
-            DOT,
-            PRECISION,
-            BLOCK_K,
-        )
-        acc = _accumulate_channels(
-            acc,
-            x_ptr,
-            saved_ptr,
-            row_off,
-            valid,
-            w_tap_ptr,
-            swk,
-            swn,
-            hi_start,
-            CIN,
-            sxc,
-            offs_n,
-            n_mask,
-            CIN,
-            scale_ptr,
-            shift_ptr,
-            coef_ptr,
-            act_lo,
-            act_hi,
-            pos,
-            neg,
-            PROLOGUE,
-            ACC,
-            DOT,
-            PRECISION,
-            BLOCK_K,
-        )
+    # three loops over (tap, channel block) steps (taps in runtime loops: unrolled, the GradPrologue
+    # specialisation took a minute to compile): the centre tap over every input channel; the other taps
+    # (none in a centre-only tile) over the channels outside the centre-only range [skip_lo, skip_hi)
+    centre = (KH // 2) * KW + KW // 2
+    others = tl.where(centre_only != 0, 0, KH * KW - 1)
+    acc = _accumulate_taps(
+        acc,
+        x_ptr,
+        saved_ptr,
+        w_ptr + w_off,
+        img,
+        oh,
+        ow,
+        m_mask,
+        H,
+        W,
+        sxn,
+        sxh,
+        sxw,
+        sxc,
+        conv_stride,
+        pad,
+        centre,
+        1,
+        -1,
+        0,
+        CIN,
+        swt,
+        swk,
+        swn,
+        offs_n,
+        n_mask,
+        CIN,
+        scale_ptr,
+        shift_ptr,
+        coef_ptr,
+        act_lo,
+        act_hi,
+        pos,
+        neg,
+        KW,
+        PROLOGUE,
+        ACC,
+        DOT,
+        PRECISION,
+        BLOCK_K,
+    )
+    acc = _accumulate_taps(
+        acc,
+        x_ptr,
+        saved_ptr,
+        w_ptr + w_off,
+        img,
+        oh,
+        ow,
+        m_mask,
+        H,
+        W,
+        sxn,
+        sxh,
+        sxw,
+        sxc,
+        conv_stride,
+        pad,
+        0,
+        others,
+        centre,
+        0,
+        skip_lo,
+        swt,
+        swk,
+        swn,
+        offs_n,
+        n_mask,
+        CIN,
+        scale_ptr,
+        shift_ptr,
+        coef_ptr,
+        act_lo,
+        act_hi,
+        pos,
+        neg,
+        KW,
+        PROLOGUE,
+        ACC,
+        DOT,
+        PRECISION,
+        BLOCK_K,
+    )
+    acc = _accumulate_taps(
+        acc,
+        x_ptr,
+        saved_ptr,
+        w_ptr + w_off,
+        img,
+        oh,
+        ow,
+        m_mask,
+        H,
+        W,
+        sxn,
+        sxh,
+        sxw,
+        sxc,
+        conv_stride,
+        pad,
+        0,
+        others,
+        centre,
+        skip_hi,
+        CIN,
+        swt,
+        swk,
+        swn,
+        offs_n,
+        n_mask,
+        CIN,
+        scale_ptr,
+        shift_ptr,
+        coef_ptr,
+        act_lo,
+        act_hi,
+        pos,
+        neg,
+        KW,
+        PROLOGUE,
+        ACC,
+        DOT,
+        PRECISION,
+        BLOCK_K,
+    )
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * COUT + offs_n[None, :]
