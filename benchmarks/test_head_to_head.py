@@ -137,6 +137,22 @@ def _training_step(model, opt, x, y, device) -> float:
     return time.perf_counter() - start
 
 
+def _interleave_models(collector, base, mine, batch: int, fmt, pairs: int, record: dict) -> None:
+    """Interleaved SGD training steps of two models on one CIFAR-sized batch in ``fmt``."""
+    device = collector.device
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
+    record = dict(pass_="train step", block="model", dims=[batch, 3, 32, 32], dtype="float32", **record)
+    _interleave(
+        collector,
+        lambda: _training_step(base, optimizers[0], x, y, device),
+        lambda: _training_step(mine, optimizers[1], x, y, device),
+        pairs,
+        record,
+    )
+
+
 @pytest.mark.parametrize("depth", [56, 110])
 def test_model_head_to_head(collector, h2h_backend, h2h_layout, depth):
     """A PNNH-ResNet training step (CIFAR-sized input) on the backend against the same model on eager, both
@@ -162,25 +178,9 @@ def test_model_head_to_head(collector, h2h_backend, h2h_layout, depth):
     )
     if reason:
         pytest.skip(reason)
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=device)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
-    record = dict(
-        pass_="train step",
-        block="model",
-        shape=name,
-        dims=[batch, 3, 32, 32],
-        dtype="float32",
-        variant=h2h_backend,
-        layout=h2h_layout,
-    )
     pairs = _pairs("smoke") if smoke else 8  # a step of PNNH-56 takes about a second here
-    _interleave(
-        collector,
-        lambda: _training_step(base, optimizers[0], x, y, device),
-        lambda: _training_step(mine, optimizers[1], x, y, device),
-        pairs,
-        record,
+    _interleave_models(
+        collector, base, mine, batch, fmt, pairs, dict(shape=name, variant=h2h_backend, layout=h2h_layout)
     )
 
 
@@ -198,22 +198,8 @@ def test_slim_against_resnet_head_to_head(collector, depth):
     fmt = torch.channels_last
     base = create_model(f"resnet{depth_used}", num_classes=10).to(device, memory_format=fmt).train()
     mine = create_model(f"pnnh_slim_resnet{depth_used}", num_classes=10).to(device, memory_format=fmt).train()
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch,), device=device)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
-    record = dict(
-        pass_="train step",
-        block="model",
-        shape=f"pnnh_slim_resnet{depth_used} vs resnet{depth_used} (eager column)",
-        dims=[batch, 3, 32, 32],
-        dtype="float32",
-        variant="auto",
-        layout="channels_last",
-    )
-    _interleave(
-        collector,
-        lambda: _training_step(base, optimizers[0], x, y, device),
-        lambda: _training_step(mine, optimizers[1], x, y, device),
-        _pairs("smoke") if smoke else 8,
-        record,
+    shape = f"pnnh_slim_resnet{depth_used} vs resnet{depth_used} (eager column)"
+    pairs = _pairs("smoke") if smoke else 8
+    _interleave_models(
+        collector, base, mine, batch, fmt, pairs, dict(shape=shape, variant="auto", layout="channels_last")
     )

@@ -45,7 +45,7 @@ _GPU_CONFIGS = [
 
 
 @triton.jit
-def _accumulate_taps(
+def _accumulate(
     acc,
     x_ptr,
     saved_ptr,
@@ -62,17 +62,15 @@ def _accumulate_taps(
     sxc,
     conv_stride,
     pad,
-    tap_base,
-    taps,
-    skip,
-    c_start,
-    c_end,
+    CIN,
+    skip_lo,
+    skip_hi,
+    centre_only,
     swt,
     swk,
     swn,
     offs_n,
     n_mask,
-    CIN,
     scale_ptr,
     shift_ptr,
     coef_ptr,
@@ -80,6 +78,7 @@ def _accumulate_taps(
     act_hi,
     pos,
     neg,
+    KH: tl.constexpr,
     KW: tl.constexpr,
     PROLOGUE: tl.constexpr,
     ACC: tl.constexpr,
@@ -87,44 +86,55 @@ def _accumulate_taps(
     PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc += taps ``tap_base + t`` (t < ``taps``, skipping tap ``skip`` when it is not negative) over the
-    input channels [c_start, c_end), as one loop over (tap, channel block) steps: with 16-64 channels a
-    tap holds one to four blocks, too few for the software pipeline to overlap loads and products, while
-    the steps of all taps together are enough."""
-    blocks = tl.cdiv(c_end - c_start, BLOCK_K)
-    for step in range(taps * blocks):
-        t = step // blocks
-        tap = tap_base + t + tl.where((skip >= 0) & (tap_base + t >= skip), 1, 0)
-        ih = oh * conv_stride - pad + tap // KW
-        iw = ow * conv_stride - pad + tap % KW
-        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        offs_k = c_start + (step - t * blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < c_end
-        a = load_operand(
-            x_ptr,
-            saved_ptr,
-            row_off[:, None] + offs_k[None, :] * sxc,
-            valid[:, None] & k_mask[None, :],
-            offs_k,
-            k_mask,
-            CIN,
-            scale_ptr,
-            shift_ptr,
-            coef_ptr,
-            act_lo,
-            act_hi,
-            pos,
-            neg,
-            PROLOGUE,
-            ACC,
-        )
-        b = tl.load(
-            w_ptr + tap * swt + offs_k[:, None] * swk + offs_n[None, :] * swn,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
+    """acc += the products of every (tap, input channel) the tile needs, in three loops over (tap, channel
+    block) steps: the centre tap over every channel; the other taps (none in a centre-only tile) over the
+    channels below, then above, the centre-only range [skip_lo, skip_hi). One loop spans many taps: with
+    16-64 channels a tap holds one to four blocks, too few for the software pipeline to overlap loads and
+    products. (Taps in runtime loops: unrolled, the GradPrologue specialisation took a minute to compile.)"""
+    centre = (KH // 2) * KW + KW // 2
+    others = tl.where(centre_only != 0, 0, KH * KW - 1)
+    for phase in tl.static_range(3):
+        # taps tap_base + t for t < taps, the tap numbers from skip_at on shifted past the centre
+        if phase == 0:
+            tap_base, taps, skip_at, c_start, c_end = centre, 1, 1, 0, CIN
+        elif phase == 1:
+            tap_base, taps, skip_at, c_start, c_end = 0, others, centre, 0, skip_lo
+        else:
+            tap_base, taps, skip_at, c_start, c_end = 0, others, centre, skip_hi, CIN
+        blocks = tl.cdiv(c_end - c_start, BLOCK_K)
+        for step in range(taps * blocks):
+            t = step // blocks
+            tap = tap_base + t + tl.where(t >= skip_at, 1, 0)
+            ih = oh * conv_stride - pad + tap // KW
+            iw = ow * conv_stride - pad + tap % KW
+            valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row_off = img * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            offs_k = c_start + (step - t * blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < c_end
+            a = load_operand(
+                x_ptr,
+                saved_ptr,
+                row_off[:, None] + offs_k[None, :] * sxc,
+                valid[:, None] & k_mask[None, :],
+                offs_k,
+                k_mask,
+                CIN,
+                scale_ptr,
+                shift_ptr,
+                coef_ptr,
+                act_lo,
+                act_hi,
+                pos,
+                neg,
+                PROLOGUE,
+                ACC,
+            )
+            b = tl.load(
+                w_ptr + tap * swt + offs_k[:, None] * swk + offs_n[None, :] * swn,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
     return acc
 
 
@@ -197,12 +207,7 @@ def _conv_fwd_kernel(
     pos = tl.load(act_ptr)
     neg = tl.load(act_ptr + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    # three loops over (tap, channel block) steps (taps in runtime loops: unrolled, the GradPrologue
-    # specialisation took a minute to compile): the centre tap over every input channel; the other taps
-    # (none in a centre-only tile) over the channels outside the centre-only range [skip_lo, skip_hi)
-    centre = (KH // 2) * KW + KW // 2
-    others = tl.where(centre_only != 0, 0, KH * KW - 1)
-    acc = _accumulate_taps(
+    acc = _accumulate(
         acc,
         x_ptr,
         saved_ptr,
@@ -219,101 +224,15 @@ def _conv_fwd_kernel(
         sxc,
         conv_stride,
         pad,
-        centre,
-        1,
-        -1,
-        0,
         CIN,
-        swt,
-        swk,
-        swn,
-        offs_n,
-        n_mask,
-        CIN,
-        scale_ptr,
-        shift_ptr,
-        coef_ptr,
-        act_lo,
-        act_hi,
-        pos,
-        neg,
-        KW,
-        PROLOGUE,
-        ACC,
-        DOT,
-        PRECISION,
-        BLOCK_K,
-    )
-    acc = _accumulate_taps(
-        acc,
-        x_ptr,
-        saved_ptr,
-        w_ptr + w_off,
-        img,
-        oh,
-        ow,
-        m_mask,
-        H,
-        W,
-        sxn,
-        sxh,
-        sxw,
-        sxc,
-        conv_stride,
-        pad,
-        0,
-        others,
-        centre,
-        0,
         skip_lo,
-        swt,
-        swk,
-        swn,
-        offs_n,
-        n_mask,
-        CIN,
-        scale_ptr,
-        shift_ptr,
-        coef_ptr,
-        act_lo,
-        act_hi,
-        pos,
-        neg,
-        KW,
-        PROLOGUE,
-        ACC,
-        DOT,
-        PRECISION,
-        BLOCK_K,
-    )
-    acc = _accumulate_taps(
-        acc,
-        x_ptr,
-        saved_ptr,
-        w_ptr + w_off,
-        img,
-        oh,
-        ow,
-        m_mask,
-        H,
-        W,
-        sxn,
-        sxh,
-        sxw,
-        sxc,
-        conv_stride,
-        pad,
-        0,
-        others,
-        centre,
         skip_hi,
-        CIN,
+        centre_only,
         swt,
         swk,
         swn,
         offs_n,
         n_mask,
-        CIN,
         scale_ptr,
         shift_ptr,
         coef_ptr,
@@ -321,6 +240,7 @@ def _conv_fwd_kernel(
         act_hi,
         pos,
         neg,
+        KH,
         KW,
         PROLOGUE,
         ACC,
