@@ -4,15 +4,15 @@
     pytest benchmarks/ --bench-full     every shape of the issue, torch.compile everywhere
     pytest benchmarks/ --bench-smoke    one tiny shape, one round (a check that the suite runs)
 
-Each run writes ``benchmarks/results/<device>.json`` (or ``--bench-results DIR``) and re-renders
-``RESULTS.md`` beside it from every JSON file there, so CPU rows from one machine and GPU rows from
-another stay side by side, each with its own date, device and command.
+Each run writes ``benchmarks/results/<device>.json`` (or ``--bench-results DIR``), merged with the rows
+of earlier runs it did not re-measure (results_file.py), and re-renders ``RESULTS.md`` beside it from
+every JSON file there, so CPU rows from one machine and GPU rows from another stay side by side, each
+row with its own date and command.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 from typing import Optional
@@ -101,6 +101,7 @@ def pytest_sessionfinish(session, exitstatus):
     if not collector.records:
         return
     from report import render_results
+    from results_file import write_results
 
     folder = session.config.getoption("--bench-results") or HERE
     os.makedirs(os.path.join(folder, "results"), exist_ok=True)
@@ -118,6 +119,5 @@ def pytest_sessionfinish(session, exitstatus):
         "copy_bandwidth_gbs": None if collector._bandwidth is None else collector._bandwidth / 1e9,
         "records": collector.records,
     }
-    with open(os.path.join(folder, "results", f"{slug}.json"), "w") as f:
-        json.dump(payload, f, indent=1)
+    write_results(os.path.join(folder, "results"), slug, payload)
     render_results(os.path.join(folder, "results"), os.path.join(folder, "RESULTS.md"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 TARGETS_GPU = {"eager": 1.5, "compile": 1.2}  # the issue's targets for the fused backends (bf16, fwd+bwd)
 TARGET_CPU = 1.2  # the C++ backend against eager, fp32 fwd+bwd on CPU (conv and linear blocks)
@@ -198,6 +198,12 @@ def _models(payload) -> list[str]:
     return [*lines, ""]
 
 
+def _runs(payload) -> str:
+    """The runs a results file's rows come from: date, command, row count (results_file.py stamps rows)."""
+    runs = Counter((r.get("date", payload["date"]), r.get("command", payload["command"])) for r in payload["records"])
+    return "; ".join(f"{date} `{command}` ({n} rows)" for (date, command), n in sorted(runs.items()))
+
+
 def render_results(results_dir: str, out_path: str) -> None:
     parts = [
         "# Benchmark results",
@@ -223,7 +229,7 @@ def render_results(results_dir: str, out_path: str) -> None:
         parts += [
             f"## {payload['device']} ({payload['cpu']})",
             "",
-            f"- date: {payload['date']}; command: `{payload['command']}` ({payload['mode']} set)",
+            f"- {payload['mode']} set; rows measured by: " + _runs(payload),
             f"- torch {payload['torch']}, {payload['threads']} threads; matmul peak: "
             + ", ".join(f"{k.replace('torch.', '')} {v:.0f} GFLOP/s" for k, v in payload["matmul_peak_gflops"].items())
             + (
