@@ -1,9 +1,10 @@
 """Which of the PNNH layer patterns cuDNN fuses at the models' shapes, and what fusing saves (GPU).
 
 For every shape (ResNet-56 at batch 256, ResNet-34 at batch 128), dtype (float16, bfloat16) and pattern
-(conv + statistics; BN-apply + ReLU + conv + statistics): cuDNN's support answer, and where it has an
-engine the time of the fused graph against the same work as PyTorch ops (elementwise prologue, cuDNN conv,
-two reductions), both on channels_last data, median of CUDA-event timings. Writes OUT/cudnn_probe.json and
+(conv + statistics; BN-apply + ReLU + conv + statistics; and the backward, dgrad -> dReLU -> BN backward
+weight plus the input-gradient pass): cuDNN's support answer, and where it has an engine the time of the
+fused graph against the same work as PyTorch ops (elementwise passes, cuDNN convolutions, reductions),
+both on channels_last data, median of CUDA-event timings. Writes OUT/cudnn_probe.json and
 OUT/cudnn_probe.md.
 
     python3 -P benchmarks/cudnn_probe.py OUT
@@ -53,6 +54,47 @@ def _unfused(x, w, scale, bias):
     return y, yf.sum((0, 2, 3)), yf.pow(2).sum((0, 2, 3))
 
 
+def _unfused_backward(dy, w, x, mean, invstd, gamma, beta):
+    """dgrad, the recomputed BN-apply's ReLU mask, BN's two sums and the input-gradient pass as PyTorch ops."""
+    view = (1, -1, 1, 1)
+    dgrad = torch.ops.aten.convolution_backward(
+        dy, x, w, None, [1, 1], [w.shape[-1] // 2] * 2, [1, 1], False, [0, 0], 1, [True, False, False]
+    )[0]
+    xhat = (x.float() - mean.view(view)) * invstd.view(view)
+    d_act = dgrad.float() * (xhat * gamma.view(view) + beta.view(view) > 0)
+    dbeta, dgamma = d_act.sum((0, 2, 3)), (d_act * xhat).sum((0, 2, 3))
+    count = x.numel() // x.shape[1]
+    dx = (gamma * invstd).view(view) * (d_act - dbeta.view(view) / count - xhat * dgamma.view(view) / count)
+    return dx.to(x.dtype), dgamma, dbeta
+
+
+def probe_backward(n: int, c: int, size: int, dtype: torch.dtype) -> dict:
+    row = {"n": n, "c": c, "size": size, "dtype": str(dtype).replace("torch.", ""), "prologue": "backward"}
+    row["support"] = cudnn_fused.dgrad_support((n, c, size, size), (c, c, 3, 3), dtype) or "yes"
+    if row["support"] != "yes":
+        return row
+    cl = torch.channels_last
+    x = torch.randn(n, c, size, size, device="cuda", dtype=dtype).to(memory_format=cl)
+    dy = torch.randn(n, c, size, size, device="cuda", dtype=dtype).to(memory_format=cl)
+    w = (torch.randn(c, c, 3, 3, device="cuda", dtype=dtype) * 0.05).to(memory_format=cl)
+    mean, invstd = x.float().mean((0, 2, 3)), torch.rsqrt(x.float().var((0, 2, 3)) + 1e-5)
+    gamma, beta = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda") * 0.1
+
+    def fused():
+        out = cudnn_fused.dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta)
+        return out.dx(x)
+
+    row["fused_us"] = _time(fused)
+    row["unfused_us"] = _time(lambda: _unfused_backward(dy, w, x, mean, invstd, gamma, beta))
+    row["conv_only_us"] = _time(
+        lambda: torch.ops.aten.convolution_backward(
+            dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
+        )
+    )
+    row["speedup"] = row["unfused_us"] / row["fused_us"]
+    return row
+
+
 def probe_one(n: int, c: int, size: int, dtype: torch.dtype, prologue: bool) -> dict:
     row = {"n": n, "c": c, "size": size, "dtype": str(dtype).replace("torch.", ""), "prologue": prologue}
     row["support"] = cudnn_fused.support((n, c, size, size), (c, c, 3, 3), dtype, prologue=prologue) or "yes"
@@ -74,8 +116,11 @@ def main(out: str) -> None:
     rows = []
     for name, (n, c, size) in SHAPES.items():
         for dtype in (torch.float16, torch.bfloat16):
-            for prologue in (False, True):
-                row = {"shape": name, **probe_one(n, c, size, dtype, prologue)}
+            for probe, extra in ((probe_one, (False,)), (probe_one, (True,)), (probe_backward, ())):
+                try:
+                    row = {"shape": name, **probe(n, c, size, dtype, *extra)}
+                except Exception as error:  # one failing pattern must not cost the session the others
+                    row = {"shape": name, "dtype": str(dtype), "support": f"{type(error).__name__}: {error}"[:300]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     device = torch.cuda.get_device_name()
@@ -84,13 +129,15 @@ def main(out: str) -> None:
     lines = [
         f"cuDNN fused conv graphs on {device} (torch {torch.__version__})",
         "",
-        "| shape | dtype | prologue | support | fused us | unfused us | conv only us | speedup |",
+        "| shape | dtype | pattern (prologue) | support | fused us | unfused us | conv only us | speedup |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         timing = [f"{r[k]:.1f}" if k in r else "" for k in ("fused_us", "unfused_us", "conv_only_us", "speedup")]
         lines.append(
-            f"| {r['shape']} | {r['dtype']} | {r['prologue']} | {r['support'][:60]} | " + " | ".join(timing) + " |"
+            f"| {r['shape']} | {r['dtype']} | {r.get('prologue', '')} | {r['support'][:60]} | "
+            + " | ".join(timing)
+            + " |"
         )
     with open(os.path.join(out, "cudnn_probe.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -35,6 +35,11 @@ std::string cudnn_fused_support(int64_t n, int64_t c, int64_t h, int64_t w, int6
                                 bool prologue, double slope, at::ScalarType dtype) {
   return pnnh::cudnn_fused::support({n, c, h, w, k, r, pad, prologue, slope, dtype});
 }
+
+std::string cudnn_dgrad_support(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t pad,
+                                double slope, at::ScalarType dtype) {
+  return pnnh::cudnn_fused::dgrad_support({n, c, h, w, k, r, pad, true, slope, dtype});
+}
 #endif
 
 }  // namespace
@@ -53,6 +58,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // statistics epilogue; support() says whether cuDNN has an engine for a shape
   m.def("cudnn_fused_support", &cudnn_fused_support, "'' when cuDNN can run the fused conv graph, else why not");
   m.def("cudnn_conv_genstats", &pnnh::cudnn_fused::conv_genstats, "[act(x*scale+bias) ->] conv -> (y, sum, sq_sum)");
+  m.def("cudnn_dgrad_support", &cudnn_dgrad_support, "'' when cuDNN can run dgrad -> dReLU -> dBN weight, else why not");
+  m.def("cudnn_dgrad_drelu_dbn", &pnnh::cudnn_fused::dgrad_drelu_dbn,
+        "dgrad -> dReLU -> BN backward weight: (d_act, dscale, dbias, eq_scale_dy, eq_scale_x, eq_bias)");
   m.attr("with_cudnn_frontend") = true;
 #else
   m.attr("with_cudnn_frontend") = false;

@@ -24,6 +24,12 @@ def test_a_build_without_the_frontend_says_so():
     )
     with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
         cudnn_fused.conv_genstats(torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3))
+    assert "without the cudnn-frontend headers" in cudnn_fused.dgrad_support((1, 8, 4, 4), (8, 8, 3, 3), torch.half)
+    with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
+        vec = torch.ones(8)
+        cudnn_fused.dgrad_drelu_dbn(
+            torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3), torch.zeros(1, 8, 4, 4), *[vec] * 4
+        )
 
 
 def _expected(x, w, scale, bias, slope):
@@ -68,3 +74,45 @@ def test_a_half_scale_and_bias_pair_is_required():
     w = torch.randn(16, 16, 3, 3, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="give both scale and bias"):
         cudnn_fused.conv_genstats(x, w, torch.ones(16, device="cuda"), None)
+
+
+def _expected_backward(dy, w, x, gamma, beta, slope, eps):
+    """Autograd of conv(act(batch_norm(x)), w) in float32: (BN output's gradient, dgamma, dbeta, dx)."""
+    xf = x.float().requires_grad_()
+    g, b = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    bn = F.batch_norm(xf, None, None, g, b, training=True, eps=eps)
+    bn.retain_grad()
+    y = F.conv2d(F.leaky_relu(bn, slope), w.float(), padding=w.shape[-1] // 2)
+    y.backward(dy.float())
+    return bn.grad, g.grad, b.grad, xf.grad
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(8, 32, 16, 16, 32, 3), (4, 64, 8, 8, 32, 1), (2, 16, 32, 32, 16, 3)])
+def test_fused_dgrad_drelu_dbn_matches_autograd(dtype, slope, shape):
+    n, c, h, w_, k, r = shape
+    reason = cudnn_fused.dgrad_support((n, c, h, w_), (k, c, r, r), dtype, slope=slope)
+    if reason:
+        pytest.skip(f"cuDNN has no engine: {reason}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cl = torch.channels_last
+    x = (torch.randn(n, c, h, w_, device="cuda", generator=gen) * 2 + 0.5).to(dtype).to(memory_format=cl)
+    w = (torch.randn(k, c, r, r, device="cuda", generator=gen) * (c * r * r) ** -0.5).to(dtype).to(memory_format=cl)
+    dy = torch.randn(n, k, h, w_, device="cuda", generator=gen).to(dtype).to(memory_format=cl)
+    gamma = torch.rand(c, device="cuda", generator=gen) + 0.5
+    beta = torch.randn(c, device="cuda", generator=gen) * 0.1
+    eps = 1e-5
+    xf = x.float()
+    mean = xf.mean((0, 2, 3))
+    invstd = torch.rsqrt(xf.var((0, 2, 3), unbiased=False) + eps)
+    out = cudnn_fused.dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, slope)
+    d_act, dgamma, dbeta, dx = _expected_backward(dy, w, x, gamma, beta, slope, eps)
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    count = n * h * w_
+    torch.testing.assert_close(out.d_act.float(), d_act, **tol)
+    torch.testing.assert_close(out.dgamma / count, dgamma / count, **tol)
+    torch.testing.assert_close(out.dbeta / count, dbeta / count, **tol)
+    torch.testing.assert_close(out.dx(x).float(), dx, **tol)
+    assert out.d_act.is_contiguous(memory_format=cl)

@@ -2,8 +2,11 @@
 
 ``conv_genstats`` runs ``y = conv(act(x * scale + bias), w)`` (or ``conv(x, w)`` without a prologue) with
 the batch-norm statistics of ``y`` from the convolution's epilogue: the two patterns of a PNNH block's
-layers. Half or bfloat16, channels_last, stride 1. ``support`` says, per shape, whether cuDNN has an engine
-for it (an empty string) or why not. They exist in builds made with the cudnn-frontend headers
+layers. ``dgrad_drelu_dbn`` is their backward as cuDNN documents it for ResNet training: the input
+gradient of the convolution, through the activation (against the recomputed BN-apply of the pre-norm
+input), into batch norm's parameter gradients and the coefficients of the pre-norm input's gradient.
+Half or bfloat16, channels_last, stride 1. ``support`` / ``dgrad_support`` say, per shape, whether cuDNN
+has an engine (an empty string) or why not. They exist in builds made with the cudnn-frontend headers
 (``pip install nvidia-cudnn-frontend`` before building); :func:`available` tells.
 
 Not yet wired into the ``cuda`` backend's op: the GPU probe (benchmarks/cudnn_probe.py) measures first
@@ -24,6 +27,23 @@ class ConvStats(NamedTuple):
     y: Tensor  #: the convolution's output, x's dtype, channels_last
     sum: Tensor  #: per output channel, float32
     sq_sum: Tensor
+
+
+class DgradBn(NamedTuple):
+    """The backward of ``conv(act(BN(x)), w)`` down to batch norm (batch statistics)."""
+
+    d_act: Tensor  #: the BN output's gradient, dgrad(dy, w) * act'(BN(x)); x's dtype, channels_last
+    dgamma: Tensor  #: float32 [C]
+    dbeta: Tensor
+    eq_scale_dy: Tensor  #: dx = eq_scale_dy * d_act + eq_scale_x * x + eq_bias (float32 [C] each)
+    eq_scale_x: Tensor
+    eq_bias: Tensor
+
+    def dx(self, x: Tensor) -> Tensor:
+        """The pre-norm input's gradient, in x's dtype (a reference pass: the op would fuse it)."""
+        view = (1, -1, 1, 1)
+        dx = self.eq_scale_dy.view(view) * self.d_act.float() + self.eq_scale_x.view(view) * x.float()
+        return (dx + self.eq_bias.view(view)).to(x.dtype)
 
 
 def available() -> bool:
@@ -62,3 +82,34 @@ def conv_genstats(
         x, w, scale if prologue else empty, bias if prologue else empty, prologue, float(slope), w.shape[-1] // 2
     )
     return ConvStats(y, s, sq)
+
+
+def dgrad_support(
+    x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, int, int], dtype: torch.dtype, *, slope: float = 0.0
+) -> str:
+    """'' when cuDNN can run dgrad -> dReLU -> BN backward weight for x [N, C, H, W] (the BN's pre-norm
+    input) and w [K, C, R, R] on the current device, else the reason."""
+    if not available():
+        return "the extension was built without the cudnn-frontend headers"
+    n, c, h, w = x_shape
+    k, _, r, _ = w_shape
+    return str(extension().cudnn_dgrad_support(n, c, h, w, k, r, r // 2, slope, dtype))
+
+
+def dgrad_drelu_dbn(
+    dy: Tensor,
+    w: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    slope: float = 0.0,
+) -> DgradBn:
+    """The backward of ``y = conv(act(BN(x)), w)`` ('same' padding, stride 1, batch statistics ``mean`` /
+    ``invstd`` of x) from ``dy``, down to batch norm, in one cuDNN graph. Raises with cuDNN's reason where
+    it has no engine."""
+    if not available():
+        raise RuntimeError("pnnh_kernels was built without the cudnn-frontend headers (nvidia-cudnn-frontend)")
+    out = extension().cudnn_dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, float(slope), w.shape[-1] // 2)
+    return DgradBn(*out)
