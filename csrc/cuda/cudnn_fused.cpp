@@ -96,10 +96,13 @@ TensorAttr add_prologue(fe::graph::Graph& graph, FusedConvGraph& g, int64_t c, d
   return graph.pointwise(shifted, pointwise_mode(fe::PointwiseMode_t::RELU_FWD, slope));
 }
 
-void set_io_types(fe::graph::Graph& graph, fe::DataType_t io) {
-  graph.set_io_data_type(io)
+// A new graph in ``slot``: data in ``io``, intermediates and arithmetic in float32.
+fe::graph::Graph& new_graph(std::shared_ptr<fe::graph::Graph>& slot, fe::DataType_t io) {
+  slot = std::make_shared<fe::graph::Graph>();
+  slot->set_io_data_type(io)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
+  return *slot;
 }
 
 std::string failure(const char* step, fe::error_t status) {
@@ -110,10 +113,8 @@ std::string failure(const char* step, fe::error_t status) {
 
 // The graph's tensors and operations: [prologue ->] conv_fprop -> genstats.
 void declare(const Spec& s, FusedConvGraph& g) {
-  g.graph = std::make_shared<fe::graph::Graph>();
-  auto& graph = *g.graph;
   const auto io = frontend_type(s.dtype);
-  set_io_types(graph, io);
+  auto& graph = new_graph(g.graph, io);
   g.x = add_tensor(graph, "x", {s.n, s.c, s.h, s.w}, channels_last_strides(s.c, s.h, s.w), io);
   g.w = add_tensor(graph, "w", {s.k, s.c, s.r, s.r}, channels_last_strides(s.c, s.r, s.r), io);
   TensorAttr input = s.prologue ? add_prologue(graph, g, s.c, s.slope) : g.x;
@@ -134,10 +135,8 @@ void declare(const Spec& s, FusedConvGraph& g) {
 // The backward of [BN-apply + act ->] conv, from the conv's output gradient dy [n, k, h, w], its weight and
 // the BN's pre-norm input x [n, c, h, w]: d_act = dgrad(dy, w) * act'(BN(x)), then BN backward weight.
 void declare_dgrad(const Spec& s, DgradBnGraph& g) {
-  g.graph = std::make_shared<fe::graph::Graph>();
-  auto& graph = *g.graph;
   const auto io = frontend_type(s.dtype);
-  set_io_types(graph, io);
+  auto& graph = new_graph(g.graph, io);
   g.dy = add_tensor(graph, "dy", {s.n, s.k, s.h, s.w}, channels_last_strides(s.k, s.h, s.w), io);
   g.w = add_tensor(graph, "w", {s.k, s.c, s.r, s.r}, channels_last_strides(s.c, s.r, s.r), io);
   auto dgrad = graph.conv_dgrad(g.dy, g.w,

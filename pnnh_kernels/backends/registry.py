@@ -119,12 +119,12 @@ def choose_backend(
 ) -> Backend:
     """:func:`select_backend`, or for ``auto`` with measured dispatch on the fastest backend timed on
     this call's signature (timed now if it is new and timing is possible)."""
-    static = select_backend(requested, op, x, weights, config)
     if requested != "auto" or not measured.auto_benchmark_enabled():
-        return static
+        return select_backend(requested, op, x, weights, config)
     known = measured.known_choice(op, x, weights, config, training)
     if known is not None:
-        return _registry[known]
+        return _registry[known]  # a measured signature: the static rules are not consulted again
+    static = select_backend(requested, op, x, weights, config)
     if not measured.can_measure():
         return static
     fused = [
