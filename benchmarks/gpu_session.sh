@@ -38,10 +38,12 @@ case "$STEP" in
     ;;
   tests)  # one tile configuration per kernel: correctness needs no autotuning, and compiling is the cost
     # the linear file first: it is short, and the conv one is long enough to run past a device call's limit
+    # the cuda backend and cuDNN's graphs first: they compile nothing at run time
     PNNH_TRITON_AUTOTUNE=0 python3 -P -m pytest -q -p no:cacheprovider tests/backends/test_cuda_conv.py \
-      tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py tests/backends/test_triton_kernels.py \
-      tests/backends/test_contract.py tests/backends/test_graph_safety.py tests/backends/test_cuda_sources.py \
-      tests/backends/test_huge_activations.py tests/train/test_cuda_graphs.py tests/backends/test_cudnn_fused.py --maxfail=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      tests/backends/test_cudnn_fused.py tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py \
+      tests/backends/test_triton_kernels.py tests/backends/test_contract.py tests/backends/test_graph_safety.py \
+      tests/backends/test_cuda_sources.py tests/backends/test_huge_activations.py tests/train/test_cuda_graphs.py \
+      --maxfail=10 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
     ;;
   model)
     python3 -P benchmarks/model_step.py "$OUT" --profile "$@" 2>&1 | tail -40

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a scrip
 from bench_utils import synchronize
 
 from pnnh_kernels.backends import available_backends
+from pnnh_kernels.backends.cuda.cudnn_layers import set_cudnn_fusion
 from pnnh_kernels.backends.measured import auto_benchmark
 from pnnh_kernels.models import create_model
 from pnnh_kernels.train.cuda_graphs import GraphedStep, graph_ready_optimizer
@@ -46,6 +47,7 @@ class Variant:
     compile_mode: Optional[str] = None
     cuda_graph: bool = False
     measured: bool = False  #: auto with measured dispatch (pnnh_kernels.set_auto_benchmark)
+    cudnn_fusion: bool = True  #: the cuda backend may use cuDNN's fused graphs (backends/cuda/cudnn_layers.py)
 
 
 def variants(device: torch.device, with_compile: bool) -> list[Variant]:
@@ -68,6 +70,8 @@ def variants(device: torch.device, with_compile: bool) -> list[Variant]:
             for v in out
             if not v.compile_mode
         ]
+    if "cuda" in fused:  # what cuDNN's fused graphs change, in the same run
+        out.append(Variant("pnnh cuda, no cuDNN fusion", "pnnh_", "cuda", cudnn_fusion=False))
     return out
 
 
@@ -110,6 +114,14 @@ def training_step(variant: Variant, arch: str, batch: int, size: int, dtype: tor
 
 
 def measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dtype, device, steps: int) -> dict:
+    set_cudnn_fusion(None if variant.cudnn_fusion else False)
+    try:
+        return _measure(variant, arch, batch, size, dtype, device, steps)
+    finally:
+        set_cudnn_fusion(None)
+
+
+def _measure(variant: Variant, arch: str, batch: int, size: int, dtype: torch.dtype, device, steps: int) -> dict:
     step = training_step(variant, arch, batch, size, dtype, device)
     start = time.perf_counter()
     for _ in range(3 if not variant.cuda_graph else 5):  # warm-up (compiles, captures)

@@ -49,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef PNNH_WITH_CUDA
   // the 'cuda' backend's planar passes (backends/cuda/conv.py), CUDA tensors only
   m.def("channel_sums", &pnnh::cuda::channel_sums_torch, "per-channel sum and sum of squares (float64)");
+  m.def("bn_finalize", &pnnh::cuda::bn_finalize_torch, "(mean, invstd, unbiased var) rows from channel sums");
   m.def("bn_act_apply", &pnnh::cuda::bn_act_apply_torch, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &pnnh::cuda::bn_act_backward_sums_torch, "fused dAct + dBN reductions");
   m.def("bn_act_backward_apply", &pnnh::cuda::bn_act_backward_apply_torch, "fused dAct + dBN input gradient");

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,12 +50,18 @@ NO_KERNEL = frozenset(
 )
 #: aten ops that wait for the device (a value read back to the host) or allocate by value
 HOST_SYNCS = frozenset(["_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "unique", "masked_select"])
+#: aten ops that copy a tensor within its dtype (a layout change, when the tensor is a feature map)
+COPIES = frozenset(["clone", "copy_", "_to_copy", "contiguous"])
 
 
 class Recording:
     def __init__(self) -> None:
         self.ops: collections.Counter[str] = collections.Counter()
         self.triton_launches = 0
+        self.copies: list[tuple[str, int]] = []  #: (op, elements) of every same-dtype copy
+
+    def copies_of_at_least(self, elements: int) -> list[tuple[str, int]]:
+        return [c for c in self.copies if c[1] >= elements]
 
     @property
     def aten_kernels(self) -> int:
@@ -75,9 +82,18 @@ class _Mode(TorchDispatchMode):
         self.rec, self.paused = rec, paused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         if not self.paused[0]:
-            self.rec.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.rec.ops[name] += 1
+            if name in COPIES and isinstance(out, torch.Tensor) and _same_dtype(args, out):
+                self.rec.copies.append((name, out.numel()))
+        return out
+
+
+def _same_dtype(args: tuple, out: torch.Tensor) -> bool:
+    first = args[0] if args else None
+    return isinstance(first, torch.Tensor) and first.dtype == out.dtype
 
 
 @contextlib.contextmanager
@@ -108,10 +124,17 @@ def recording() -> Iterator[Recording]:
             interpreter.GridExecutor.__call__ = patched
 
 
-def training_step(block: torch.nn.Module, x: torch.Tensor) -> Recording:
-    """Record one forward + backward (after a warm-up step, so caches and gradients exist)."""
+def training_step(block: torch.nn.Module, x: torch.Tensor, dy: Optional[torch.Tensor] = None) -> Recording:
+    """Record one forward + backward (after a warm-up step, so caches and gradients exist) of
+    ``block(x).sum()``, or of ``(block(x) * dy).sum()`` (a dense output gradient ``dy``: the sum's is an
+    expanded scalar, which a fused backward copies into a dense map)."""
     x = x.detach().requires_grad_()
-    block(x).sum().backward()
+
+    def step() -> None:
+        y = block(x)
+        (y.sum() if dy is None else (y * dy).sum()).backward()
+
+    step()
     with recording() as rec:
-        block(x).sum().backward()
+        step()
     return rec

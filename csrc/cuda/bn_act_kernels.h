@@ -2,8 +2,9 @@
 // They need only the CUDA toolkit (no torch headers), so `nvcc -c` checks them on any machine with nvcc;
 // the torch glue that calls them is built only against a CUDA torch.
 //
-// Layout: planar [outer, channels, inner] contiguous (NCHW: outer = N, inner = H*W); a pass covers the
-// channel range [c0, c0 + cn) of a tensor with `channels` channels. Activation: scale * leaky_relu(slope),
+// Layout: [outer, channels, inner] contiguous (NCHW: outer = N, inner = H*W; channels_last: outer = N*H*W,
+// inner = 1, which the reductions read a warp of consecutive channels at a time); a pass covers the channel
+// range [c0, c0 + cn) of a tensor with `channels` channels. Activation: scale * leaky_relu(slope),
 // or none (use_act = false). Accumulation is in float (half/bf16/float data) or double (double data);
 // per-channel sums are float64 and reduced with atomics.
 #pragma once
@@ -24,9 +25,18 @@ struct ActParams {
   float slope, scale;
 };
 
-// sums: [2, cn] float64, zeroed by the kernel launcher.
+// partials: [channel_sums_splits(dims), 2, cn] float64, every entry written (no atomics, no zeroing launch):
+// each split's sum and sum of squares; bn_finalize adds the splits, in a fixed order (deterministic).
+int channel_sums_splits(PlanarDims dims);
 template <typename T>
-cudaError_t channel_sums(const T* z, PlanarDims dims, double* sums, cudaStream_t stream);
+cudaError_t channel_sums(const T* z, PlanarDims dims, double* partials, cudaStream_t stream);
+
+// stats: [3, total] float32 rows (mean, invstd, unbiased variance); writes channels [c0, c0 + cn) from sums
+// [splits, 2, cn] (each split's sum and sum of squares; S = double or float) over `count` values, in double:
+// one launch instead of the ~10 elementwise ops of the same arithmetic on tensors.
+template <typename S>
+cudaError_t bn_finalize(const S* sums, int64_t splits, int64_t cn, double count, double eps, float* stats,
+                        int64_t total, int64_t c0, cudaStream_t stream);
 
 // out: [outer, cn, inner]; params: per-channel mean, invstd, gamma, beta (float, cn each).
 template <typename T>
@@ -39,11 +49,12 @@ cudaError_t bn_act_backward_sums(const T* dy, const T* x, PlanarDims dims, const
                                  const float* invstd, const float* gamma, const float* beta, ActParams act,
                                  double* sums, cudaStream_t stream);
 
-// dx: x's layout, written at x's channels [c0, c0 + cn).
+// dx: x's layout, written at x's channels [c0, c0 + cn). The same launch writes the BN parameters'
+// gradients, dgamma = sums[1] and dbeta = sums[0], as float [cn] (sparing two conversion launches).
 template <typename T>
 cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dims, const float* mean,
                                   const float* invstd, const float* gamma, const float* beta, const double* sums,
-                                  bool training, ActParams act, cudaStream_t stream);
+                                  bool training, ActParams act, float* dgamma, float* dbeta, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pnnh

@@ -74,13 +74,34 @@ at::Tensor channel_sums_torch(const at::Tensor& z, int64_t c0, int64_t cn) {
   check_planar(z, "z");
   TORCH_CHECK(c0 >= 0 && cn >= 0 && c0 + cn <= z.size(1), "channel range out of bounds");
   const c10::cuda::CUDAGuard guard(z.device());
-  auto out = at::empty({2, cn}, z.options().dtype(at::kDouble));
+  const PlanarDims dims = dims_of(z, c0, cn);
+  auto out = at::empty({channel_sums_splits(dims), 2, cn}, z.options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(z, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    check(channel_sums<T>(ptr<T>(z), dims_of(z, c0, cn), out.data_ptr<double>(), stream), "channel_sums");
+    check(channel_sums<T>(ptr<T>(z), dims, out.data_ptr<double>(), stream), "channel_sums");
   });
   return out;
+}
+
+void bn_finalize_torch(const at::Tensor& sums, double count, double eps, const at::Tensor& stats, int64_t c0) {
+  TORCH_CHECK(sums.is_cuda() && (sums.dim() == 2 || sums.dim() == 3) && sums.size(-2) == 2 && sums.is_contiguous(),
+              "sums must be a contiguous [2, channels] or [splits, 2, channels] CUDA tensor");
+  TORCH_CHECK(sums.scalar_type() == at::kDouble || sums.scalar_type() == at::kFloat, "sums must be float64 or float32");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.is_contiguous() && stats.scalar_type() == at::kFloat &&
+                  stats.device() == sums.device(),
+              "stats must be a contiguous [3, total] float32 tensor on the sums' device");
+  const int64_t splits = sums.dim() == 3 ? sums.size(0) : 1, cn = sums.size(-1), total = stats.size(1);
+  TORCH_CHECK(c0 >= 0 && c0 + cn <= total, "channel range out of bounds");
+  TORCH_CHECK(count > 0, "finalising statistics over no values");
+  const c10::cuda::CUDAGuard guard(sums.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  float* out = stats.data_ptr<float>();
+  if (sums.scalar_type() == at::kDouble) {
+    check(bn_finalize<double>(sums.data_ptr<double>(), splits, cn, count, eps, out, total, c0, stream), "bn_finalize");
+  } else {
+    check(bn_finalize<float>(sums.data_ptr<float>(), splits, cn, count, eps, out, total, c0, stream), "bn_finalize");
+  }
 }
 
 void bn_act_apply_torch(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
@@ -128,10 +149,12 @@ at::Tensor bn_act_backward_sums_torch(const at::Tensor& dy, const at::Tensor& x,
   return out;
 }
 
-void bn_act_backward_apply_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
-                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
-                                 const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
-                                 double slope, double scale) {
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0,
+                                                               const at::Tensor& dx, const at::Tensor& mean,
+                                                               const at::Tensor& invstd, const at::Tensor& gamma,
+                                                               const at::Tensor& beta, const at::Tensor& sums,
+                                                               bool training, bool use_act, double slope,
+                                                               double scale) {
   check_planar(dy, "dy");
   check_planar(x, "x");
   check_planar(dx, "dx");
@@ -147,14 +170,17 @@ void bn_act_backward_apply_torch(const at::Tensor& dy, const at::Tensor& x, int6
   const c10::cuda::CUDAGuard guard(x.device());
   auto m = param(mean, cn, x, "mean"), is = param(invstd, cn, x, "invstd");
   auto g = param(gamma, cn, x, "gamma"), b = param(beta, cn, x, "beta");
+  auto dgamma = at::empty({cn}, x.options().dtype(at::kFloat)), dbeta = at::empty({cn}, x.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     check(bn_act_backward_apply<T>(ptr<T>(dy), ptr<T>(x), mut_ptr<T>(dx), dims_of(x, c0, cn), m.data_ptr<float>(),
                                    is.data_ptr<float>(), g.data_ptr<float>(), b.data_ptr<float>(),
-                                   sums.data_ptr<double>(), training, act_of(use_act, slope, scale), stream),
+                                   sums.data_ptr<double>(), training, act_of(use_act, slope, scale),
+                                   dgamma.data_ptr<float>(), dbeta.data_ptr<float>(), stream),
           "bn_act_backward_apply");
   });
+  return {dgamma, dbeta};
 }
 
 }  // namespace cuda

@@ -110,6 +110,21 @@ def test_planar_channel_sums_match_torch():
     torch.testing.assert_close(sums[1], z[:, 2:6].pow(2).sum((0, 2)))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_planar_bn_finalize_writes_the_statistics_at_the_column_offset(splits):
+    z = 2.0 + torch.randn(3, 7, 11, dtype=torch.float64)
+    sums = planar_cpu_kernels().channel_sums(z, 2, 4)
+    if splits > 1:  # [splits, 2, cn] partials add up
+        sums = torch.stack([sums / 2, sums / 4, sums / 4])
+    stats = torch.full((3, 9), -1.0, dtype=torch.float64)
+    planar_cpu_kernels().bn_finalize(sums, 33.0, 1e-5, stats, 3)
+    part = z[:, 2:6].transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(stats[0, 3:7], part.mean(1))
+    torch.testing.assert_close(stats[1, 3:7], torch.rsqrt(part.var(1, unbiased=False) + 1e-5))
+    torch.testing.assert_close(stats[2, 3:7], part.var(1, unbiased=True))
+    assert (stats[:, :3] == -1).all() and (stats[:, 7:] == -1).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rows_batch_stats_match_torch(dtype):
     z = (1.5 + torch.randn(301, 9, dtype=torch.float64)).to(dtype)

@@ -65,14 +65,53 @@ def test_cuda_block_channels_last_and_strided_input(exact):
 
 
 @gpu
+@pytest.mark.parametrize("layout", ["planar", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_statistics_passes_match_torch(layout, dtype):
+    """channel_sums' per-split partials and bn_finalize's statistics, written at a column offset, for an
+    NCHW [N, C, H*W] and a channels_last [N*H*W, C, 1] map (a wide one: several 32-channel blocks)."""
+    from pnnh_kernels._extension import extension
+
+    z = (1.5 + torch.randn(5, 70, 13, 11, device="cuda")).to(dtype)
+    if layout == "rows":
+        z3 = z.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, 70, 1)
+    else:
+        z3 = z.reshape(5, 70, -1)
+    sums = extension().channel_sums(z3, 3, 40)
+    stats = torch.full((3, 50), -1.0, device="cuda")
+    extension().bn_finalize(sums, float(5 * 13 * 11), 1e-5, stats, 6)
+    part = z[:, 3:43].double().transpose(0, 1).reshape(40, -1)
+    torch.testing.assert_close(stats[0, 6:46].double(), part.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[2, 6:46].double(), part.var(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        stats[1, 6:46].double(), torch.rsqrt(part.var(1, unbiased=False) + 1e-5), rtol=1e-4, atol=1e-5
+    )
+    assert (stats[:, :6] == -1).all() and (stats[:, 46:] == -1).all()
+
+
+@gpu
+@pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False, out_channels=33)])
+def test_cuda_block_channels_last_wide(exact, options):
+    """channels_last maps take the channel-contiguous reductions: several 32-channel blocks, a partial
+    last one, the learner half at a channel offset, more rows than one block's split."""
+    ref = pk.PNNHConv2d(40, hidden_channels=45, backend="reference", **options).cuda()
+    randomize_norms(ref)
+    fused = twin(ref, "cuda")
+    x = torch.randn(3, 40, 23, 21, device="cuda").to(memory_format=torch.channels_last)
+    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float32])
+    assert fused(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@gpu
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["pure", "autocast"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_low_precision_error_within_twice_eager(dtype, autocast):
+def test_cuda_low_precision_error_within_twice_eager(dtype, autocast, layout):
     # pure: the module in dtype; autocast: float32 parameters under torch.autocast (convolutions in dtype,
     # statistics and parameter gradients float32), each against eager computed the same way
     ref64 = pk.PNNHConv2d(16, backend="reference").to(device="cuda", dtype=torch.float64)
     randomize_norms(ref64)
-    x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64, device="cuda")
+    x64 = torch.randn(2, 16, 8, 8, dtype=torch.float64, device="cuda").contiguous(memory_format=layout)
     errors = low_precision_errors(ref64, "cuda", x64, dtype, autocast=autocast)
     assert errors["cuda"] <= 2 * errors["eager"] + 1e-3, errors
 

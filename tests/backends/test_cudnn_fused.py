@@ -116,3 +116,33 @@ def test_fused_dgrad_drelu_dbn_matches_autograd(dtype, slope, shape):
     torch.testing.assert_close(out.dbeta / count, dbeta / count, **tol)
     torch.testing.assert_close(out.dx(x).float(), dx, **tol)
     assert out.d_act.is_contiguous(memory_format=cl)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [False, True], ids=["pure", "autocast"])
+def test_the_cuda_op_with_cudnn_fusion_is_as_accurate_as_eager(dtype, autocast, monkeypatch):
+    """The 'cuda' backend on channels_last half data sends its forward convolutions to cuDNN's graphs where
+    cuDNN has an engine (backends/cuda/cudnn_layers.py); its error against float64 stays within twice
+    eager's, with the fusion on and off."""
+    from helpers import low_precision_errors, randomize_norms
+
+    import pnnh_kernels as pk
+    from pnnh_kernels.backends.cuda import cudnn_layers
+
+    calls = []
+    real = cudnn_fused.conv_genstats
+    monkeypatch.setattr(cudnn_fused, "conv_genstats", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    ref64 = pk.PNNHConv2d(32, backend="reference").to(device="cuda", dtype=torch.float64)
+    randomize_norms(ref64)
+    x64 = torch.randn(8, 32, 16, 16, dtype=torch.float64, device="cuda").contiguous(memory_format=torch.channels_last)
+    try:
+        for enabled in (True, False):
+            cudnn_layers.set_cudnn_fusion(enabled)
+            errors = low_precision_errors(ref64, "cuda", x64, dtype, autocast=autocast)
+            if enabled and not calls:
+                reason = cudnn_fused.support((8, 32, 16, 16), (32, 32, 3, 3), dtype, prologue=True)
+                pytest.skip(f"cuDNN fuses neither layer of this block: {reason}")
+            assert errors["cuda"] <= 2 * errors["eager"] + 1e-3, (enabled, errors)
+    finally:
+        cudnn_layers.set_cudnn_fusion(None)

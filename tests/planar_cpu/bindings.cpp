@@ -5,6 +5,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_sums", &pnnh::channel_sums, "per-channel sum and sum of squares (float64)");
+  m.def("bn_finalize", &pnnh::bn_finalize, "(mean, invstd, unbiased var) rows from channel sums");
   m.def("bn_act_apply", &pnnh::bn_act_apply, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &pnnh::bn_act_backward_sums, "fused dAct + dBN reductions");
   m.def("bn_act_backward_apply", &pnnh::bn_act_backward_apply, "fused dAct + dBN input gradient");

@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace pnnh {
@@ -87,6 +88,26 @@ PNNH_VECTOR_CLONES void row_backward_apply(const T* r, const T* d, T* w, int64_t
 }
 
 }  // namespace
+
+void bn_finalize(const at::Tensor& sums, double count, double eps, const at::Tensor& stats, int64_t c0) {
+  TORCH_CHECK((sums.dim() == 2 || sums.dim() == 3) && sums.size(-2) == 2 && stats.dim() == 2 && stats.size(0) == 3 &&
+                  stats.is_contiguous(),
+              "sums must be [2, cn] or [splits, 2, cn], stats a contiguous [3, total]");
+  const int64_t cn = sums.size(-1), total = stats.size(1);
+  TORCH_CHECK(c0 >= 0 && c0 + cn <= total, "channel range out of bounds");
+  auto s = (sums.dim() == 3 ? sums.sum(0) : sums).to(at::kDouble).contiguous();
+  const double* sum = s.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "bn_finalize", [&] {
+    scalar_t* out = stats.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < cn; ++c) {
+      const double mean = sum[c] / count;
+      const double var = std::max(sum[cn + c] / count - mean * mean, 0.0);
+      out[c0 + c] = scalar_t(mean);
+      out[total + c0 + c] = scalar_t(1.0 / std::sqrt(var + eps));
+      out[2 * total + c0 + c] = scalar_t(count > 1 ? var * (count / (count - 1)) : var);
+    }
+  });
+}
 
 // Per-channel sum and sum of squares (float64 accumulation) of channels [c0, c0 + cn).
 at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn) {
@@ -185,10 +206,11 @@ at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64
 
 // dx for channels [c0, c0 + cn) of x, written into dx (same layout as x) at the same channels.
 // training: dx = gamma * invstd * (g - sum_g / count - xhat * sum_gx / count); eval: gamma * invstd * g.
-void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
-                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
-                           const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
-                           double slope, double scale) {
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0,
+                                                         const at::Tensor& dx, const at::Tensor& mean,
+                                                         const at::Tensor& invstd, const at::Tensor& gamma,
+                                                         const at::Tensor& beta, const at::Tensor& sums, bool training,
+                                                         bool use_act, double slope, double scale) {
   check_planar(dy, "dy");
   check_planar(x, "x");
   check_planar(dx, "dx");
@@ -202,7 +224,12 @@ void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0
   const double* sum_g = sums.data_ptr<double>();
   const double* sum_gx = sum_g + cn;
   const double count = double(x.size(0) * x.size(2));
+  auto dgamma = at::empty({cn}, x.options()), dbeta = at::empty({cn}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_apply", [&] {
+    for (int64_t c = 0; c < cn; ++c) {
+      dgamma.data_ptr<scalar_t>()[c] = scalar_t(sum_gx[c]);
+      dbeta.data_ptr<scalar_t>()[c] = scalar_t(sum_g[c]);
+    }
     const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
     const scalar_t *gm = gamma.data_ptr<scalar_t>(), *bt = beta.data_ptr<scalar_t>();
     auto vx = planar<scalar_t>(x, c0);
@@ -221,6 +248,7 @@ void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0
       }
     });
   });
+  return {dgamma, dbeta};
 }
 
 }  // namespace pnnh

@@ -5,9 +5,14 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace pnnh {
 
 at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn);
+
+// stats [3, total] (mean, invstd, unbiased var) at channels [c0, c0 + cn) from sums [2, cn] over count values.
+void bn_finalize(const at::Tensor& sums, double count, double eps, const at::Tensor& stats, int64_t c0);
 
 void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
                   const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
@@ -17,9 +22,11 @@ at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64
                                 const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                                 bool use_act, double slope, double scale);
 
-void bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& dx,
-                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& gamma,
-                           const at::Tensor& beta, const at::Tensor& sums, bool training, bool use_act,
-                           double slope, double scale);
+// Also returns (dgamma, dbeta) in x's dtype, from the sums.
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, const at::Tensor& x, int64_t c0,
+                                                         const at::Tensor& dx, const at::Tensor& mean,
+                                                         const at::Tensor& invstd, const at::Tensor& gamma,
+                                                         const at::Tensor& beta, const at::Tensor& sums, bool training,
+                                                         bool use_act, double slope, double scale);
 
 }  // namespace pnnh

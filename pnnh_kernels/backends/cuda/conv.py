@@ -1,17 +1,22 @@
-"""PNNHConv2d of the 'cuda' backend: fused passes around library convolutions on planar (NCHW) tensors
-(``pnnh::conv_block_fused`` and its backward, :mod:`..contract`'s signatures).
+"""PNNHConv2d of the 'cuda' backend: fused passes around library convolutions, in the input's layout
+(``pnnh::conv_block_fused`` and its backward, :mod:`..contract`'s signatures; layouts: :mod:`.maps`).
 
-Forward: one convolution reads x through ``[W_e; W_1]``; one pass reduces the batch statistics of
-both halves; one pass writes the normalised coder half and the activated learner half (never the
-signed copies); layer 2 is one convolution for the learner whose output the decoder GEMM accumulates
-into in place; then one statistics pass and one BN + activation pass. Only the pre-norm outputs
-``z`` (layer 1) and ``u`` (layer 2) are saved; backward recomputes the normalised tensors and fuses
-dReLU into dBN (one reduction pass and one apply pass per layer, whose sums are also the BN
-parameter gradients).
+Forward: layer 1 is one convolution through ``[W_e; W_1]`` when the kernels agree, else the learner's
+convolution beside the 1x1 coder's GEMM; per tensor one reduction pass writes per-split partial sums
+(no zeroing launch, no atomics) and one launch finalises them into the block's [3, C] statistics
+(mean, invstd, unbiased variance) at the layer's columns; one pass each writes the normalised coder
+half and the activated learner half (never the signed copies); layer 2 is one convolution for the
+learner, into whose output the decoder GEMM accumulates in place; then its statistics and one BN +
+activation pass. On channels_last half data cuDNN's fused graphs take over layer 1's learner statistics
+and layer 2's learner BN-apply where they can (:mod:`.cudnn_layers`). Only the pre-norm outputs are
+saved; backward recomputes the normalised tensors and fuses dReLU into dBN (per layer one reduction
+pass, and one apply pass that also writes the BN parameters' gradients).
 
 The convolutions are cuDNN's / cuBLAS's; the passes between them are the extension's CUDA kernels.
-The extension's planar C++ passes run the same op on CPU tensors, which is how the tests check this
-module without a GPU (the 'cpu' backend itself runs the channels-last :mod:`..cpu.conv`).
+A channels_last input keeps every map channels_last, an NCHW one NCHW: no layout copy inside the block,
+and the output leaves in the input's layout. The test-only planar C++ passes run the same op on CPU
+tensors, which is how the tests check this module without a GPU (the 'cpu' backend itself runs
+:mod:`..cpu.conv`).
 """
 
 from __future__ import annotations
@@ -31,26 +36,38 @@ from ..conv_parts import (
     Halves,
     TensorPair,
     affine_as,
-    bn_grads,
     empty_unless,
     layer1_halves,
     param_dtype,
     running_stats,
-    stats_from_sums,
     weights_in_data_dtype,
 )
+from . import cudnn_layers
+from .cudnn_layers import FusionPlan
+from .maps import FeatureMaps
 
 
-class PlanarSaved(NamedTuple):
-    """What forward keeps for backward. ``zc``/``zl`` are layer 1's pre-norm halves as [N, C, H*W]; when
-    coder and learner kernels agree one convolution computed them and ``zc`` holds both (``zl`` empty)."""
+class FusedSaved(NamedTuple):
+    """What forward keeps for backward, maps as [outer, C, inner] (:mod:`.maps`). ``zc``/``zl`` are layer 1's
+    pre-norm halves; when coder and learner kernels agree one convolution computed them and ``zc`` holds
+    both (``zl`` empty)."""
 
     zc: Tensor
     zl: Tensor
-    u: Tensor  #: layer 2's pre-norm output, [N, Cout, H*W]
-    mean: Tensor  #: [Cc + H + Cout]
-    invstd: Tensor
-    var: Tensor  #: the unbiased batch variance (for the running statistics)
+    u: Tensor  #: layer 2's pre-norm output
+    stats: Tensor  #: [3, Cc + H + Cout]: mean, invstd and the unbiased batch variance (for the running statistics)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.stats[0]
+
+    @property
+    def invstd(self) -> Tensor:
+        return self.stats[1]
+
+    @property
+    def var(self) -> Tensor:
+        return self.stats[2]
 
 
 class _Widths(NamedTuple):
@@ -67,40 +84,61 @@ def _widths(a: BlockArgs) -> _Widths:
     )
 
 
-def _stats(z3: Tensor, c0: int, cn: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, invstd, unbiased var) of channels [c0, c0 + cn) from one fused reduction pass (float64 sums)."""
-    count = z3.shape[0] * z3.shape[2]
-    return stats_from_sums(extension().channel_sums(z3, c0, cn), count, eps, param_dtype(z3.dtype))
+def _finalize(stats: Tensor, col: int, sums: Tensor, z3: Tensor, eps: float) -> None:
+    """Writes (mean, invstd, unbiased var) of channels [col, col + C) of ``stats`` from the [2, C] sums over
+    the map ``z3``'s pixels: one launch."""
+    extension().bn_finalize(sums, float(z3.shape[0] * z3.shape[2]), eps, stats, col)
 
 
-def _layer1_conv(x: Tensor, enc: Tensor, learn1: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer 1's pre-norm outputs as [N, C, H*W]: one convolution when the kernels agree (both halves in
-    the first tensor), else the 1x1 coder as a GEMM over x beside the learner's convolution (no concatenation)."""
-    n, cin, h, w = x.shape
-    kc, k = enc.shape[-1], learn1.shape[-1]
-    if kc == k:
-        z = F.conv2d(x, torch.cat([enc, learn1]), padding=k // 2)
-        return z.contiguous().view(n, -1, h * w), x.new_empty((0,))
-    if kc == 1:
-        zc = torch.matmul(enc.view(enc.shape[0], cin), x.view(n, cin, h * w))
-    else:
-        zc = F.conv2d(x, enc, padding=kc // 2).contiguous().view(n, -1, h * w)
-    zl = F.conv2d(x, learn1, padding=k // 2).contiguous().view(n, -1, h * w)
-    return zc, zl
+def _batch_stats(stats: Tensor, col: int, z3: Tensor, c0: int, cn: int, eps: float) -> None:
+    """The batch statistics of ``z3``'s channels [c0, c0 + cn) into ``stats`` at ``col``: one fused
+    reduction pass (float64 sums) and the finalize."""
+    _finalize(stats, col, extension().channel_sums(z3, c0, cn), z3, eps)
+
+
+def _conv(maps: FeatureMaps, t3: Tensor, weight: Tensor, transposed: bool = False) -> Tensor:
+    """A 'same'-padded stride-1 convolution of a map, as a map."""
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    return maps.flat(conv(maps.image(t3), weight, padding=weight.shape[-1] // 2))
+
+
+def _layer1_weight(a: BlockArgs, w: _Widths) -> Tensor:
+    """The learner's layer-1 kernel, or ``[W_e; W_1]`` when coder and learner kernels agree (one
+    convolution computes both halves)."""
+    return torch.cat([a.encoder, a.learner1]) if w.kc == w.k else a.learner1
+
+
+def _layer1_conv(
+    maps: FeatureMaps, x3: Tensor, a: BlockArgs, weight: Tensor, fused: bool
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Layer 1's pre-norm outputs (zc, zl) and, from cuDNN's epilogue when ``fused``, the sums of the
+    convolution with ``weight`` (:func:`_layer1_weight`). With one joint convolution zc holds both halves
+    and zl is empty; else the 1x1 coder is a GEMM over x beside the learner's convolution."""
+    conv, sums = (_conv(maps, x3, weight), None) if not fused else cudnn_layers.conv_with_sums(maps, x3, weight)
+    enc = a.encoder
+    if weight is not a.learner1:
+        return conv, x3.new_empty((0,)), sums
+    zc = maps.linear(enc.view(enc.shape[0], -1), x3) if enc.shape[-1] == 1 else _conv(maps, x3, enc)
+    return zc, conv, sums
+
+
+def _apply_half(
+    maps: FeatureMaps, half: Half, stats: TensorPair, gamma_beta: TensorPair, act: bool, a: BlockArgs
+) -> Tensor:
+    """BN-apply (+ the activation) of one half of layer 1 into a map of its own, one pass."""
+    (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
+    out = maps.new(t, mean.shape[0])
+    extension().bn_act_apply(t, c0, out, mean, invstd, gamma, beta, act, a.slope, a.scale)
+    return out
 
 
 def _layer1_apply(
-    halves: Halves, widths: _Widths, mean: Tensor, invstd: Tensor, affine: Sequence[Tensor], a: BlockArgs
+    maps: FeatureMaps, halves: Halves, widths: _Widths, stats: TensorPair, affine: Sequence[Tensor], a: BlockArgs
 ) -> tuple[Tensor, Tensor]:
     """Normalised coder half and activated learner half of layer 1, one pass each."""
-    (tc, oc), (tl, ol) = halves
-    cc, hid = widths.cc, widths.hid
-    n, hw = tc.shape[0], tc.shape[2]
-    zc = tc.new_empty((n, cc, hw))
-    al = tc.new_empty((n, hid, hw))
-    gc, bc, g1, b1 = affine[:4]
-    extension().bn_act_apply(tc, oc, zc, mean[:cc], invstd[:cc], gc, bc, False, a.slope, a.scale)
-    extension().bn_act_apply(tl, ol, al, mean[cc:], invstd[cc:], g1, b1, True, a.slope, a.scale)
+    cc, (mean, invstd), (gc, bc, g1, b1) = widths.cc, stats, affine[:4]
+    zc = _apply_half(maps, halves[0], (mean[:cc], invstd[:cc]), (gc, bc), False, a)
+    al = _apply_half(maps, halves[1], (mean[cc:], invstd[cc:]), (g1, b1), True, a)
     return zc, al
 
 
@@ -110,77 +148,110 @@ def _decoder_matrix(enc: Tensor, dec: Optional[Tensor]) -> Tensor:
 
 
 def _conv_bwd(
-    grad: Tensor, inp: Tensor, weight: Tensor, padding: int, transposed: bool, need_input: bool
+    maps: FeatureMaps, grad: Tensor, inp: Tensor, weight: Tensor, transposed: bool, need_input: bool
 ) -> tuple[Any, Tensor]:
-    """(input gradient, None unless ``need_input``; weight gradient) of a stride-1 convolution."""
+    """(input gradient as a map, None unless ``need_input``; weight gradient) of a 'same'-padded stride-1
+    convolution of the map ``inp``."""
+    pad = weight.shape[-1] // 2
     d_in, d_w, _ = torch.ops.aten.convolution_backward(
-        grad, inp, weight, None, [1, 1], [padding, padding], [1, 1], transposed, [0, 0], 1, [need_input, True, False]
-    )
-    return d_in, d_w
+        maps.image(grad), maps.image(inp), weight, None, [1, 1], [pad, pad], [1, 1], transposed, [0, 0], 1,
+        [need_input, True, False],
+    )  # fmt: skip
+    return (maps.flat(d_in) if need_input else None), d_w
 
 
 # --------------------------------------------------------------------------- forward
 
 
-def _layer1_batch_stats(a: BlockArgs, halves: Halves, w: _Widths) -> tuple[Tensor, Tensor, Tensor]:
-    stats = [_stats(t, c0, cn, a.eps) for (t, c0), cn in zip(halves, (w.cc, w.hid))]
-    return tuple(torch.cat(parts) for parts in zip(*stats))  # type: ignore[return-value]
-
-
-def _decode_into(u: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> None:
-    """u += gain * decode(zc): for a 1x1 coder the decoder GEMM accumulates into the learner's output
-    tile (no separate add pass)."""
-    n, _, h, wd = u.shape
-    if w.kc == 1:
-        m = _decoder_matrix(a.encoder, a.decoder)
-        u.view(n, w.out, h * wd).baddbmm_(m.unsqueeze(0).expand(n, -1, -1), zc, alpha=a.gain)
-    elif a.decoder is None:
-        u.add_(F.conv_transpose2d(zc.view(n, w.cc, h, wd), a.encoder, padding=w.kc // 2), alpha=a.gain)
+def _layer1_batch_stats(stats: Tensor, a: BlockArgs, halves: Halves, w: _Widths, conv_sums: Optional[Tensor]) -> None:
+    """Layer 1's statistics into ``stats``: from cuDNN's epilogue sums where it computed them (both halves
+    with one joint convolution, else the learner's), the fused reduction pass for the rest."""
+    (tc, oc), (tl, ol) = halves
+    if conv_sums is not None and w.kc == w.k:
+        _finalize(stats, 0, conv_sums, tc, a.eps)
+        return
+    _batch_stats(stats, 0, tc, oc, w.cc, a.eps)
+    if conv_sums is None:
+        _batch_stats(stats, w.cc, tl, ol, w.hid, a.eps)
     else:
-        u.add_(F.conv2d(zc.view(n, w.cc, h, wd), a.decoder, padding=w.kc // 2), alpha=a.gain)
+        _finalize(stats, w.cc, conv_sums, tl, a.eps)
 
 
-def _forward(a: BlockArgs) -> tuple[Tensor, PlanarSaved]:
+def _decode_into(maps: FeatureMaps, u: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> None:
+    """u += gain * decode(zc): for a 1x1 coder the decoder GEMM accumulates into the learner's output
+    (no separate add pass)."""
+    if w.kc == 1:
+        maps.linear_add_(u, _decoder_matrix(a.encoder, a.decoder), zc, alpha=a.gain)
+    elif a.decoder is None:
+        u.add_(_conv(maps, zc, a.encoder, transposed=True), alpha=a.gain)
+    else:
+        u.add_(_conv(maps, zc, a.decoder), alpha=a.gain)
+
+
+def _layer1_forward(
+    maps: FeatureMaps, x3: Tensor, a: BlockArgs, w: _Widths, plan: FusionPlan, weight: Tensor, stats: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Layer 1's pre-norm outputs (zc, zl as saved; ``weight``: :func:`_layer1_weight`); in training their
+    statistics into ``stats``."""
+    zc_pre, zl_pre, conv_sums = _layer1_conv(maps, x3, a, weight, plan.layer1_stats)
+    if a.use_batch:
+        _layer1_batch_stats(stats, a, layer1_halves(zc_pre, zl_pre, w.cc), w, conv_sums)
+    return zc_pre, zl_pre
+
+
+def _layer2_forward(
+    maps: FeatureMaps, halves: Halves, stats: TensorPair, affine: Sequence[Tensor], a: BlockArgs, w: _Widths,
+    plan: FusionPlan,
+) -> Tensor:  # fmt: skip
+    """u = conv(act(BN_1(zl)), W_2) + gain * decode(BN_c(zc)): the learner's BN-apply + activation in
+    cuDNN's prologue when ``plan`` says so, else its own pass."""
+    (mean, invstd), (gc, bc, g1, b1) = stats, affine[:4]
+    if plan.layer2_prologue:
+        zc = _apply_half(maps, halves[0], (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
+        learner = (mean[w.cc :], invstd[w.cc :], g1, b1)
+        u = cudnn_layers.conv_of_bn_act(maps, halves[1][0], a.learner2, *learner, a)
+    else:
+        zc, al = _layer1_apply(maps, halves, w, stats, affine, a)
+        u = _conv(maps, al, a.learner2)
+    _decode_into(maps, u, zc, a, w)
+    return u
+
+
+def _forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
     a = weights_in_data_dtype(a)
-    x = a.x.contiguous()
-    n, _, h, wd = x.shape
+    maps = FeatureMaps.of_input(a.x)
+    x3 = maps.flat(a.x)
     w = _widths(a)
     c1 = w.cc + w.hid
-    affine = affine_as(a, param_dtype(x.dtype))
-    running = None if a.use_batch else running_stats(a, param_dtype(x.dtype))
-    zc_pre, zl_pre = _layer1_conv(x, a.encoder, a.learner1)
-    halves = layer1_halves(zc_pre, zl_pre, w.cc)
-    if running is None:
-        mean1, inv1, var1 = _layer1_batch_stats(a, halves, w)
+    pdtype = param_dtype(x3.dtype)
+    affine = affine_as(a, pdtype)
+    if a.use_batch:
+        stats = x3.new_empty((3, c1 + w.out), dtype=pdtype)
     else:
-        mean1, inv1, var1 = (t[:c1] for t in running)
-    zc, al = _layer1_apply(halves, w, mean1, inv1, affine, a)
-
-    u = F.conv2d(al.view(n, w.hid, h, wd), a.learner2, padding=w.k // 2).contiguous()
-    _decode_into(u, zc, a, w)
-    u3 = u.view(n, w.out, h * wd)
-    if running is None:
-        mean2, inv2, var2 = _stats(u3, 0, w.out, a.eps)
-    else:
-        mean2, inv2, var2 = (t[c1:] for t in running)
-    y = torch.empty_like(u3)
-    extension().bn_act_apply(u3, 0, y, mean2, inv2, affine[4], affine[5], a.final_act, a.slope, a.scale)
-    saved = PlanarSaved(zc_pre, zl_pre, u3, torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]))
-    return y.view(n, w.out, h, wd), saved
+        stats = torch.stack(running_stats(a, pdtype))
+    weight1 = _layer1_weight(a, w)
+    plan = cudnn_layers.plan_fusion(a, maps, weight1)
+    zc_pre, zl_pre = _layer1_forward(maps, x3, a, w, plan, weight1, stats)
+    u = _layer2_forward(maps, layer1_halves(zc_pre, zl_pre, w.cc), (stats[0, :c1], stats[1, :c1]), affine, a, w, plan)
+    if a.use_batch:
+        _batch_stats(stats, c1, u, 0, w.out, a.eps)
+    y = torch.empty_like(u)
+    mean2, inv2 = stats[0, c1:], stats[1, c1:]
+    extension().bn_act_apply(u, 0, y, mean2, inv2, affine[4], affine[5], a.final_act, a.slope, a.scale)
+    return maps.image(y), FusedSaved(zc_pre, zl_pre, u, stats)
 
 
-def _fake_forward(a: BlockArgs) -> tuple[Tensor, PlanarSaved]:
-    x, w = a.x, _widths(a)
-    n, _, h, wd = x.shape
-    stats = x.new_empty((w.cc + w.hid + w.out,), dtype=param_dtype(x.dtype))
+def _fake_forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
+    maps, w = FeatureMaps.of_input(a.x), _widths(a)
+    x = a.x
     joint = w.kc == w.k
-    saved = PlanarSaved(
-        x.new_empty((n, w.cc + w.hid if joint else w.cc, h * wd)),
-        x.new_empty((0,)) if joint else x.new_empty((n, w.hid, h * wd)),
-        x.new_empty((n, w.out, h * wd)),
-        stats, torch.empty_like(stats), torch.empty_like(stats),
-    )  # fmt: skip
-    return x.new_empty((n, w.out, h, wd)), saved
+    saved = FusedSaved(
+        maps.new(x, w.cc + w.hid if joint else w.cc),
+        x.new_empty((0,)) if joint else maps.new(x, w.hid),
+        maps.new(x, w.out),
+        x.new_empty((3, w.cc + w.hid + w.out), dtype=param_dtype(x.dtype)),
+    )
+    return maps.image(maps.new(x, w.out)), saved
 
 
 # --------------------------------------------------------------------------- backward
@@ -188,97 +259,100 @@ def _fake_forward(a: BlockArgs) -> tuple[Tensor, PlanarSaved]:
 
 def _dbn_act(
     dy3: Tensor, half: Half, out: Tensor, stats: TensorPair, gamma_beta: TensorPair, use_act: bool, a: BlockArgs
-) -> Tensor:
-    """dAct + dBN of one half in two fused passes, written into ``out``; returns the sums [dbeta, dgamma]."""
+) -> TensorPair:
+    """dAct + dBN of one half in two fused passes, written into ``out``; returns (d gamma, d beta), which the
+    apply pass writes from the reduction's sums, in the norm's parameter dtype."""
     (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
     C = extension()
     sums = C.bn_act_backward_sums(dy3, t, c0, mean, invstd, gamma, beta, use_act, a.slope, a.scale)
-    C.bn_act_backward_apply(dy3, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, use_act, a.slope, a.scale)
-    return sums
+    dgamma, dbeta = C.bn_act_backward_apply(
+        dy3, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, use_act, a.slope, a.scale
+    )
+    return dgamma, dbeta
 
 
-def _decoder_backward(du3: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> CoderGrads:
-    """(d zc, the decoder's share of d encoder, d decoder) through ``u += gain * decode(zc)``."""
-    n, h, wd = a.x.shape[0], a.x.shape[2], a.x.shape[3]
+def _decoder_backward(maps: FeatureMaps, du: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> CoderGrads:
+    """(d zc, the decoder's share of d encoder, d decoder) through ``u += gain * decode(zc)``; the gain is
+    the GEMMs' alpha."""
     if w.kc == 1:
-        m = _decoder_matrix(a.encoder, a.decoder)
-        d_zc = torch.matmul(m.t() * a.gain, du3)
-        d_m = torch.bmm(du3, zc.transpose(1, 2)).sum(0).mul_(a.gain)  # [out, Cc]
-        if a.decoder is None:
-            return d_zc, d_m.t().reshape(a.encoder.shape), None
-        return d_zc, None, d_m.reshape(a.decoder.shape)
+        d_zc = maps.linear(_decoder_matrix(a.encoder, a.decoder).t(), du, alpha=a.gain)
+        if a.decoder is None:  # d(M^T) = gain * sum zc du^T, already the encoder's [Cc, Cin] shape
+            return d_zc, maps.outer_sum(zc, du, alpha=a.gain), None
+        return d_zc, None, maps.outer_sum(du, zc, alpha=a.gain).view(a.decoder.shape)
     weight = a.encoder if a.decoder is None else a.decoder
-    grad = du3.view(n, w.out, h, wd) * a.gain
-    d_zc, d_w = _conv_bwd(grad, zc.view(n, w.cc, h, wd), weight, w.kc // 2, a.decoder is None, True)
-    d_zc = d_zc.reshape(n, w.cc, h * wd)
+    d_zc, d_w = _conv_bwd(maps, du * a.gain, zc, weight, a.decoder is None, True)
     return (d_zc, d_w, None) if a.decoder is None else (d_zc, None, d_w)
 
 
 def _layer1_input_backward(
-    dzc: Tensor, dzl: Tensor, a: BlockArgs, w: _Widths, need_dx: bool
+    maps: FeatureMaps, dzc: Tensor, dzl: Tensor, a: BlockArgs, w: _Widths, need_dx: bool, d_enc: Optional[Tensor]
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:
-    """(dx, d encoder, d learner1) through layer 1's convolutions."""
-    x = a.x.contiguous()
-    n, cin, h, wd = x.shape
+    """(dx as a map, d encoder, d learner1) through layer 1's convolutions; ``d_enc``, the decoder's share
+    of a tied encoder's gradient, is added to."""
+    x3 = maps.flat(a.x)
     if w.kc == w.k:
-        dx, d_cat = _conv_bwd(
-            dzc.view(n, w.cc + w.hid, h, wd), x, torch.cat([a.encoder, a.learner1]), w.k // 2, False, need_dx
-        )
-        return dx, d_cat[: w.cc].clone(), d_cat[w.cc :].clone()
-    dx, d_learn1 = _conv_bwd(dzl.view(n, w.hid, h, wd), x, a.learner1, w.k // 2, False, need_dx)
+        dx, d_cat = _conv_bwd(maps, dzc, x3, torch.cat([a.encoder, a.learner1]), False, need_dx)
+        d_own = d_cat[: w.cc]
+        return dx, (d_own.clone() if d_enc is None else d_enc.view(d_own.shape).add_(d_own)), d_cat[w.cc :].clone()
+    dx, d_learn1 = _conv_bwd(maps, dzl, x3, a.learner1, False, need_dx)
     if w.kc == 1:  # the coder's GEMM: its input gradient accumulates into dx in place
-        if need_dx:
-            enc2d = a.encoder.view(w.cc, cin)
-            dx.view(n, cin, h * wd).baddbmm_(enc2d.t().unsqueeze(0).expand(n, -1, -1), dzc)
-        d_enc = torch.bmm(dzc, x.view(n, cin, h * wd).transpose(1, 2)).sum(0).view(a.encoder.shape)
-        return dx, d_enc, d_learn1
-    dx_c, d_enc = _conv_bwd(dzc.view(n, w.cc, h, wd), x, a.encoder, w.kc // 2, False, need_dx)
-    return (dx + dx_c if need_dx else None), d_enc, d_learn1
+        enc2d = a.encoder.view(w.cc, -1)
+        if dx is not None:
+            maps.linear_add_(dx, enc2d.t(), dzc)
+        if d_enc is None:
+            return dx, maps.outer_sum(dzc, x3).view(a.encoder.shape), d_learn1
+        maps.outer_sum_add_(d_enc.view(w.cc, -1), dzc, x3)
+        return dx, d_enc.view(a.encoder.shape), d_learn1
+    dx_c, d_own = _conv_bwd(maps, dzc, x3, a.encoder, False, need_dx)
+    return (dx + dx_c if dx is not None else None), (d_own if d_enc is None else d_enc.add_(d_own)), d_learn1
 
 
-def _backward(dy: Tensor, params: BlockArgs, s: PlanarSaved, need_dx: bool) -> BlockGrads:
+def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> BlockGrads:
     a = weights_in_data_dtype(params)
-    n, _, h, wd = a.x.shape
+    maps = FeatureMaps.of_saved(a.x, s.u)
     w = _widths(a)
     c1 = w.cc + w.hid
     gc, bc, g1, b1, g2, b2 = affine_as(a, param_dtype(a.x.dtype))
     mean, invstd = s.mean, s.invstd
 
-    dy3 = dy.contiguous().view(n, w.out, h * wd)
-    du3 = torch.empty_like(s.u)
-    sums2 = _dbn_act(dy3, (s.u, 0), du3, (mean[c1:], invstd[c1:]), (g2, b2), a.final_act, a)
+    du = torch.empty_like(s.u)
+    grads2 = _dbn_act(maps.flat(dy), (s.u, 0), du, (mean[c1:], invstd[c1:]), (g2, b2), a.final_act, a)
 
     # recompute layer 1's normalised / activated halves instead of having stored them
     halves = layer1_halves(s.zc, s.zl, w.cc)
-    zc, al = _layer1_apply(halves, w, mean[:c1], invstd[:c1], (gc, bc, g1, b1), a)
-    d_al, d_learn2 = _conv_bwd(du3.view(n, w.out, h, wd), al.view(n, w.hid, h, wd), a.learner2, w.k // 2, False, True)
-    d_zc, d_enc_decode, d_dec = _decoder_backward(du3, zc, a, w)
+    zc, al = _layer1_apply(maps, halves, w, (mean[:c1], invstd[:c1]), (gc, bc, g1, b1), a)
+    d_al, d_learn2 = _conv_bwd(maps, du, al, a.learner2, False, True)
+    d_zc, d_enc_decode, d_dec = _decoder_backward(maps, du, zc, a, w)
 
     # layer 1: dBN_c on the coder half, dAct + dBN_1 on the learner half, written beside each other
     (tc, _), (tl, _) = halves
     dzc = torch.empty_like(tc)
     dzl = dzc if tl is tc else torch.empty_like(tl)
-    sums_c = _dbn_act(d_zc.contiguous(), halves[0], dzc, (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
-    d_al3 = d_al.contiguous().view(n, w.hid, h * wd)
-    sums_1 = _dbn_act(d_al3, halves[1], dzl, (mean[w.cc : c1], invstd[w.cc : c1]), (g1, b1), True, a)
-    dx, d_enc, d_learn1 = _layer1_input_backward(dzc, dzl, a, w, need_dx)
-    if d_enc_decode is not None:
-        d_enc = d_enc + d_enc_decode
+    grads_c = _dbn_act(d_zc, halves[0], dzc, (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
+    grads_1 = _dbn_act(d_al, halves[1], dzl, (mean[w.cc : c1], invstd[w.cc : c1]), (g1, b1), True, a)
+    dx, d_enc, d_learn1 = _layer1_input_backward(maps, dzc, dzl, a, w, need_dx, d_enc_decode)
     as_param = params.encoder.dtype  # the weights' gradients in their own dtype (float32 under autocast)
     return BlockGrads(
-        empty_unless(dx, a.x), d_enc.to(as_param), d_learn1.to(as_param), d_learn2.to(as_param),
-        empty_unless(d_dec, a.x) if d_dec is None else d_dec.to(as_param),
-        *bn_grads(sums_c, a.coder_gamma), *bn_grads(sums_1, a.learner_gamma), *bn_grads(sums2, a.out_gamma),
+        empty_unless(None if dx is None else maps.image(dx), a.x), d_enc.to(as_param), d_learn1.to(as_param),
+        d_learn2.to(as_param), empty_unless(d_dec, a.x) if d_dec is None else d_dec.to(as_param),
+        *_as_params(grads_c, a.coder_gamma), *_as_params(grads_1, a.learner_gamma), *_as_params(grads2, a.out_gamma),
     )  # fmt: skip
 
 
-def _fake_backward(dy: Tensor, a: BlockArgs, s: PlanarSaved, need_dx: bool) -> list[Tensor]:
-    return grads_like(a, torch.empty_like(a.x) if need_dx else a.x.new_empty((0,)), dense=False)
+def _as_params(grads: TensorPair, gamma: Tensor) -> TensorPair:
+    """The norm's (d gamma, d beta) in its parameters' dtype (a conversion only for a half-precision module)."""
+    return grads[0].to(gamma.dtype), grads[1].to(gamma.dtype)
+
+
+def _fake_backward(dy: Tensor, a: BlockArgs, s: FusedSaved, need_dx: bool) -> list[Tensor]:
+    maps = FeatureMaps.of_saved(a.x, s.u)
+    dx = maps.image(maps.new(a.x, a.x.shape[1])) if need_dx else a.x.new_empty((0,))
+    return grads_like(a, dx, dense=False)
 
 
 conv_block_fused = BlockOp(
     "conv_block_fused",
-    PlanarSaved,
+    FusedSaved,
     _forward,
     _backward,
     fake_forward=_fake_forward,

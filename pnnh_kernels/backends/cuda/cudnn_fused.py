@@ -9,8 +9,8 @@ Half or bfloat16, channels_last, stride 1. ``support`` / ``dgrad_support`` say, 
 has an engine (an empty string) or why not. They exist in builds made with the cudnn-frontend headers
 (``pip install nvidia-cudnn-frontend`` before building); :func:`available` tells.
 
-Not yet wired into the ``cuda`` backend's op: the GPU probe (benchmarks/cudnn_probe.py) measures first
-which patterns cuDNN fuses at the models' shapes and what that saves.
+The ``cuda`` backend's op runs its forward convolutions through ``conv_genstats`` where ``support_on``
+says yes (:mod:`.cudnn_layers`); ``dgrad_drelu_dbn`` is probed (benchmarks/cudnn_probe.py), not yet used.
 """
 
 from __future__ import annotations
@@ -65,6 +65,24 @@ def support(
     n, c, h, w = x_shape
     k, _, r, _ = w_shape
     return str(extension().cudnn_fused_support(n, c, h, w, k, r, r // 2, prologue, slope, dtype))
+
+
+def support_on(
+    device: torch.device,
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    prologue: bool,
+    slope: float = 0.0,
+) -> str:
+    """:func:`support` for data on ``device``: '' only for CUDA float16/bfloat16, where cuDNN has an engine."""
+    if device.type != "cuda":
+        return "cuDNN's fused graphs run on CUDA tensors"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"cuDNN's fused graphs take float16 or bfloat16 data, not {dtype}"
+    with torch.cuda.device(device):
+        return support(tuple(x_shape), tuple(w_shape), dtype, prologue=prologue, slope=slope)  # type: ignore[arg-type]
 
 
 def conv_genstats(

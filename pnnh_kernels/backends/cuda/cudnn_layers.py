@@ -1,0 +1,101 @@
+"""The 'cuda' op's convolutions as cuDNN fused graphs (:mod:`.cudnn_fused`), where cuDNN has an engine.
+
+Two of the block's layer patterns are the ones cuDNN fuses for ResNet training:
+
+- layer 1: ``z = conv(x)`` with its batch statistics in the convolution's epilogue (training), which
+  removes the statistics pass over the learner's (or, with one joint convolution, both halves') output.
+  float16 data only: the epilogue sums squares in float32, which bfloat16's range overflows (the
+  statistics must not, docs/RELIABILITY.md);
+- layer 2: ``conv(act(BN_1(z_l)))`` with the learner's BN-apply + activation in the convolution's
+  prologue, which removes the pass that wrote the activated learner half (forward never stores it). It
+  needs the learner half in its own tensor (coder and learner kernels differ) and a positive activation
+  scale (``scale * lrelu(v) = lrelu(scale * v)`` folds into the BN affine). Layer 2's own statistics
+  cannot come from its epilogue: the decoder adds into its output first.
+
+Per call, :func:`plan_fusion` asks :func:`.cudnn_fused.support_on` (CUDA, float16/bfloat16,
+channels_last maps, cuDNN's ``check_support`` at that shape; graphs cached per shape); what it refuses
+runs the op's separate passes, with the same results up to rounding. ``PNNH_CUDNN_FUSION=0`` or
+:func:`set_cudnn_fusion` turns the graphs off (to compare, or to rule them out).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..contract import BlockArgs
+from . import cudnn_fused
+from .maps import FeatureMaps
+
+_enabled: Optional[bool] = None
+
+
+def set_cudnn_fusion(enabled: Optional[bool]) -> None:
+    """Use cuDNN's fused graphs where they are supported (True), never (False), or as
+    ``PNNH_CUDNN_FUSION`` says (None; on unless it is ``0``)."""
+    global _enabled
+    _enabled = enabled
+
+
+def cudnn_fusion_enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("PNNH_CUDNN_FUSION", "1") != "0"
+
+
+class FusionPlan(NamedTuple):
+    """Which of a call's convolutions run as cuDNN graphs."""
+
+    layer1_stats: bool  #: layer 1's learner (or joint) convolution with its statistics epilogue
+    layer2_prologue: bool  #: layer 2's convolution with the learner's BN-apply + activation prologue
+
+
+NO_FUSION = FusionPlan(False, False)
+
+
+def _cl(weight: Tensor) -> Tensor:
+    return weight.contiguous(memory_format=torch.channels_last)
+
+
+def plan_fusion(a: BlockArgs, maps: FeatureMaps, layer1_weight: Tensor) -> FusionPlan:
+    """What cuDNN fuses for this call (``a``'s weights in the data's dtype; ``layer1_weight`` is the
+    learner's, or the joint ``[W_e; W_1]`` when the kernels agree)."""
+    if not cudnn_fusion_enabled() or not maps.rows:
+        return NO_FUSION
+    x, w2 = a.x, a.learner2
+    # the epilogue sums in float32: safe for float16 data (|v| <= 65504), not for bfloat16's float32 range
+    layer1 = (
+        a.use_batch
+        and x.dtype != torch.bfloat16
+        and _supported(x, tuple(x.shape), layer1_weight, prologue=False, slope=0.0)
+    )
+    separate = a.encoder.shape[-1] != w2.shape[-1]
+    z_shape = (maps.n, w2.shape[1], maps.h, maps.w)
+    layer2 = separate and a.scale > 0 and _supported(x, z_shape, w2, prologue=True, slope=a.slope)
+    return FusionPlan(layer1, layer2)
+
+
+def _supported(x: Tensor, in_shape: tuple, weight: Tensor, *, prologue: bool, slope: float) -> bool:
+    reason = cudnn_fused.support_on(x.device, in_shape, tuple(weight.shape), x.dtype, prologue=prologue, slope=slope)
+    return reason == ""
+
+
+def conv_with_sums(maps: FeatureMaps, x3: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(``conv(x)`` as a map, its per-channel [sum, sum of squares] as [2, C]) in one graph."""
+    out = cudnn_fused.conv_genstats(maps.image(x3), _cl(weight))
+    return maps.flat(out.y), torch.stack([out.sum, out.sq_sum])
+
+
+def conv_of_bn_act(
+    maps: FeatureMaps, z3: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor,
+    a: BlockArgs,
+) -> Tensor:  # fmt: skip
+    """``conv(act(BN(z)))`` as a map, the BN-apply + activation in the convolution's prologue
+    (``act = scale * lrelu`` with ``scale > 0`` folded into its affine)."""
+    mul = gamma * invstd * a.scale  # float32 for half data (the graph's scale and bias are float32)
+    add = beta * a.scale - mean * mul
+    out = cudnn_fused.conv_genstats(maps.image(z3), _cl(weight), mul, add, a.slope)
+    return maps.flat(out.y)
