@@ -53,6 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_apply", &pnnh::cuda::bn_act_apply_torch, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &pnnh::cuda::bn_act_backward_sums_torch, "fused dAct + dBN reductions");
   m.def("bn_act_backward_apply", &pnnh::cuda::bn_act_backward_apply_torch, "fused dAct + dBN input gradient");
+  m.def("bn_input_grad", &pnnh::cuda::bn_input_grad_torch, "dz = coef_dy * d_act + coef_z * z + bias per channel");
 #endif
 #ifdef PNNH_WITH_CUDNN_FRONTEND
   // cuDNN fused graphs (csrc/cuda/cudnn_fused.cpp): conv with a BN-apply + activation prologue and a

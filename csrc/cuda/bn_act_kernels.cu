@@ -237,6 +237,18 @@ __global__ void bn_act_backward_apply_kernel(const T* dy, const T* x, T* dx, Pla
   }
 }
 
+template <typename T>
+__global__ void bn_input_grad_kernel(const T* d_act, const T* z, T* dz, PlanarDims d, const float* coef_dy,
+                                     const float* coef_z, const float* bias) {
+  using A = typename Acc<T>::type;
+  const int64_t n = d.outer * d.cn * d.inner;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % d.inner, c = (i / d.inner) % d.cn, o = i / (d.inner * d.cn);
+    const A zv = load(z + (o * d.channels + d.c0 + c) * d.inner + k);
+    dz[i] = store<T, A>(A(coef_dy[c]) * load(d_act + i) + A(coef_z[c]) * zv + A(bias[c]));
+  }
+}
+
 int elementwise_blocks(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return int(blocks < 65535 * 8 ? blocks : 65535 * 8);
@@ -326,6 +338,15 @@ cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dim
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t bn_input_grad(const T* d_act, const T* z, T* dz, PlanarDims dims, const float* coef_dy,
+                          const float* coef_z, const float* bias, cudaStream_t stream) {
+  const int64_t n = dims.outer * dims.cn * dims.inner;
+  if (n == 0) return cudaSuccess;
+  bn_input_grad_kernel<T><<<elementwise_blocks(n), kThreads, 0, stream>>>(d_act, z, dz, dims, coef_dy, coef_z, bias);
+  return cudaGetLastError();
+}
+
 #define PNNH_INSTANTIATE(T)                                                                                         \
   template cudaError_t channel_sums<T>(const T*, PlanarDims, double*, cudaStream_t);                                \
   template cudaError_t bn_act_apply<T>(const T*, PlanarDims, T*, const float*, const float*, const float*,         \
@@ -334,7 +355,9 @@ cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dim
                                                const float*, const float*, ActParams, double*, cudaStream_t);       \
   template cudaError_t bn_act_backward_apply<T>(const T*, const T*, T*, PlanarDims, const float*, const float*,   \
                                                 const float*, const float*, const double*, bool, ActParams, float*, \
-                                                float*, cudaStream_t);
+                                                float*, cudaStream_t);                                              \
+  template cudaError_t bn_input_grad<T>(const T*, const T*, T*, PlanarDims, const float*, const float*, const float*, \
+                                        cudaStream_t);
 
 PNNH_INSTANTIATE(float)
 PNNH_INSTANTIATE(double)

@@ -56,5 +56,11 @@ cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dim
                                   const float* invstd, const float* gamma, const float* beta, const double* sums,
                                   bool training, ActParams act, float* dgamma, float* dbeta, cudaStream_t stream);
 
+// dz = coef_dy * d_act + coef_z * z + bias per channel: the pre-norm input's gradient from a BN-backward's
+// coefficients (cuDNN's dgrad -> dReLU -> dBN graph). d_act, dz: [outer, cn, inner]; z at channels [c0, c0 + cn).
+template <typename T>
+cudaError_t bn_input_grad(const T* d_act, const T* z, T* dz, PlanarDims dims, const float* coef_dy,
+                          const float* coef_z, const float* bias, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pnnh

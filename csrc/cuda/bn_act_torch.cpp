@@ -183,5 +183,27 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_torch(const at::Tensor&
   return {dgamma, dbeta};
 }
 
+void bn_input_grad_torch(const at::Tensor& d_act, const at::Tensor& z, int64_t c0, const at::Tensor& dz,
+                         const at::Tensor& coef_dy, const at::Tensor& coef_z, const at::Tensor& bias) {
+  check_planar(d_act, "d_act");
+  check_planar(z, "z");
+  check_planar(dz, "dz");
+  const int64_t cn = d_act.size(1);
+  TORCH_CHECK(d_act.scalar_type() == z.scalar_type() && dz.scalar_type() == z.scalar_type(),
+              "d_act and dz must have z's dtype");
+  TORCH_CHECK(dz.sizes() == d_act.sizes() && d_act.size(0) == z.size(0) && d_act.size(2) == z.size(2) && c0 >= 0 &&
+                  c0 + cn <= z.size(1),
+              "shape mismatch");
+  const c10::cuda::CUDAGuard guard(z.device());
+  auto a = param(coef_dy, cn, z, "coef_dy"), b = param(coef_z, cn, z, "coef_z"), e = param(bias, cn, z, "bias");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(z, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check(bn_input_grad<T>(ptr<T>(d_act), ptr<T>(z), mut_ptr<T>(dz), dims_of(z, c0, cn), a.data_ptr<float>(),
+                           b.data_ptr<float>(), e.data_ptr<float>(), stream),
+          "bn_input_grad");
+  });
+}
+
 }  // namespace cuda
 }  // namespace pnnh

@@ -2,6 +2,8 @@
 running statistics, gradcheck, odd shapes and layouts, the custom ops (opcheck, torch.compile), auto's
 choice, refusals. The 'cuda' backend's planar op runs the same checks on the test-only planar CPU passes."""
 
+import copy
+
 import pytest
 import torch
 from helpers import (
@@ -14,9 +16,11 @@ from helpers import (
     twin,
 )
 from planar_cpu_kernels import run_cuda_op_on_cpu_kernels
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pnnh_kernels as pk
 from pnnh_kernels._extension import extension_error
+from pnnh_kernels.backends.contract import BlockArgs
 from pnnh_kernels.backends.cpu import CpuBackend
 from pnnh_kernels.backends.cpu.conv import conv_block_rows
 from pnnh_kernels.backends.cuda.conv import conv_block_fused
@@ -120,6 +124,51 @@ def test_custom_ops_pass_opcheck(cpu_op, options, layout):
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     torch.library.opcheck(op, op_args(block, x))
+
+
+class _Casts(TorchDispatchMode):
+    """Records the shapes of the tensors an op converts to another dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "_to_copy" and args[0].dtype != out.dtype:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("options", [dict(), dict(tied=False), dict(coder_kernel_size=3)])
+def test_the_cuda_op_reuses_its_weight_casts_in_backward(options, monkeypatch):
+    """Under autocast the 'cuda' op gets float32 weights beside low-precision data: forward's casts are
+    kept for backward, which casts no weight again; the results are those of weights given in the data's
+    dtype. On the CPU: float64 data beside float32 weights, on the planar passes."""
+    run_cuda_op_on_cpu_kernels(monkeypatch)
+    block = pk.PNNHConv2d(4, **options)
+    randomize_norms(block)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    mixed = op_args(block, x.requires_grad_())
+    y, record = conv_block_fused(BlockArgs(*mixed))
+    assert record.encoder_cast.dtype == torch.float64 and record.encoder_cast.shape == block.coder.encoder.shape
+    weights = [t for t in mixed[1:5] if t is not None]
+    casts = _Casts()
+    with casts:
+        grads = torch.autograd.grad(y.square().sum(), [x, *weights])
+    # the weights' gradients go back to float32 (one conversion each); no weight is cast to float64 again
+    weight_casts = [shape for shape in casts.shapes if len(shape) == 4]  # (the norms' vectors convert too here)
+    assert sorted(weight_casts) == sorted(tuple(w.shape) for w in weights), casts.shapes
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    same = copy.deepcopy(block).double()
+    y64, record64 = conv_block_fused(BlockArgs(*op_args(same, x)))
+    assert record64.encoder_cast.numel() == 0  # nothing cast, nothing kept
+    weights64 = [t for t in op_args(same, x)[1:5] if t is not None]
+    grads64 = torch.autograd.grad(y64.square().sum(), [x, *weights64])
+    torch.testing.assert_close(y, y64)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(conv_block_fused.op, mixed)
 
 
 @pytest.mark.slow

@@ -90,6 +90,27 @@ def test_cuda_statistics_passes_match_torch(layout, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("layout", ["planar", "rows"])
+def test_cuda_bn_input_grad_matches_torch(layout):
+    """dz = coef_dy * d_act + coef_z * z + bias per channel, z read at a channel offset of a wider map."""
+    from pnnh_kernels._extension import extension
+
+    def flat(t):
+        c = t.shape[1]
+        if layout == "rows":
+            return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c, 1)
+        return t.reshape(t.shape[0], c, -1)
+
+    z, d_act = torch.randn(4, 50, 9, 7, device="cuda"), torch.randn(4, 37, 9, 7, device="cuda")
+    coef = [torch.randn(37, device="cuda") for _ in range(3)]
+    dz = torch.empty_like(flat(d_act))
+    extension().bn_input_grad(flat(d_act), flat(z), 5, dz, *coef)
+    view = (1, -1, 1, 1)
+    expected = coef[0].view(view) * d_act + coef[1].view(view) * z[:, 5:42] + coef[2].view(view)
+    torch.testing.assert_close(dz, flat(expected), rtol=1e-5, atol=1e-5)
+
+
+@gpu
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False, out_channels=33)])
 def test_cuda_block_channels_last_wide(exact, options):
     """channels_last maps take the channel-contiguous reductions: several 32-channel blocks, a partial

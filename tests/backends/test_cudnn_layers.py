@@ -1,6 +1,7 @@
-"""The 'cuda' op's cuDNN-fused forward (backends/cuda/cudnn_layers.py), checked on the CPU: cuDNN's graph is
-replaced by the same math in PyTorch ops (conv of act(x * scale + bias), the output's channel sums) and
-the op's other passes by the test-only planar CPU passes. What is checked is the op's side: which layers
+"""The 'cuda' op's cuDNN-fused graphs (backends/cuda/cudnn_layers.py), checked on the CPU: cuDNN's graphs are
+replaced by the same math in PyTorch ops (conv of act(x * scale + bias) and the output's channel sums;
+dgrad -> dAct -> BN backward weight with the input-gradient coefficients) and the op's other passes by the
+test-only planar CPU passes. What is checked is the op's side: which layers
 it sends to cuDNN, the folded BN affine, the statistics taken from the epilogue sums, and that the
 results (outputs, every gradient, running statistics) match the reference. test_cudnn_fused.py checks
 cuDNN's own graphs against PyTorch on a GPU."""
@@ -28,10 +29,29 @@ class FakeCudnn:
 
     def __init__(self) -> None:
         self.calls: list[tuple[bool, float]] = []
+        self.dgrad_calls = 0
         self.refusal = ""
 
-    def support_on(self, device, x_shape, w_shape, dtype, *, prologue, slope=0.0) -> str:
+    def support_on(self, device, x_shape, w_shape, dtype, *, prologue, slope=0.0, backward=False) -> str:
         return self.refusal
+
+    def dgrad_drelu_dbn(self, dy, w, x, mean, invstd, gamma, beta, slope=0.0):
+        """The graph's outputs as their documentation reads (csrc/cuda/cudnn_fused.h): d_act = dgrad(dy, w) *
+        act'(BN(x)), BN's parameter gradients, dx = eq_scale_dy * d_act + eq_scale_x * x + eq_bias."""
+        assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (dy, w, x))
+        self.dgrad_calls += 1
+        view = (1, -1, 1, 1)
+        mean, invstd, gamma, beta = (t.to(x.dtype).view(view) for t in (mean, invstd, gamma, beta))
+        dgrad = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=w.shape[-1] // 2)
+        xhat = (x - mean) * invstd
+        d_act = dgrad * torch.where(xhat * gamma + beta > 0, x.new_ones(()), x.new_full((), slope))
+        count = x.numel() // x.shape[1]
+        dbeta, dgamma = d_act.sum((0, 2, 3)), (d_act * xhat).sum((0, 2, 3))
+        k = (gamma * invstd).view(-1)
+        eq_x = -k * invstd.view(-1) * dgamma / count
+        eq_bias = -k * dbeta / count - eq_x * mean.view(-1)
+        d_act = d_act.contiguous(memory_format=torch.channels_last)
+        return cudnn_fused.DgradBn(d_act, dgamma, dbeta, k, eq_x, eq_bias)
 
     def conv_genstats(self, x, w, scale=None, bias=None, slope=0.0):
         assert x.is_contiguous(memory_format=torch.channels_last) and w.is_contiguous(memory_format=torch.channels_last)
@@ -52,15 +72,20 @@ def fake(monkeypatch):
     monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
     monkeypatch.setattr(cudnn_fused, "support_on", fake.support_on)
     monkeypatch.setattr(cudnn_fused, "conv_genstats", fake.conv_genstats)
+    monkeypatch.setattr(cudnn_fused, "dgrad_drelu_dbn", fake.dgrad_drelu_dbn)
     yield fake
     cudnn_layers.set_cudnn_fusion(None)
 
 
-def _expected_calls(options: dict, training: bool) -> list[bool]:
-    """The prologue flag of each cuDNN call of one forward: layer 1 (training), layer 2 (separate
-    learner tensor, positive activation scale)."""
+def _learner_fuses(options: dict) -> bool:
+    """Layer 2's learner graphs apply: a learner tensor of its own, a positive activation scale."""
     separate = options.get("coder_kernel_size", 1) != options.get("kernel_size", 3)
-    return [False] * training + [True] * (separate and options.get("activation_scale", 1.0) > 0)
+    return separate and options.get("activation_scale", 1.0) > 0
+
+
+def _expected_calls(options: dict, training: bool) -> list[bool]:
+    """The prologue flag of each cuDNN call of one forward: layer 1 (training), layer 2."""
+    return [False] * training + [True] * _learner_fuses(options)
 
 
 def _pair(options: dict, training: bool):
@@ -78,6 +103,8 @@ def test_fused_forward_matches_the_reference(fake, case, training):
     expected = _expected_calls(BLOCK_CASES[case], training)
     assert [prologue for prologue, _ in fake.calls[: len(expected)]] == expected
     assert len(fake.calls) % max(len(expected), 1) == 0
+    steps = len(fake.calls) // max(len(expected), 1)
+    assert fake.dgrad_calls == (steps if training and _learner_fuses(BLOCK_CASES[case]) else 0)
 
 
 def test_the_prologue_gets_the_activations_slope_and_a_negative_scale_is_not_fused(fake):
@@ -99,10 +126,10 @@ def test_bfloat16_keeps_its_statistics_out_of_the_float32_epilogue(fake):
         block = pk.PNNHConv2d(5).to(dtype)
         x = torch.randn(3, 5, 7, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
         a = block_args(x, block.block_weights(), block.block_norms(), block.config)
-        plans[dtype] = cudnn_layers.plan_fusion(a, FeatureMaps.of_input(x), a.learner1)
+        plans[dtype] = cudnn_layers.plan_fusion(a, FeatureMaps.of_input(x), tuple(a.learner1.shape))
     assert plans == {
-        torch.float16: cudnn_layers.FusionPlan(layer1_stats=True, layer2_prologue=True),
-        torch.bfloat16: cudnn_layers.FusionPlan(layer1_stats=False, layer2_prologue=True),
+        torch.float16: cudnn_layers.FusionPlan(layer1_stats=True, layer2_prologue=True, layer2_dgrad=True),
+        torch.bfloat16: cudnn_layers.FusionPlan(layer1_stats=False, layer2_prologue=True, layer2_dgrad=True),
     }
 
 

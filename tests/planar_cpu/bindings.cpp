@@ -9,4 +9,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_act_apply", &pnnh::bn_act_apply, "fused batch-norm apply + activation");
   m.def("bn_act_backward_sums", &pnnh::bn_act_backward_sums, "fused dAct + dBN reductions");
   m.def("bn_act_backward_apply", &pnnh::bn_act_backward_apply, "fused dAct + dBN input gradient");
+  m.def("bn_input_grad", &pnnh::bn_input_grad, "dz = coef_dy * d_act + coef_z * z + bias per channel");
 }

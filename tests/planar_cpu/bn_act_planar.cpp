@@ -251,4 +251,28 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, c
   return {dgamma, dbeta};
 }
 
+void bn_input_grad(const at::Tensor& d_act, const at::Tensor& z, int64_t c0, const at::Tensor& dz,
+                   const at::Tensor& coef_dy, const at::Tensor& coef_z, const at::Tensor& bias) {
+  check_planar(d_act, "d_act");
+  check_planar(z, "z");
+  check_planar(dz, "dz");
+  const int64_t cn = d_act.size(1);
+  TORCH_CHECK(dz.sizes() == d_act.sizes() && c0 >= 0 && c0 + cn <= z.size(1), "shape mismatch");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_input_grad", [&] {
+    auto a = coef_dy.to(z.scalar_type()).contiguous(), b = coef_z.to(z.scalar_type()).contiguous();
+    auto e = bias.to(z.scalar_type()).contiguous();
+    auto vz = planar<scalar_t>(z, c0);
+    auto vd = planar<scalar_t>(d_act, 0);
+    auto vo = planar<scalar_t>(dz, 0);
+    for (int64_t o = 0; o < vz.outer; ++o) {
+      for (int64_t c = 0; c < cn; ++c) {
+        const scalar_t ac = a.data_ptr<scalar_t>()[c], bc = b.data_ptr<scalar_t>()[c], ec = e.data_ptr<scalar_t>()[c];
+        const scalar_t *zr = vz.row(o, c), *dr = vd.row(o, c);
+        scalar_t* out = vo.row(o, c);
+        for (int64_t k = 0; k < vz.inner; ++k) out[k] = ac * dr[k] + bc * zr[k] + ec;
+      }
+    }
+  });
+}
+
 }  // namespace pnnh

@@ -29,4 +29,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, c
                                                          const at::Tensor& beta, const at::Tensor& sums, bool training,
                                                          bool use_act, double slope, double scale);
 
+// dz = coef_dy * d_act + coef_z * z[:, c0:c0+cn] + bias per channel (coefficients in any float dtype).
+void bn_input_grad(const at::Tensor& d_act, const at::Tensor& z, int64_t c0, const at::Tensor& dz,
+                   const at::Tensor& coef_dy, const at::Tensor& coef_z, const at::Tensor& bias);
+
 }  // namespace pnnh

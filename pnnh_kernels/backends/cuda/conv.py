@@ -56,6 +56,12 @@ class FusedSaved(NamedTuple):
     zl: Tensor
     u: Tensor  #: layer 2's pre-norm output
     stats: Tensor  #: [3, Cc + H + Cout]: mean, invstd and the unbiased batch variance (for the running statistics)
+    #: under autocast, the four weights as forward cast them to the data's dtype (backward reuses the casts);
+    #: else empty
+    encoder_cast: Tensor
+    learner1_cast: Tensor
+    learner2_cast: Tensor
+    decoder_cast: Tensor
 
     @property
     def mean(self) -> Tensor:
@@ -100,6 +106,11 @@ def _conv(maps: FeatureMaps, t3: Tensor, weight: Tensor, transposed: bool = Fals
     """A 'same'-padded stride-1 convolution of a map, as a map."""
     conv = F.conv_transpose2d if transposed else F.conv2d
     return maps.flat(conv(maps.image(t3), weight, padding=weight.shape[-1] // 2))
+
+
+def _layer1_shape(a: BlockArgs, w: _Widths) -> tuple[int, ...]:
+    """The shape of :func:`_layer1_weight` (without concatenating)."""
+    return (w.cc + w.hid, *a.learner1.shape[1:]) if w.kc == w.k else tuple(a.learner1.shape)
 
 
 def _layer1_weight(a: BlockArgs, w: _Widths) -> Tensor:
@@ -217,8 +228,23 @@ def _layer2_forward(
     return u
 
 
-def _forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
-    a = weights_in_data_dtype(a)
+def _weight_casts(a: BlockArgs, cast: BlockArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The record's four weight casts: ``cast``'s weights where they differ from ``a``'s, else empties."""
+    if cast.encoder is a.encoder:  # (distinct empties: a custom op's outputs may not alias each other)
+        return a.x.new_empty((0,)), a.x.new_empty((0,)), a.x.new_empty((0,)), a.x.new_empty((0,))
+    return cast.encoder, cast.learner1, cast.learner2, a.x.new_empty((0,)) if cast.decoder is None else cast.decoder
+
+
+def _with_forward_casts(a: BlockArgs, s: FusedSaved) -> BlockArgs:
+    """``a`` with the weights forward used (its casts under autocast, else ``a``'s own)."""
+    if s.encoder_cast.numel() == 0:
+        return a
+    decoder = None if a.decoder is None else s.decoder_cast
+    return a._replace(encoder=s.encoder_cast, learner1=s.learner1_cast, learner2=s.learner2_cast, decoder=decoder)
+
+
+def _forward(params: BlockArgs) -> tuple[Tensor, FusedSaved]:
+    a = weights_in_data_dtype(params)
     maps = FeatureMaps.of_input(a.x)
     x3 = maps.flat(a.x)
     w = _widths(a)
@@ -230,7 +256,7 @@ def _forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
     else:
         stats = torch.stack(running_stats(a, pdtype))
     weight1 = _layer1_weight(a, w)
-    plan = cudnn_layers.plan_fusion(a, maps, weight1)
+    plan = cudnn_layers.plan_fusion(a, maps, tuple(weight1.shape))
     zc_pre, zl_pre = _layer1_forward(maps, x3, a, w, plan, weight1, stats)
     u = _layer2_forward(maps, layer1_halves(zc_pre, zl_pre, w.cc), (stats[0, :c1], stats[1, :c1]), affine, a, w, plan)
     if a.use_batch:
@@ -238,7 +264,7 @@ def _forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
     y = torch.empty_like(u)
     mean2, inv2 = stats[0, c1:], stats[1, c1:]
     extension().bn_act_apply(u, 0, y, mean2, inv2, affine[4], affine[5], a.final_act, a.slope, a.scale)
-    return maps.image(y), FusedSaved(zc_pre, zl_pre, u, stats)
+    return maps.image(y), FusedSaved(zc_pre, zl_pre, u, stats, *_weight_casts(params, a))
 
 
 def _fake_forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
@@ -250,8 +276,16 @@ def _fake_forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
         x.new_empty((0,)) if joint else maps.new(x, w.hid),
         maps.new(x, w.out),
         x.new_empty((3, w.cc + w.hid + w.out), dtype=param_dtype(x.dtype)),
+        *_fake_weight_casts(a),
     )
     return maps.image(maps.new(x, w.out)), saved
+
+
+def _fake_weight_casts(a: BlockArgs) -> list[Tensor]:
+    if a.encoder.dtype == a.x.dtype:
+        return [a.x.new_empty((0,)) for _ in range(4)]
+    weights = (a.encoder, a.learner1, a.learner2, a.decoder)
+    return [a.x.new_empty((0,)) if t is None else torch.empty_like(t, dtype=a.x.dtype) for t in weights]
 
 
 # --------------------------------------------------------------------------- backward
@@ -284,6 +318,22 @@ def _decoder_backward(maps: FeatureMaps, du: Tensor, zc: Tensor, a: BlockArgs, w
     return (d_zc, d_w, None) if a.decoder is None else (d_zc, None, d_w)
 
 
+def _learner_backward(
+    maps: FeatureMaps, du: Tensor, half: Half, al: Tensor, dzl: Tensor, stats: TensorPair, gamma_beta: TensorPair,
+    a: BlockArgs, fused: bool,
+) -> tuple[Tensor, TensorPair]:  # fmt: skip
+    """(d learner2, (d gamma_1, d beta_1)) through layer 2's convolution, the activation and BN_1, the
+    learner's pre-norm gradient written into ``dzl``: cuDNN's dgrad -> dAct -> dBN graph and one pass for
+    the input-gradient coefficients when ``fused``, else the library's dgrad and the two fused passes."""
+    if not fused:
+        d_al, d_learn2 = _conv_bwd(maps, du, al, a.learner2, False, True)
+        return d_learn2, _dbn_act(d_al, half, dzl, stats, gamma_beta, True, a)
+    _, d_learn2 = _conv_bwd(maps, du, al, a.learner2, False, False)
+    g = cudnn_layers.dgrad_of_bn_act(maps, du, a.learner2, half[0], *stats, *gamma_beta, a)
+    extension().bn_input_grad(g.d_act, half[0], half[1], dzl, g.eq_scale_dy, g.eq_scale_x, g.eq_bias)
+    return d_learn2, (g.dgamma, g.dbeta)
+
+
 def _layer1_input_backward(
     maps: FeatureMaps, dzc: Tensor, dzl: Tensor, a: BlockArgs, w: _Widths, need_dx: bool, d_enc: Optional[Tensor]
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:
@@ -308,7 +358,7 @@ def _layer1_input_backward(
 
 
 def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> BlockGrads:
-    a = weights_in_data_dtype(params)
+    a = _with_forward_casts(params, s)
     maps = FeatureMaps.of_saved(a.x, s.u)
     w = _widths(a)
     c1 = w.cc + w.hid
@@ -321,7 +371,6 @@ def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> Bl
     # recompute layer 1's normalised / activated halves instead of having stored them
     halves = layer1_halves(s.zc, s.zl, w.cc)
     zc, al = _layer1_apply(maps, halves, w, (mean[:c1], invstd[:c1]), (gc, bc, g1, b1), a)
-    d_al, d_learn2 = _conv_bwd(maps, du, al, a.learner2, False, True)
     d_zc, d_enc_decode, d_dec = _decoder_backward(maps, du, zc, a, w)
 
     # layer 1: dBN_c on the coder half, dAct + dBN_1 on the learner half, written beside each other
@@ -329,7 +378,9 @@ def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> Bl
     dzc = torch.empty_like(tc)
     dzl = dzc if tl is tc else torch.empty_like(tl)
     grads_c = _dbn_act(d_zc, halves[0], dzc, (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
-    grads_1 = _dbn_act(d_al, halves[1], dzl, (mean[w.cc : c1], invstd[w.cc : c1]), (g1, b1), True, a)
+    fused = cudnn_layers.plan_fusion(a, maps, _layer1_shape(a, w)).layer2_dgrad
+    learner = (mean[w.cc : c1], invstd[w.cc : c1]), (g1, b1)
+    d_learn2, grads_1 = _learner_backward(maps, du, halves[1], al, dzl, *learner, a, fused)
     dx, d_enc, d_learn1 = _layer1_input_backward(maps, dzc, dzl, a, w, need_dx, d_enc_decode)
     as_param = params.encoder.dtype  # the weights' gradients in their own dtype (float32 under autocast)
     return BlockGrads(

@@ -9,8 +9,8 @@ Half or bfloat16, channels_last, stride 1. ``support`` / ``dgrad_support`` say, 
 has an engine (an empty string) or why not. They exist in builds made with the cudnn-frontend headers
 (``pip install nvidia-cudnn-frontend`` before building); :func:`available` tells.
 
-The ``cuda`` backend's op runs its forward convolutions through ``conv_genstats`` where ``support_on``
-says yes (:mod:`.cudnn_layers`); ``dgrad_drelu_dbn`` is probed (benchmarks/cudnn_probe.py), not yet used.
+The ``cuda`` backend's op runs its forward convolutions through ``conv_genstats`` and layer 2's backward
+through ``dgrad_drelu_dbn`` where ``support_on`` says yes (:mod:`.cudnn_layers`).
 """
 
 from __future__ import annotations
@@ -75,14 +75,19 @@ def support_on(
     *,
     prologue: bool,
     slope: float = 0.0,
+    backward: bool = False,
 ) -> str:
-    """:func:`support` for data on ``device``: '' only for CUDA float16/bfloat16, where cuDNN has an engine."""
+    """:func:`support` (or :func:`dgrad_support` for the ``backward`` graph) for data on ``device``: '' only
+    for CUDA float16/bfloat16, where cuDNN has an engine."""
     if device.type != "cuda":
         return "cuDNN's fused graphs run on CUDA tensors"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"cuDNN's fused graphs take float16 or bfloat16 data, not {dtype}"
+    x4, w4 = tuple(x_shape), tuple(w_shape)
     with torch.cuda.device(device):
-        return support(tuple(x_shape), tuple(w_shape), dtype, prologue=prologue, slope=slope)  # type: ignore[arg-type]
+        if backward:
+            return dgrad_support(x4, w4, dtype, slope=slope)  # type: ignore[arg-type]
+        return support(x4, w4, dtype, prologue=prologue, slope=slope)  # type: ignore[arg-type]
 
 
 def conv_genstats(

@@ -11,6 +11,10 @@ Two of the block's layer patterns are the ones cuDNN fuses for ResNet training:
   needs the learner half in its own tensor (coder and learner kernels differ) and a positive activation
   scale (``scale * lrelu(v) = lrelu(scale * v)`` folds into the BN affine). Layer 2's own statistics
   cannot come from its epilogue: the decoder adds into its output first.
+- layer 2's backward (training): dgrad -> dAct against the recomputed BN_1-apply -> BN_1's backward
+  weight in one graph, then one pass for the learner's pre-norm gradient from the graph's coefficients
+  (the library dgrad, the dBN reduction pass and its apply pass before). The weight gradient stays the
+  library's.
 
 Per call, :func:`plan_fusion` asks :func:`.cudnn_fused.support_on` (CUDA, float16/bfloat16,
 channels_last maps, cuDNN's ``check_support`` at that shape; graphs cached per shape); what it refuses
@@ -51,35 +55,38 @@ class FusionPlan(NamedTuple):
 
     layer1_stats: bool  #: layer 1's learner (or joint) convolution with its statistics epilogue
     layer2_prologue: bool  #: layer 2's convolution with the learner's BN-apply + activation prologue
+    layer2_dgrad: bool  #: backward: layer 2's dgrad -> dAct -> BN_1 backward weight (batch statistics)
 
 
-NO_FUSION = FusionPlan(False, False)
+NO_FUSION = FusionPlan(False, False, False)
 
 
 def _cl(weight: Tensor) -> Tensor:
     return weight.contiguous(memory_format=torch.channels_last)
 
 
-def plan_fusion(a: BlockArgs, maps: FeatureMaps, layer1_weight: Tensor) -> FusionPlan:
-    """What cuDNN fuses for this call (``a``'s weights in the data's dtype; ``layer1_weight`` is the
-    learner's, or the joint ``[W_e; W_1]`` when the kernels agree)."""
+def plan_fusion(a: BlockArgs, maps: FeatureMaps, layer1_shape: tuple[int, ...]) -> FusionPlan:
+    """What cuDNN fuses for this call (``layer1_shape``: the learner's layer-1 kernel, or the joint
+    ``[W_e; W_1]`` when the kernels agree)."""
     if not cudnn_fusion_enabled() or not maps.rows:
         return NO_FUSION
-    x, w2 = a.x, a.learner2
+    x, w2 = a.x, tuple(a.learner2.shape)
     # the epilogue sums in float32: safe for float16 data (|v| <= 65504), not for bfloat16's float32 range
-    layer1 = (
-        a.use_batch
-        and x.dtype != torch.bfloat16
-        and _supported(x, tuple(x.shape), layer1_weight, prologue=False, slope=0.0)
+    layer1 = a.use_batch and x.dtype != torch.bfloat16 and _supported(x, tuple(x.shape), layer1_shape, False, 0.0)
+    # the learner's BN_1 + activation around layer 2: a tensor of its own, a scale that folds into BN_1
+    learner = a.encoder.shape[-1] != w2[-1] and a.scale > 0
+    z_shape = (maps.n, w2[1], maps.h, maps.w)
+    layer2 = learner and _supported(x, z_shape, w2, True, a.slope)
+    dgrad = learner and a.use_batch and _supported(x, z_shape, w2, True, a.slope, backward=True)
+    return FusionPlan(layer1, layer2, dgrad)
+
+
+def _supported(
+    x: Tensor, in_shape: tuple, w_shape: tuple, prologue: bool, slope: float, backward: bool = False
+) -> bool:
+    reason = cudnn_fused.support_on(
+        x.device, in_shape, w_shape, x.dtype, prologue=prologue, slope=slope, backward=backward
     )
-    separate = a.encoder.shape[-1] != w2.shape[-1]
-    z_shape = (maps.n, w2.shape[1], maps.h, maps.w)
-    layer2 = separate and a.scale > 0 and _supported(x, z_shape, w2, prologue=True, slope=a.slope)
-    return FusionPlan(layer1, layer2)
-
-
-def _supported(x: Tensor, in_shape: tuple, weight: Tensor, *, prologue: bool, slope: float) -> bool:
-    reason = cudnn_fused.support_on(x.device, in_shape, tuple(weight.shape), x.dtype, prologue=prologue, slope=slope)
     return reason == ""
 
 
@@ -99,3 +106,20 @@ def conv_of_bn_act(
     add = beta * a.scale - mean * mul
     out = cudnn_fused.conv_genstats(maps.image(z3), _cl(weight), mul, add, a.slope)
     return maps.flat(out.y)
+
+
+def dgrad_of_bn_act(
+    maps: FeatureMaps, du3: Tensor, weight: Tensor, z3: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
+    beta: Tensor, a: BlockArgs,
+) -> cudnn_fused.DgradBn:  # fmt: skip
+    """The backward of ``u = conv(act(BN(z)))`` (batch statistics) from ``du``, in one cuDNN graph: ``d_act``
+    as a map, BN's (d gamma, d beta) and the coefficients of z's gradient. ``act = scale * lrelu`` folds
+    into the BN affine as in :func:`conv_of_bn_act`, so the graph's parameter gradients are scaled back."""
+    folded = a.scale != 1.0
+    g = cudnn_fused.dgrad_drelu_dbn(
+        maps.image(du3), _cl(weight), maps.image(z3), mean, invstd,
+        gamma * a.scale if folded else gamma, beta * a.scale if folded else beta, a.slope,
+    )  # fmt: skip
+    if folded:
+        g = g._replace(dgamma=g.dgamma * a.scale, dbeta=g.dbeta * a.scale)
+    return g._replace(d_act=maps.flat(g.d_act))
