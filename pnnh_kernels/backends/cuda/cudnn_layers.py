@@ -1,16 +1,16 @@
 """The 'cuda' op's convolutions as cuDNN fused graphs (:mod:`.cudnn_fused`), where cuDNN has an engine.
 
-Two of the block's layer patterns are the ones cuDNN fuses for ResNet training:
+The block's layer patterns that cuDNN fuses for ResNet training:
 
 - layer 1: ``z = conv(x)`` with its batch statistics in the convolution's epilogue (training), which
-  removes the statistics pass over the learner's (or, with one joint convolution, both halves') output.
-  float16 data only: the epilogue sums squares in float32, which bfloat16's range overflows (the
+  removes the statistics pass over the learner's (or, with one joint convolution, both halves') output;
+  for float16 data only: the epilogue sums squares in float32, which bfloat16's range overflows (the
   statistics must not, docs/RELIABILITY.md);
 - layer 2: ``conv(act(BN_1(z_l)))`` with the learner's BN-apply + activation in the convolution's
   prologue, which removes the pass that wrote the activated learner half (forward never stores it). It
   needs the learner half in its own tensor (coder and learner kernels differ) and a positive activation
   scale (``scale * lrelu(v) = lrelu(scale * v)`` folds into the BN affine). Layer 2's own statistics
-  cannot come from its epilogue: the decoder adds into its output first.
+  cannot come from its epilogue: the decoder adds into its output first;
 - layer 2's backward (training): dgrad -> dAct against the recomputed BN_1-apply -> BN_1's backward
   weight in one graph, then one pass for the learner's pre-norm gradient from the graph's coefficients
   (the library dgrad, the dBN reduction pass and its apply pass before). The weight gradient stays the
