@@ -76,8 +76,8 @@ __device__ void block_sum2(A& a, A& b) {
 }
 
 // grid: (cn, splits). Each block reduces a slice of one channel's outer x inner elements into its split's
-// partial sums. The sums are taken in double: float squares overflow once |v| passes ~1e19, and the pass is bound by memory, not
-// by the arithmetic.
+// partial sums. The sums are taken in double: float squares overflow once |v| passes ~1e19, and the pass
+// is bound by memory, not by the arithmetic.
 template <typename T>
 __global__ void channel_sums_kernel(const T* z, PlanarDims d, double* partials) {
   const int64_t c = blockIdx.x;
@@ -254,8 +254,8 @@ int elementwise_blocks(int64_t n) {
   return int(blocks < 65535 * 8 ? blocks : 65535 * 8);
 }
 
-// Channels-last reductions: about 16 rows per thread, at most 1024 blocks per channel block (each
-// adds into the channel's sums with an atomic).
+// Channels-last reductions: about 16 rows per thread, at most 1024 splits per channel block (forward:
+// that many partial sums for bn_finalize; backward: that many atomic adds into each channel's sums).
 dim3 rows_reduction_grid(const PlanarDims& d) {
   const int64_t channel_blocks = (d.cn + kLanes - 1) / kLanes;
   const int64_t splits = (d.outer + 16 * kRowLanes - 1) / (16 * kRowLanes);
