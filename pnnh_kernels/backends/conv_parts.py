@@ -1,4 +1,4 @@
-"""Pieces the fused conv ops share: the dtype of their statistics, statistics from sums or from the
+"""Pieces the fused conv ops share: the dtype of their statistics, statistics from the
 running buffers, the contiguous copies the kernels take, and layer 1's two halves."""
 
 from __future__ import annotations
@@ -14,15 +14,6 @@ from .contract import BlockArgs, grads_like
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norm statistics and affine parameters stay float32 for half/bf16 data (as cuDNN's batch norm keeps them)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def stats_from_sums(sums: Tensor, count: int, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, invstd, unbiased var) from per-channel [sum, sum of squares] (float64) over ``count`` values."""
-    mean = sums[0] / count
-    var = (sums[1] / count - mean * mean).clamp_min(0.0)
-    invstd = torch.rsqrt(var + eps)
-    unbiased = var * (count / max(count - 1, 1))
-    return mean.to(dtype), invstd.to(dtype), unbiased.to(dtype)
 
 
 def running_stats(a: BlockArgs, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:

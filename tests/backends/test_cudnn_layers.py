@@ -126,10 +126,12 @@ def test_bfloat16_keeps_its_statistics_out_of_the_float32_epilogue(fake):
         block = pk.PNNHConv2d(5).to(dtype)
         x = torch.randn(3, 5, 7, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
         a = block_args(x, block.block_weights(), block.block_norms(), block.config)
-        plans[dtype] = cudnn_layers.plan_fusion(a, FeatureMaps.of_input(x), tuple(a.learner1.shape))
+        maps = FeatureMaps.of_input(x)
+        plans[dtype] = cudnn_layers.plan_fusion(a, maps, tuple(a.learner1.shape))
+        assert cudnn_layers.fuses_layer2_backward(a, maps)
     assert plans == {
-        torch.float16: cudnn_layers.FusionPlan(layer1_stats=True, layer2_prologue=True, layer2_dgrad=True),
-        torch.bfloat16: cudnn_layers.FusionPlan(layer1_stats=False, layer2_prologue=True, layer2_dgrad=True),
+        torch.float16: cudnn_layers.FusionPlan(layer1_stats=True, layer2_prologue=True),
+        torch.bfloat16: cudnn_layers.FusionPlan(layer1_stats=False, layer2_prologue=True),
     }
 
 

@@ -108,11 +108,6 @@ def _conv(maps: FeatureMaps, t3: Tensor, weight: Tensor, transposed: bool = Fals
     return maps.flat(conv(maps.image(t3), weight, padding=weight.shape[-1] // 2))
 
 
-def _layer1_shape(a: BlockArgs, w: _Widths) -> tuple[int, ...]:
-    """The shape of :func:`_layer1_weight` (without concatenating)."""
-    return (w.cc + w.hid, *a.learner1.shape[1:]) if w.kc == w.k else tuple(a.learner1.shape)
-
-
 def _layer1_weight(a: BlockArgs, w: _Widths) -> Tensor:
     """The learner's layer-1 kernel, or ``[W_e; W_1]`` when coder and learner kernels agree (one
     convolution computes both halves)."""
@@ -378,7 +373,7 @@ def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> Bl
     dzc = torch.empty_like(tc)
     dzl = dzc if tl is tc else torch.empty_like(tl)
     grads_c = _dbn_act(d_zc, halves[0], dzc, (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
-    fused = cudnn_layers.plan_fusion(a, maps, _layer1_shape(a, w)).layer2_dgrad
+    fused = cudnn_layers.fuses_layer2_backward(a, maps)
     learner = (mean[w.cc : c1], invstd[w.cc : c1]), (g1, b1)
     d_learn2, grads_1 = _learner_backward(maps, du, halves[1], al, dzl, *learner, a, fused)
     dx, d_enc, d_learn1 = _layer1_input_backward(maps, dzc, dzl, a, w, need_dx, d_enc_decode)

@@ -16,8 +16,9 @@ The block's layer patterns that cuDNN fuses for ResNet training:
   (the library dgrad, the dBN reduction pass and its apply pass before). The weight gradient stays the
   library's.
 
-Per call, :func:`plan_fusion` asks :func:`.cudnn_fused.support_on` (CUDA, float16/bfloat16,
-channels_last maps, cuDNN's ``check_support`` at that shape; graphs cached per shape); what it refuses
+Per call, :func:`plan_fusion` (forward) and :func:`fuses_layer2_backward` (backward) ask
+:func:`.cudnn_fused.support_on` (CUDA, float16/bfloat16, channels_last maps, cuDNN's ``check_support`` at
+that shape; graphs cached per shape); what they refuse
 runs the op's separate passes, with the same results up to rounding. ``PNNH_CUDNN_FUSION=0`` or
 :func:`set_cudnn_fusion` turns the graphs off (to compare, or to rule them out).
 """
@@ -51,14 +52,13 @@ def cudnn_fusion_enabled() -> bool:
 
 
 class FusionPlan(NamedTuple):
-    """Which of a call's convolutions run as cuDNN graphs."""
+    """Which of a call's forward convolutions run as cuDNN graphs."""
 
     layer1_stats: bool  #: layer 1's learner (or joint) convolution with its statistics epilogue
     layer2_prologue: bool  #: layer 2's convolution with the learner's BN-apply + activation prologue
-    layer2_dgrad: bool  #: backward: layer 2's dgrad -> dAct -> BN_1 backward weight (batch statistics)
 
 
-NO_FUSION = FusionPlan(False, False, False)
+NO_FUSION = FusionPlan(False, False)
 
 
 def _cl(weight: Tensor) -> Tensor:
@@ -66,19 +66,33 @@ def _cl(weight: Tensor) -> Tensor:
 
 
 def plan_fusion(a: BlockArgs, maps: FeatureMaps, layer1_shape: tuple[int, ...]) -> FusionPlan:
-    """What cuDNN fuses for this call (``layer1_shape``: the learner's layer-1 kernel, or the joint
+    """What cuDNN fuses of this call's forward (``layer1_shape``: the learner's layer-1 kernel, or the joint
     ``[W_e; W_1]`` when the kernels agree)."""
-    if not cudnn_fusion_enabled() or not maps.rows:
+    if not cudnn_fusion_enabled() or not maps.channels_last:
         return NO_FUSION
-    x, w2 = a.x, tuple(a.learner2.shape)
+    x = a.x
     # the epilogue sums in float32: safe for float16 data (|v| <= 65504), not for bfloat16's float32 range
     layer1 = a.use_batch and x.dtype != torch.bfloat16 and _supported(x, tuple(x.shape), layer1_shape, False, 0.0)
-    # the learner's BN_1 + activation around layer 2: a tensor of its own, a scale that folds into BN_1
-    learner = a.encoder.shape[-1] != w2[-1] and a.scale > 0
-    z_shape = (maps.n, w2[1], maps.h, maps.w)
-    layer2 = learner and _supported(x, z_shape, w2, True, a.slope)
-    dgrad = learner and a.use_batch and _supported(x, z_shape, w2, True, a.slope, backward=True)
-    return FusionPlan(layer1, layer2, dgrad)
+    return FusionPlan(layer1, _learner_fuses(a) and _supported(x, *_layer2_shapes(a, maps), True, a.slope))
+
+
+def fuses_layer2_backward(a: BlockArgs, maps: FeatureMaps) -> bool:
+    """Whether layer 2's backward runs as cuDNN's dgrad -> dAct -> BN_1 backward-weight graph (training)."""
+    if not cudnn_fusion_enabled() or not maps.channels_last or not (a.use_batch and _learner_fuses(a)):
+        return False
+    return _supported(a.x, *_layer2_shapes(a, maps), True, a.slope, backward=True)
+
+
+def _learner_fuses(a: BlockArgs) -> bool:
+    """The learner's BN_1 + activation around layer 2 can join its graphs: a tensor of its own, a scale that
+    folds into BN_1."""
+    return a.encoder.shape[-1] != a.learner2.shape[-1] and a.scale > 0
+
+
+def _layer2_shapes(a: BlockArgs, maps: FeatureMaps) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(layer 2's input: the learner's pre-norm map, its kernel) shapes."""
+    w2 = tuple(a.learner2.shape)
+    return (maps.n, w2[1], maps.h, maps.w), w2
 
 
 def _supported(

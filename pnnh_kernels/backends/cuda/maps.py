@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..channels_last_rows import RowsLayout
+
 
 def is_channels_last(t: Tensor) -> bool:
     """Whether a 4-D map is stored channels_last (and not also plain contiguous, as it is with one
@@ -18,59 +20,52 @@ def is_channels_last(t: Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-class FeatureMaps:
-    """The block's maps of one call: [N, C, H, W] with the batch and spatial size of ``x``."""
+class FeatureMaps(RowsLayout):
+    """The block's maps of one call: [N, C, H, W] with the batch and spatial size of ``x``; channels_last
+    ones as :class:`RowsLayout`'s [pixels, channels] rows with a unit inner axis."""
 
-    def __init__(self, shape: torch.Size, rows: bool) -> None:
-        self.n, _, self.h, self.w = shape
-        self.rows = rows
-        self.pixels = self.n * self.h * self.w
-        self.format = torch.channels_last if rows else torch.contiguous_format
+    def __init__(self, x: Tensor, channels_last: bool) -> None:
+        super().__init__(x)
+        self.channels_last = channels_last
 
     @classmethod
     def of_input(cls, x: Tensor) -> FeatureMaps:
-        return cls(x.shape, is_channels_last(x))
+        return cls(x, is_channels_last(x))
 
     @classmethod
     def of_saved(cls, x: Tensor, map3: Tensor) -> FeatureMaps:
         """The layout forward chose, read off one of its [outer, C, inner] maps (backward's x may have been
         restrided by a compiler; with one pixel per image both readings are the same memory)."""
-        return cls(x.shape, map3.shape[2] == 1)
-
-    def dense(self, t: Tensor) -> Tensor:
-        """A 4-D map (input, gradient) in this layout: a copy only when it arrives in another one."""
-        return t.contiguous(memory_format=self.format)
+        return cls(x, map3.shape[2] == 1)
 
     def flat(self, t: Tensor) -> Tensor:
-        """A 4-D map as the passes' ``[outer, C, inner]``."""
-        t = self.dense(t)
-        c = t.shape[1]
-        if self.rows:
-            return t.permute(0, 2, 3, 1).view(self.pixels, c, 1)
-        return t.view(self.n, c, self.h * self.w)
+        """A 4-D map (input, gradient) as the passes' ``[outer, C, inner]``: a copy only when it arrives in
+        the other layout."""
+        if self.channels_last:
+            return self.rows_of(t).unsqueeze(-1)
+        return t.contiguous().view(self.n, t.shape[1], self.h * self.w)
 
     def image(self, t: Tensor) -> Tensor:
         """An ``[outer, C, inner]`` map as [N, C, H, W] (a view, strided in this layout)."""
-        c = t.shape[1]
-        if self.rows:
-            return t.view(self.n, self.h, self.w, c).permute(0, 3, 1, 2)
-        return t.view(self.n, c, self.h, self.w)
+        if self.channels_last:
+            return self.nchw(self._matrix(t))
+        return t.view(self.n, t.shape[1], self.h, self.w)
 
     def new(self, like: Tensor, channels: int) -> Tensor:
         """An uninitialised ``[outer, channels, inner]`` map with ``like``'s dtype and device."""
-        shape = (self.pixels, channels, 1) if self.rows else (self.n, channels, self.h * self.w)
+        shape = (self.rows, channels, 1) if self.channels_last else (self.n, channels, self.h * self.w)
         return like.new_empty(shape)
 
     # -- per-pixel products (1x1 convolutions as GEMMs)
 
     def _matrix(self, t: Tensor) -> Tensor:
-        return t.view(self.pixels, t.shape[1])
+        return t.view(self.rows, t.shape[1])
 
     def linear(self, weight: Tensor, t: Tensor, alpha: float = 1.0) -> Tensor:
         """``alpha * weight @ t`` at every pixel: [out, C] x [outer, C, inner] -> [outer, out, inner], one GEMM
         (beta=0: the uninitialised output is not read)."""
-        if self.rows:
-            out = t.new_empty((self.pixels, weight.shape[0], 1))
+        if self.channels_last:
+            out = t.new_empty((self.rows, weight.shape[0], 1))
             torch.addmm(self._matrix(out), self._matrix(t), weight.t(), beta=0, alpha=alpha, out=self._matrix(out))
             return out
         out = t.new_empty((self.n, weight.shape[0], self.h * self.w))
@@ -79,14 +74,14 @@ class FeatureMaps:
 
     def linear_add_(self, out: Tensor, weight: Tensor, t: Tensor, alpha: float = 1.0) -> None:
         """``out += alpha * weight @ t`` at every pixel, accumulated into ``out``'s storage by the GEMM."""
-        if self.rows:
+        if self.channels_last:
             self._matrix(out).addmm_(self._matrix(t), weight.t(), alpha=alpha)
         else:
             out.baddbmm_(weight.unsqueeze(0).expand(self.n, -1, -1), t, alpha=alpha)
 
     def outer_sum(self, g: Tensor, t: Tensor, alpha: float = 1.0) -> Tensor:
         """``alpha * sum over pixels of g t^T``: the weight gradient of a per-pixel product, [Cg, Ct]."""
-        if self.rows:
+        if self.channels_last:
             out = g.new_empty((g.shape[1], t.shape[1]))
             return torch.addmm(out, self._matrix(g).t(), self._matrix(t), beta=0, alpha=alpha, out=out)
         total = torch.bmm(g, t.transpose(1, 2)).sum(0)
@@ -94,7 +89,7 @@ class FeatureMaps:
 
     def outer_sum_add_(self, out: Tensor, g: Tensor, t: Tensor) -> None:
         """``out += sum over pixels of g t^T``, accumulated by the GEMM where the layout allows."""
-        if self.rows:
+        if self.channels_last:
             out.addmm_(self._matrix(g).t(), self._matrix(t))
         else:
             out.add_(torch.bmm(g, t.transpose(1, 2)).sum(0))
