@@ -1,5 +1,7 @@
 """Block-size configurations for autotuning: a handful on a GPU (tuned for H100 in benchmarks/), one
-small one under the interpreter (which cannot autotune over several and is slow on big tiles).
+under the interpreter, which cannot autotune over several. The interpreter's cost is per program and per
+statement, not per element (numpy runs each tile operation whole), so its tile is 64 rows: half the
+programs of 32-row tiles, with the tests' maps still spanning two or more tiles.
 
 ``PNNH_TRITON_AUTOTUNE=0`` keeps only the first GPU configuration of each kernel: every variant then
 compiles once instead of once per configuration, which is what a correctness run on a GPU wants
@@ -17,6 +19,8 @@ from typing import Any
 import triton
 
 from .launch import interpreting
+
+_INTERPRETER_ROWS = 64  #: the interpreter's tile height (BLOCK_M)
 
 
 def autotuning() -> bool:
@@ -37,7 +41,7 @@ def _cfg(num_warps: int = 4, num_stages: int = 3, **blocks) -> triton.Config:
 def gemm_configs(m: str, n: str, k: str, gpu: list[tuple]) -> list[triton.Config]:
     """Configs over block names (m, n, k); ``gpu`` rows are (BM, BN, BK, warps, stages)."""
     if interpreting():
-        return [_cfg(1, 1, **{m: 32, n: 16, k: 16})]
+        return [_cfg(1, 1, **{m: _INTERPRETER_ROWS, n: 16, k: 16})]
     rows = gpu if autotuning() else gpu[:1]
     return [_cfg(w, s, **{m: bm, n: bn, k: bk}) for bm, bn, bk, w, s in rows]
 

@@ -9,6 +9,7 @@ import torch
 from helpers import (
     BLOCK_CASES,
     TOLERANCES,
+    assert_matches_reference,
     assert_modules_agree,
     block_gradcheck,
     op_args,
@@ -48,7 +49,7 @@ def test_cpu_backend_matches_reference(case, training, dtype, cpu_op):
     ref = pk.PNNHConv2d(5, backend="reference", **CASES[case]).to(dtype).train(training)
     randomize_norms(ref)
     fused = twin(ref, "cpu")
-    assert_modules_agree(ref, fused, torch.randn(3, 5, 7, 6, dtype=dtype), *TOLERANCES[dtype])
+    assert_matches_reference(ref, fused, torch.randn(3, 5, 7, 6, dtype=dtype))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_cpu_backend_channels_last_and_strided_input(cpu_op):
     strided = torch.randn(2, 12, 9, 10, dtype=torch.float64)[:, ::2, :, 1:]
     channels_last = torch.randn(2, 6, 9, 9, dtype=torch.float64).to(memory_format=torch.channels_last)
     for x in (strided, channels_last):
-        assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+        assert_matches_reference(ref, fused, x)
     assert fused(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
@@ -84,7 +85,7 @@ def test_cpu_backend_with_a_channels_last_model(options, cpu_op):
     fused = twin(ref, "cpu").to(memory_format=torch.channels_last)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fused.parameters() if p.dim() == 4)
     x = torch.randn(3, 6, 5, 7, dtype=torch.float64).to(memory_format=torch.channels_last)
-    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+    assert_matches_reference(ref, fused, x)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(kernel_size=1)])
@@ -185,9 +186,7 @@ def test_torch_compile_traces_the_cpu_backend_without_graph_breaks(make, shape):
     block = make().double().train()
     reference = twin(block, "reference")
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    assert_modules_agree(
-        reference, compiled, torch.randn(shape, dtype=torch.float64), *TOLERANCES[torch.float64], steps=1
-    )
+    assert_matches_reference(reference, compiled, torch.randn(shape, dtype=torch.float64), steps=1)
 
 
 def test_auto_uses_cpu_for_inference_and_for_training_large_maps():

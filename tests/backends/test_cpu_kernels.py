@@ -3,6 +3,7 @@ the thread pool; and the test-only planar passes (tests/planar_cpu/)."""
 
 import pytest
 import torch
+from accuracy import assert_float32_close
 from planar_cpu_kernels import planar_cpu_kernels
 
 from pnnh_kernels._extension import extension, extension_error
@@ -129,12 +130,22 @@ def test_planar_bn_finalize_writes_the_statistics_at_the_column_offset(splits):
 def test_rows_batch_stats_match_torch(dtype):
     z = (1.5 + torch.randn(301, 9, dtype=torch.float64)).to(dtype)
     mean, invstd, var = extension().rows_batch_stats(z, 2, 5, 1e-5)
-    cols = z[:, 2:7].double()
     assert mean.dtype == invstd.dtype == var.dtype == dtype
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(mean.double(), cols.mean(0), **tol)
-    torch.testing.assert_close(var.double(), cols.var(0, unbiased=True), **tol)
-    torch.testing.assert_close(invstd.double(), torch.rsqrt(cols.var(0, unbiased=False) + 1e-5), **tol)
+    exact = _column_stats(z[:, 2:7].double())
+    plain = _column_stats(z[:, 2:7])  # float32: the bound is plain PyTorch's own float32 error (accuracy.py)
+    for name, actual in zip(("mean", "var", "invstd"), (mean, var, invstd)):
+        if dtype == torch.float64:
+            torch.testing.assert_close(actual, exact[name], rtol=1e-12, atol=1e-12)
+        else:
+            assert_float32_close(actual, exact[name], plain[name], name)
+
+
+def _column_stats(cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "mean": cols.mean(0),
+        "var": cols.var(0, unbiased=True),
+        "invstd": torch.rsqrt(cols.var(0, unbiased=False) + 1e-5),
+    }
 
 
 def test_the_installed_extension_has_no_planar_cpu_passes():

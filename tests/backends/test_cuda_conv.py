@@ -8,8 +8,7 @@ import pytest
 import torch
 from helpers import (
     BLOCK_CASES,
-    TOLERANCES,
-    assert_modules_agree,
+    assert_matches_reference,
     gpu_exact_math,
     low_precision_errors,
     op_args,
@@ -40,7 +39,7 @@ def test_cuda_block_matches_reference(exact, case, training):
     ref = pk.PNNHConv2d(5, backend="reference", **BLOCK_CASES[case]).to(device="cuda").train(training)
     randomize_norms(ref)
     x = torch.randn(3, 5, 7, 6, device="cuda")
-    assert_modules_agree(ref, twin(ref, "cuda"), x, *TOLERANCES[torch.float32])
+    assert_matches_reference(ref, twin(ref, "cuda"), x)
 
 
 @gpu
@@ -49,7 +48,7 @@ def test_cuda_block_matches_reference(exact, case, training):
 )
 def test_cuda_block_odd_shapes(exact, shape):
     ref = pk.PNNHConv2d(6, backend="reference").cuda()
-    assert_modules_agree(ref, twin(ref, "cuda"), torch.randn(shape, device="cuda"), *TOLERANCES[torch.float32])
+    assert_matches_reference(ref, twin(ref, "cuda"), torch.randn(shape, device="cuda"))
 
 
 @gpu
@@ -60,7 +59,7 @@ def test_cuda_block_channels_last_and_strided_input(exact):
     strided = torch.randn(2, 12, 9, 10, device="cuda")[:, ::2, :, 1:]
     channels_last = torch.randn(2, 6, 9, 9, device="cuda").to(memory_format=torch.channels_last)
     for x in (strided, channels_last):
-        assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float32])
+        assert_matches_reference(ref, fused, x)
     assert fused(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 
@@ -119,7 +118,7 @@ def test_cuda_block_channels_last_wide(exact, options):
     randomize_norms(ref)
     fused = twin(ref, "cuda")
     x = torch.randn(3, 40, 23, 21, device="cuda").to(memory_format=torch.channels_last)
-    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float32])
+    assert_matches_reference(ref, fused, x)
     assert fused(x).is_contiguous(memory_format=torch.channels_last)
 
 

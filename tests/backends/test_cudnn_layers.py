@@ -9,7 +9,7 @@ cuDNN's own graphs against PyTorch on a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BLOCK_CASES, TOLERANCES, assert_modules_agree, randomize_norms, twin
+from helpers import BLOCK_CASES, assert_matches_reference, randomize_norms, twin
 from planar_cpu_kernels import run_cuda_op_on_cpu_kernels
 
 import pnnh_kernels as pk
@@ -99,7 +99,7 @@ def _pair(options: dict, training: bool):
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_forward_matches_the_reference(fake, case, training):
     ref, fused, x = _pair(BLOCK_CASES[case], training)
-    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+    assert_matches_reference(ref, fused, x)
     expected = _expected_calls(BLOCK_CASES[case], training)
     assert [prologue for prologue, _ in fake.calls[: len(expected)]] == expected
     assert len(fake.calls) % max(len(expected), 1) == 0
@@ -114,7 +114,7 @@ def test_the_prologue_gets_the_activations_slope_and_a_negative_scale_is_not_fus
     assert fake.calls == [(False, 0.0), (True, pytest.approx(0.2))]
     fake.calls.clear()
     ref, fused, x = _pair(dict(options, activation_scale=-1.3), True)
-    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+    assert_matches_reference(ref, fused, x)
     assert {prologue for prologue, _ in fake.calls} == {False}
 
 
@@ -137,10 +137,10 @@ def test_bfloat16_keeps_its_statistics_out_of_the_float32_epilogue(fake):
 
 def test_nchw_input_refused_support_and_the_switch_keep_the_separate_passes(fake):
     ref, fused, x = _pair({}, True)
-    assert_modules_agree(ref, fused, x.contiguous(), *TOLERANCES[torch.float64])
+    assert_matches_reference(ref, fused, x.contiguous())
     assert fake.calls == []
     fake.refusal = "no engine"
-    assert_modules_agree(ref, fused, x, *TOLERANCES[torch.float64])
+    assert_matches_reference(ref, fused, x)
     assert fake.calls == []
     fake.refusal = ""
     cudnn_layers.set_cudnn_fusion(False)

@@ -3,9 +3,12 @@ values past ~1e19 overflow float32 (eager's own float32 batch norm is already wr
 reference block is the oracle. Every backend that runs on this machine takes part: `cpu` with the
 extension, `triton` in the interpreter (CPU) or compiled (GPU), `cuda` on a GPU."""
 
+import math
+
 import pytest
 import torch
-from helpers import randomize_norms, run_step, twin
+from accuracy import RUNNING_VAR_PAST_FLOAT32, assert_float32_agrees
+from helpers import randomize_norms, twin
 from triton_devices import DEVICES
 
 import pnnh_kernels as pk
@@ -39,16 +42,21 @@ def test_huge_activations_match_float64(backend, device, block, scale):
     torch.manual_seed(0)
     ref = make()
     randomize_norms(ref)
-    x = torch.randn(*shape, dtype=torch.float64) * scale
-    y64, dx64, grads64 = run_step(twin(ref, "reference").double(), x)
+    x = (torch.randn(*shape, dtype=torch.float64) * scale).float().to(device)
     fused = twin(ref, backend).to(device)
-    y, dx, grads = run_step(fused, x.float().to(device))
-    torch.testing.assert_close(y.double().cpu(), y64, rtol=1e-5, atol=1e-5)
-    assert all(torch.isfinite(b).all() for n, b in fused.named_buffers() if "running_mean" in n)
     if block.startswith("conv") and scale > 1e20:
-        return  # the conv coder's moments-form gradients (dx, encoder) cancel float32 digits away there
-    torch.testing.assert_close(dx.double().cpu(), dx64, rtol=1e-4, atol=1e-4 * dx64.abs().max().item())
-    for name, g64 in grads64.items():
-        torch.testing.assert_close(
-            grads[name].double().cpu(), g64, rtol=1e-5, atol=1e-5 * max(1.0, g64.abs().max().item())
-        )
+        # the conv coder's moments-form gradients (dx, encoder) cancel float32 digits away there: the
+        # output and running means only, against the float64 reference
+        y, y64 = fused(x), twin(ref, "reference").double().to(device)(x.double())
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+        assert all(torch.isfinite(b).all() for n, b in fused.named_buffers() if "running_mean" in n)
+        return
+    # eager's float32 batch norm overflows at this scale: its bound is measured on the data scaled down
+    assert_float32_agrees(
+        ref.to(device),
+        fused,
+        x,
+        steps=1,
+        baseline_scale=2.0 ** round(math.log2(scale)),
+        unchecked=RUNNING_VAR_PAST_FLOAT32,
+    )

@@ -22,8 +22,9 @@ BACKENDS = [
     pytest.param("cuda_op", marks=needs_extension),
     pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="triton on CPU needs the interpreter")),
 ]
-#: shapes whose maps (N*H*W elements per channel) outnumber every weight, so a map-sized copy is a map's
-SHAPE = (2, 4, 14, 14)
+#: maps (N*H*W = 112 elements per channel) that outnumber every weight (the joint layer-1 weight of two
+#: channels: (2 + 2) * 2 * 3 * 3 = 72), so a map-sized copy is a map's; small, for the Triton interpreter
+SHAPE = (2, 2, 8, 7)
 OPTIONS = {"default": {}, "coder_3x3": dict(coder_kernel_size=3), "untied": dict(tied=False)}
 
 
@@ -40,7 +41,10 @@ def _stack(backend: str, options: dict, monkeypatch) -> torch.nn.Module:
         monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
         backend = "cpu"
     blocks = [pk.PNNHConv2d(SHAPE[1], **options) for _ in range(2)]
-    return torch.nn.Sequential(*(twin(b, backend) for b in blocks)).double()
+    model = torch.nn.Sequential(*(twin(b, backend) for b in blocks)).double()
+    n, _, h, w = SHAPE
+    assert all(p.numel() < n * h * w for p in model.parameters()), "a weight as large as a map"
+    return model
 
 
 def _map_copies(model: torch.nn.Module, x: torch.Tensor) -> list:

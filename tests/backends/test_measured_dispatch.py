@@ -121,15 +121,19 @@ def test_nothing_is_timed_while_torch_compile_traces(benchmarking):
     assert measured.measured_choices() == {}
 
 
-def test_off_by_default_and_on_through_the_environment():
+def test_off_by_default_and_on_through_the_environment(tmp_path):
     code = "import pnnh_kernels.backends.measured as m; print(m.auto_benchmark_enabled())"
     env = {k: v for k, v in os.environ.items() if k != "PNNH_AUTO_BENCHMARK"}
-    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # cwd: the installed package (from the repository root, -c would import the source tree)
+    off = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     on = subprocess.run(
         [sys.executable, "-c", code],
         env={**env, "PNNH_AUTO_BENCHMARK": "1"},
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,
     )
     assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")

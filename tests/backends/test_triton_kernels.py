@@ -8,16 +8,13 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    TOLERANCES,
-)
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton
 import triton.language as tl
-from triton_devices import exact_dtype, requires_a_device
+from triton_devices import exact_dtype, kernel_tolerance, requires_a_device
 
 from pnnh_kernels.triton_kernels import (
     Prologue,
@@ -35,7 +32,7 @@ pytestmark = requires_a_device
 
 
 def tolerance(device):
-    return TOLERANCES[exact_dtype(device)]
+    return kernel_tolerance(exact_dtype(device))
 
 
 def rows(t):
@@ -65,7 +62,7 @@ def test_implicit_gemm_conv_and_its_gradients_match_torch(device, shape, layout)
         xr = x.detach().clone().requires_grad_()
         ref = F.conv2d(xr, weight, stride=stride, padding=pad)
         out, sums = conv2d_implicit_gemm(x, pack_weight(weight.detach()), k, stride, pad, stats=True)
-        close = dict(zip(("rtol", "atol"), tolerance(device)))
+        close = tolerance(device)
         torch.testing.assert_close(out, rows(ref.detach()), **close, msg=lambda m: f"k{k} s{stride} p{pad}: {m}")
         torch.testing.assert_close(sums[0], rows(ref.detach()).sum(0).double(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sums[1], rows(ref.detach()).pow(2).sum(0).double(), rtol=1e-4, atol=1e-4)
@@ -182,7 +179,7 @@ def test_block_weights_pack_and_their_gradients_unpack_like_torch(device, coder_
     flat, p1, p2 = pack_block_weights(
         enc.detach(), learn1.detach(), learn2.detach(), None if tied else dec.detach(), gain
     )
-    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    close = tolerance(device)
     torch.testing.assert_close(p1, pack_weight(w1.detach()), **close)
     torch.testing.assert_close(p2, pack_weight(w2.detach()), **close)
     assert flat.numel() == p1.numel() + p2.numel()
@@ -213,7 +210,7 @@ def test_prologue_applies_bn_and_activation_before_zero_padding(device):
     h = _bn_act_reference(x, scale, shift, 2, 6, 0.1, 1.7)
     ref = F.conv2d(h, weight, padding=1)
     out, _ = conv2d_implicit_gemm(x.detach(), pack_weight(weight), 3, 1, 1, prologue=prologue)
-    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    close = tolerance(device)
     torch.testing.assert_close(out, rows(ref.detach()), **close)
     dy = torch.randn_like(ref)
     (dw_ref,) = torch.autograd.grad(F.conv2d(h.detach(), weight.requires_grad_(), padding=1), weight, dy)
@@ -232,7 +229,7 @@ def test_centre_only_ranges_skip_exactly_the_zero_taps(device):
         [[0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=dtype, device=device
     )  # input channels 6..8: 1x1
     ref = rows(F.conv2d(x, w, padding=1))
-    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    close = tolerance(device)
     out, _ = conv2d_implicit_gemm(x, pack_weight(w), 3, 1, 1, centre_range=(0, 4))
     torch.testing.assert_close(out, ref, **close)
     out, _ = conv2d_implicit_gemm(x, pack_weight(w), 3, 1, 1, skip_range=(6, 9))
@@ -260,7 +257,7 @@ def test_row_passes_match_autograd_of_bn_and_activation(device, training):
 
     scale = gamma * invstd.detach()
     out = bn_act_forward(z.detach(), scale, beta - mean.detach() * scale, (lo, hi), slope, act_scale)
-    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    close = tolerance(device)
     torch.testing.assert_close(out, y.detach(), **close)
     # the same pass writing an NCHW map (the block's output for NCHW input): rows are (n, h, w) pixels
     as_map = lambda t: t.view(1, m, 1, c).permute(0, 3, 1, 2)
@@ -314,7 +311,7 @@ def test_grad_prologue_applies_dbn_and_dact_inside_both_backward_convolutions(de
         dy, z.detach(), mean, invstd, halves(gamma), halves(beta), (lo, hi), slope, act_scale, reduce=False
     )
     coef, grads = bn_backward_finalize(sums_part, n * h * w, mean, invstd, halves(gamma), halves(beta), training)
-    close = dict(zip(("rtol", "atol"), tolerance(device)))
+    close = tolerance(device)
     dg_lo, db_lo, dg_hi, db_hi = grads
     torch.testing.assert_close(torch.cat([dg_lo, dg_hi]), dgamma_ref, **close)
     torch.testing.assert_close(torch.cat([db_lo, db_hi]), dbeta_ref, **close)

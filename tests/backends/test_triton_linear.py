@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     LINEAR_CASES,
-    TOLERANCES,
-    assert_modules_agree,
+    assert_matches_reference,
     block_gradcheck,
     low_precision_errors,
     op_args,
@@ -27,7 +26,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 import triton
-from triton_devices import exact_dtype, requires_a_device
+from triton_devices import exact_dtype, kernel_tolerance, requires_a_device
 
 from pnnh_kernels.triton_kernels.linear_gemm import ln_gemm, row_statistics
 from pnnh_kernels.triton_kernels.ln_act_rows import ln_act_forward, ln_grad_sums
@@ -37,8 +36,7 @@ pytestmark = requires_a_device
 
 
 def tol(dtype):
-    rtol, atol = TOLERANCES[dtype]
-    return dict(rtol=rtol, atol=atol)
+    return kernel_tolerance(dtype)
 
 
 def _act(y, gelu, slope, scale):
@@ -222,9 +220,7 @@ def test_triton_linear_matches_reference(device, case):
     ref = pk.PNNHLinear(6, hidden_features=10, backend="reference", **LINEAR_CASES[case]).to(device=device, dtype=dtype)
     randomize_norms(ref)
     for shape in [(3, 4, 6), (1, 6), (6,)]:
-        assert_modules_agree(
-            ref, twin(ref, "triton"), torch.randn(shape, dtype=dtype, device=device), *TOLERANCES[dtype], steps=1
-        )
+        assert_matches_reference(ref, twin(ref, "triton"), torch.randn(shape, dtype=dtype, device=device), steps=1)
 
 
 def test_triton_linear_gradcheck_and_opcheck(device):
@@ -253,6 +249,4 @@ def test_torch_compile_traces_the_triton_linear_without_graph_breaks(device):
     dtype = exact_dtype(device)
     block = pk.PNNHLinear(4, hidden_features=6, backend="triton").to(device=device, dtype=dtype)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    assert_modules_agree(
-        twin(block, "reference"), compiled, torch.randn(3, 4, dtype=dtype, device=device), *TOLERANCES[dtype], steps=1
-    )
+    assert_matches_reference(twin(block, "reference"), compiled, torch.randn(3, 4, dtype=dtype, device=device), steps=1)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from accuracy import assert_float32_close
 from torch import nn
 
 import pnnh_kernels
@@ -56,18 +57,19 @@ def test_the_learner_takes_the_blocks_weights_and_the_block_computes_pnnh_withou
     new = model.stages[0][1]
     assert isinstance(new, PNNHConv2d) and new.backend == "reference" and not new.training
     x = torch.randn(2, 16, 8, 8)
-    coder = F.batch_norm(
-        F.conv2d(x, new.coder.encoder),
-        new.coder_norm.running_mean,
-        new.coder_norm.running_var,
-        new.coder_norm.weight,
-        new.coder_norm.bias,
-    )
-    learner = old.layer2[0](F.relu(old.layer1(x)))
-    expected = old.layer2[1](F.conv_transpose2d(coder, new.coder.encoder) + learner)  # no ReLU, no shortcut
-    torch.testing.assert_close(new(x), expected, rtol=1e-5, atol=1e-5)
+    # float32 judged against the same composition in float64 (accuracy.py)
+    exact = _composed(copy.deepcopy(old).double(), copy.deepcopy(new).double(), x.double())
+    assert_float32_close(new(x), exact, _composed(old, new, x))
     torch.testing.assert_close(new.learner1_weight, old.layer1[0].weight)
     torch.testing.assert_close(new.out_norm.running_var, old.layer2[1].running_var)
+
+
+def _composed(old: nn.Module, new: PNNHConv2d, x: torch.Tensor) -> torch.Tensor:
+    """What the converted block must compute, from the ResNet block's own layers and the new coder."""
+    norm = new.coder_norm
+    coder = F.batch_norm(F.conv2d(x, new.coder.encoder), norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    learner = old.layer2[0](F.relu(old.layer1(x)))
+    return old.layer2[1](F.conv_transpose2d(coder, new.coder.encoder) + learner)  # no ReLU, no shortcut
 
 
 def test_bottlenecks_take_the_three_convolutions():
