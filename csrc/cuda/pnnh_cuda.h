@@ -1,6 +1,6 @@
-// Torch glue of the CUDA kernels: the same four passes as the CPU ones (pnnh_cpu.h), for CUDA tensors.
-// Compiled only against a CUDA build of torch (setup.py adds csrc/cuda/*.cpp then); bindings.cpp sends a
-// CUDA tensor here and a CPU tensor to the CPU kernels, so Python calls one function for both devices.
+// Torch glue of the CUDA kernels: the six batch-norm + activation passes the 'cuda' backend's op calls (channel
+// sums, finalize, apply, backward sums, backward apply, input gradient), on CUDA tensors in NCHW or channels_last.
+// Compiled only against a CUDA build of torch (setup.py adds csrc/cuda/*.cpp then); csrc/bindings.cpp binds them.
 #pragma once
 
 #include <ATen/ATen.h>

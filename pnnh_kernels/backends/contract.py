@@ -86,7 +86,6 @@ class BlockGrads(NamedTuple):
 
 
 _NUM_TENSORS = len(BlockGrads._fields)  # x, the weights and the affine parameters
-_RUNNING = slice(_NUM_TENSORS, _NUM_TENSORS + 2)  # running_mean, running_var
 _OPTIONS = slice(_NUM_TENSORS + 2, None)  # use_batch ... final_act
 
 

@@ -1,6 +1,7 @@
 """Backend dispatch, in one place.
 
-``backend="auto"`` tries the fused backends that serve the tensor's device, fastest first, and falls
+``backend="auto"`` tries the fused backends that serve the tensor's device in their static ``priority``
+order (lowest first; a backend measured slower for a call skips itself, ``auto_skip_reason``), and falls
 back to the pure-PyTorch ``eager`` backend (the algebraic reference) with a warning given once per
 reason. With measured dispatch on (:mod:`.measured`), :func:`choose_backend` times the candidates on the
 first call of each signature instead. Naming a backend explicitly never falls back: it runs that backend
