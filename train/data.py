@@ -7,6 +7,7 @@ float tensors ``(C, H, W)`` already normalised, plus the batch augmentation to u
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import tarfile
@@ -121,11 +122,42 @@ def _cifar_members(root: str, spec: dict) -> Callable[[str], bytes]:
     return read
 
 
+#: the only globals a CIFAR python batch refers to: numpy's array reconstruction (under numpy 1's and 2's
+#: module names; _frombuffer for protocol 5) and the bytes codec of protocol-2 pickles; nothing else loads
+_CIFAR_GLOBALS = frozenset(
+    [
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    ]
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the dicts of arrays, lists and bytes a CIFAR batch holds and nothing else: a plain
+    ``pickle.loads`` of a crafted batch file would run whatever callable it names."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch; refusing to load it")
+        return super().find_class(module, name)
+
+
+def _load_cifar_batch(raw: bytes) -> dict:
+    return _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+
+
 def _cifar_part(read, names: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for name in names:
         try:
-            batch = pickle.loads(read(name), encoding="bytes")
+            batch = _load_cifar_batch(read(name))
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             batch_labels = batch[label_key]
         except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as exc:

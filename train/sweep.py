@@ -12,7 +12,7 @@ from typing import Optional
 
 from .analysis import write_table
 from .plots import plot_sweep
-from .trainer import TrainConfig, train
+from .trainer import RunFolderTaken, TrainConfig, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,13 @@ def _run_one(base: TrainConfig, family_name: str, depth: int, seed: int, out_dir
         resume=None,
         **dict(family.options),
     )
-    result = train(config)
+    try:
+        result = train(config)
+    except RunFolderTaken as taken:  # a sweep has no --resume: its advice is sweep's own
+        raise ValueError(
+            f"{taken.folder} already holds a run of an earlier sweep ({', '.join(taken.existing)}); replace the "
+            "sweep's runs with --overwrite, or choose another --out-dir"
+        ) from taken
     final = result["final"]
     return {
         "family": family_name,

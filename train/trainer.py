@@ -338,16 +338,25 @@ def _step_model(run: _Run) -> nn.Module:
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
 
 
+class RunFolderTaken(ValueError):
+    """The output folder holds an earlier run that this one would replace; ``folder`` and ``existing`` (its
+    run files) let a caller that cannot resume (``sweep``) give its own advice."""
+
+    def __init__(self, folder: str, existing: list[str]) -> None:
+        self.folder, self.existing = folder, existing
+        super().__init__(
+            f"{folder} already holds a run ({', '.join(existing)}); continue it with --resume auto, "
+            "replace it with --overwrite, or choose another --out-dir"
+        )
+
+
 def _check_out_dir(config: TrainConfig) -> None:
     """A folder that holds a run is continued (--resume) or replaced on request (--overwrite), never silently."""
     if config.resume or config.overwrite:
         return
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(config.out_dir, name))]
     if existing:
-        raise ValueError(
-            f"{config.out_dir} already holds a run ({', '.join(existing)}); continue it with --resume auto, "
-            "replace it with --overwrite, or choose another --out-dir"
-        )
+        raise RunFolderTaken(config.out_dir, existing)
 
 
 def _start_outputs(run: _Run) -> None:

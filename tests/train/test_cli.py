@@ -52,6 +52,16 @@ def test_cli_reports_errors_cleanly(capsys):
     assert "needs --data-root" in capsys.readouterr().err
 
 
+def test_a_sweep_into_an_earlier_sweeps_runs_says_what_a_sweep_accepts(tmp_path, capsys):
+    run = tmp_path / "sweep" / "plain8-seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    args = ["sweep", "--families", "plain", "--depths", "8", "--epochs", "1", "--out-dir", str(tmp_path / "sweep")]
+    assert cli_main([*args, "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and "--resume" not in err, err
+
+
 def test_sweep_writes_its_table_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep"
     code = cli_main(

@@ -81,6 +81,39 @@ def test_cifar_errors(tmp_path):
         load_dataset("cifar10", str(tmp_path))
 
 
+class _Exploit:
+    """What a crafted batch file holds: unpickling it calls os.system (here, one that writes a file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_batch_is_refused_without_running_it(tmp_path):
+    _write_cifar(str(tmp_path))
+    marker = tmp_path / "ran"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Exploit(str(marker)), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(DatasetError, match=r"data_batch_2.*posix\.system is not part of a CIFAR batch"):
+        load_dataset("cifar10", str(tmp_path))
+    assert not marker.exists()
+
+
+def test_cifar_batches_in_every_pickle_protocol_load(tmp_path):
+    """numpy arrays pickled by protocols 2 (bytes through _codecs, as the published archive) to 5."""
+    path = _write_cifar(str(tmp_path))
+    expected = load_dataset("cifar10", str(tmp_path)).train.tensors[0]
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        for f in os.listdir(path):
+            with open(os.path.join(path, f), "rb") as fh:
+                batch = pickle.load(fh)
+            with open(os.path.join(path, f), "wb") as fh:
+                pickle.dump(batch, fh, protocol=protocol)
+        assert torch.equal(load_dataset("cifar10", str(tmp_path)).train.tensors[0], expected), protocol
+
+
 def _write_imagefolder(root, classes=("cat", "dog"), per_class=3):
     from PIL import Image
 
