@@ -8,6 +8,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Optional
@@ -359,6 +360,17 @@ def _check_out_dir(config: TrainConfig) -> None:
         raise RunFolderTaken(config.out_dir, existing)
 
 
+def _check_writable(folder: str) -> None:
+    """Found before any compute, not when the first epoch's checkpoint is written: the folder can be made and
+    written to (a file made and removed at once; nothing of an earlier run changes)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write to the output folder {folder}: {exc.strerror or exc}") from exc
+
+
 def _start_outputs(run: _Run) -> None:
     """The opening line; temporary files of interrupted checkpoint writes are removed. Nothing of a
     previous run changes before this one has an epoch to record (:func:`_save_epoch`)."""
@@ -519,6 +531,8 @@ def _summary(run: _Run) -> dict:
 
 def _train(config: TrainConfig, info: DistInfo) -> dict:
     _check_out_dir(config)
+    if info.is_main:
+        _check_writable(config.out_dir)
     run = _set_up(config, info)
     _resume(run)
     step_model = _step_model(run)

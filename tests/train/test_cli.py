@@ -137,6 +137,17 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypat
     )
 
 
+def test_an_unwritable_out_dir_is_refused_before_any_training(tmp_path, capsys, monkeypatch):
+    from pnnh_kernels.train import trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the model was built before the folder was checked")
+
+    monkeypatch.setattr(trainer, "_set_up", no_training)
+    (tmp_path / "a_file").write_text("")  # a folder below a file cannot be made, even by root
+    _fails_cleanly(["train", *TINY, "--out-dir", str(tmp_path / "a_file" / "run")], capsys, "cannot write to")
+
+
 def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(["train", *TINY, "--out-dir", str(out)]) == 0
