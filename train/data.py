@@ -281,8 +281,14 @@ def load_dataset(name: str, root: Optional[str] = None, image_size: Optional[int
     """Load a data set by name: ``digits`` (embedded), ``cifar10``/``cifar100``/``imagefolder`` (need ``root``)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown data set {name!r}; choose one of {DATASETS}")
+    if image_size is not None and image_size < 1:
+        raise DatasetError(f"--image-size must be a positive number of pixels, got {image_size}")
     if name == "digits":
+        if root or image_size:
+            raise DatasetError("digits is embedded, 8x8: --data-root and --image-size do not apply to it")
         return load_digits()
+    if image_size and name != "imagefolder":
+        raise DatasetError(f"{name} images are 32x32: --image-size applies to imagefolder only")
     if not root:
         raise DatasetError(f"data set {name!r} needs --data-root (a local path; nothing is downloaded)")
     if name == "imagefolder":

@@ -103,6 +103,13 @@ class TrainConfig:
             raise ValueError(f"stop-after must be at least 1 epoch, got {self.stop_after}")
         if self.reuse_every < 1:
             raise ValueError(f"reuse-every must be at least 1, got {self.reuse_every}")
+        defaults = {f.name: f.default for f in fields(self)}
+        if not self.feature_reuse:
+            for name in ("reuse_every", "reuse_drop_rate"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"--{name.replace('_', '-')} applies to --feature-reuse runs only")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image-size must be a positive number of pixels, got {self.image_size}")
         if self.tensorboard and not tensorboard_installed():
             raise ValueError(TENSORBOARD_MISSING)
         if self.compile_mode not in COMPILE_MODES:

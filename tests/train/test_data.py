@@ -114,6 +114,17 @@ def test_cifar_batches_in_every_pickle_protocol_load(tmp_path):
         assert torch.equal(load_dataset("cifar10", str(tmp_path)).train.tensors[0], expected), protocol
 
 
+def test_options_a_data_set_would_ignore_are_refused(tmp_path):
+    for args, match in (
+        (("digits", str(tmp_path)), "do not apply"),
+        (("digits", None, 16), "do not apply"),
+        (("cifar10", str(tmp_path), 64), "imagefolder only"),
+        (("imagefolder", str(tmp_path), 0), "positive number of pixels"),
+    ):
+        with pytest.raises(DatasetError, match=match):
+            load_dataset(*args)
+
+
 def _write_imagefolder(root, classes=("cat", "dog"), per_class=3):
     from PIL import Image
 

@@ -190,3 +190,16 @@ def test_tensorboard_gets_the_epoch_metrics_and_the_step_losses(tmp_path):
     assert [e.value for e in test_acc] == pytest.approx([r["test_acc"] for r in result["history"]])
     assert len(events.Scalars("step/loss")) == 2 * 2  # 256 images in batches of 128, two epochs
     assert {"train/loss", "train/lr", "speed/images_per_s"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(reuse_every=2), "--reuse-every applies to --feature-reuse runs only"),
+        (dict(reuse_drop_rate=0.5), "--reuse-drop-rate applies to --feature-reuse runs only"),
+        (dict(image_size=0), "image-size must be a positive number"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        small(tmp_path, **options)
