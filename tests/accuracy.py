@@ -109,34 +109,35 @@ def assert_float32_agrees(
     assert x.dtype == torch.float32, x.dtype
     assert math.frexp(baseline_scale)[0] == 0.5, "baseline_scale must be a power of two (an exact division)"
     exact_module = twin(ref, "reference").float().double()  # the candidate's own (float32) parameters
-    plain_exact_module = _scaled_eps(twin(exact_module, "reference"), baseline_scale)
     baseline_module = _scaled_eps(twin(ref, baseline).float(), baseline_scale)
+    # the baseline's own float64 result: the exact one, unless its input is scaled
+    plain_exact_module = None if baseline_scale == 1 else _scaled_eps(twin(exact_module, "reference"), baseline_scale)
     x_plain = x / baseline_scale
     problems = []
     for step in range(steps):
         exact, got = _step(exact_module, x.double(), step), _step(candidate, x, step)
         plain = _step(baseline_module, x_plain, step)
-        plain_exact = exact if baseline_scale == 1 else _step(plain_exact_module, x_plain.double(), step)
-        assert got.keys() == exact.keys(), (sorted(got), sorted(exact))
+        plain_exact = exact if plain_exact_module is None else _step(plain_exact_module, x_plain.double(), step)
         assert got["output"].dtype == torch.float32, got["output"].dtype
-        problems += [
-            f"step {step}, {name}: {problem}"
-            for name in exact
-            if not any(part in name for part in unchecked)
-            and (problem := _judge(got[name], exact[name], plain[name], plain_exact[name]))
-        ]
-    exact, got = _buffers(exact_module), _buffers(candidate)
-    plain = _buffers(baseline_module)
-    plain_exact = exact if baseline_scale == 1 else _buffers(plain_exact_module)
+        problems += _compare(f"step {step}, ", got, exact, plain, plain_exact, unchecked)
+    exact = _buffers(exact_module)
+    plain_exact = exact if plain_exact_module is None else _buffers(plain_exact_module)
+    problems += _compare("", _buffers(candidate), exact, _buffers(baseline_module), plain_exact, unchecked)
+    assert not problems, "float32 results outside the bound:\n" + "\n".join(problems)
+
+
+def _compare(prefix: str, got: dict, exact: dict, plain: dict, plain_exact: dict, unchecked: tuple) -> list[str]:
+    """The rule on each named result (integer ones, num_batches_tracked, exactly equal); what fails."""
     assert got.keys() == exact.keys(), (sorted(got), sorted(exact))
+    problems = []
     for name in exact:
         if any(part in name for part in unchecked):
             continue
-        if not exact[name].dtype.is_floating_point:  # num_batches_tracked: exactly equal
+        if not exact[name].dtype.is_floating_point:
             assert torch.equal(got[name].cpu(), exact[name].cpu()), name
         elif problem := _judge(got[name], exact[name], plain[name], plain_exact[name]):
-            problems.append(f"{name}: {problem}")
-    assert not problems, "float32 results outside the bound:\n" + "\n".join(problems)
+            problems.append(f"{prefix}{name}: {problem}")
+    return problems
 
 
 def _scaled_eps(module: nn.Module, scale: float) -> nn.Module:

@@ -35,10 +35,6 @@ from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue
 pytestmark = requires_a_device
 
 
-def tol(dtype):
-    return kernel_tolerance(dtype)
-
-
 def _act(y, gelu, slope, scale):
     return scale * (F.gelu(y) if gelu else F.leaky_relu(y, slope))
 
@@ -70,12 +66,14 @@ def test_ln_gemm_product_and_row_statistics(device, m, k, n, split):
     b = torch.randn(n, k, dtype=dtype, device=device).t()  # a transposed view: read through its strides
     out, part = ln_gemm(a, b, stats_split=split)
     expected = a @ b
-    torch.testing.assert_close(out, expected, **tol(dtype))
+    torch.testing.assert_close(out, expected, **kernel_tolerance(dtype))
     stats = row_statistics(part, 1e-5)
     for seg, cols in enumerate((expected[:, :split], expected[:, split:])):
         cols = cols if cols.shape[1] else expected[:, :split]  # an empty segment repeats segment 0
-        torch.testing.assert_close(stats[2 * seg], cols.mean(1), **tol(dtype))
-        torch.testing.assert_close(stats[2 * seg + 1], torch.rsqrt(cols.var(1, unbiased=False) + 1e-5), **tol(dtype))
+        torch.testing.assert_close(stats[2 * seg], cols.mean(1), **kernel_tolerance(dtype))
+        torch.testing.assert_close(
+            stats[2 * seg + 1], torch.rsqrt(cols.var(1, unbiased=False) + 1e-5), **kernel_tolerance(dtype)
+        )
 
 
 def test_row_statistics_partials_past_the_launched_tiles_read_as_zero(device, monkeypatch):
@@ -96,8 +94,10 @@ def test_row_statistics_partials_past_the_launched_tiles_read_as_zero(device, mo
         21, linear_gemm._ln_gemm_kernel.configs[0].kwargs["BLOCK_N"]
     )
     stats = row_statistics(part, 1e-5)
-    torch.testing.assert_close(stats[0], out[:, :8].mean(1), **tol(dtype))
-    torch.testing.assert_close(stats[3], torch.rsqrt(out[:, 8:].var(1, unbiased=False) + 1e-5), **tol(dtype))
+    torch.testing.assert_close(stats[0], out[:, :8].mean(1), **kernel_tolerance(dtype))
+    torch.testing.assert_close(
+        stats[3], torch.rsqrt(out[:, 8:].var(1, unbiased=False) + 1e-5), **kernel_tolerance(dtype)
+    )
 
 
 def test_ln_gemm_writes_into_a_strided_out(device):
@@ -108,7 +108,7 @@ def test_ln_gemm_writes_into_a_strided_out(device):
     )
     out, _ = ln_gemm(a, b, out=buffer.t())
     assert out.data_ptr() == buffer.data_ptr()
-    torch.testing.assert_close(buffer.t(), (a @ b).to(buffer.dtype), **tol(dtype))
+    torch.testing.assert_close(buffer.t(), (a @ b).to(buffer.dtype), **kernel_tolerance(dtype))
     with pytest.raises(ValueError, match="is not"):
         ln_gemm(a, b, out=buffer)
 
@@ -121,10 +121,10 @@ def test_ln_gemm_prologues(device, gelu, slope, scale):
     pro, h = _prologue(z, split, gelu, slope, scale)
     w = torch.randn(out_ch, width, dtype=dtype, device=device)
     y, _ = ln_gemm(z, w.t(), prologue_a=pro)  # the forward product: normalise A's rows (tokens)
-    torch.testing.assert_close(y, h @ w.t(), **tol(dtype))
+    torch.testing.assert_close(y, h @ w.t(), **kernel_tolerance(dtype))
     du = torch.randn(tokens, out_ch, dtype=dtype, device=device)
     dw, _ = ln_gemm(du.t(), z, prologue_b=pro)  # the weight gradient: normalise B's rows (tokens)
-    torch.testing.assert_close(dw, du.t() @ h, **tol(dtype))
+    torch.testing.assert_close(dw, du.t() @ h, **kernel_tolerance(dtype))
 
 
 @pytest.mark.parametrize("act, gelu", [(True, True), (True, False), (False, False)], ids=["gelu", "leaky", "none"])
@@ -139,7 +139,9 @@ def test_ln_act_forward_matches_autograd(device, act, gelu):
     y = _act(y, gelu, slope, scale) if act else y
     mean, var = z.mean(1), z.var(1, unbiased=False)
     stats = torch.stack([mean, torch.rsqrt(var + 1e-5)] * 2)
-    torch.testing.assert_close(ln_act_forward(z, stats, gamma, beta, act, gelu, slope, scale), y, **tol(dtype))
+    torch.testing.assert_close(
+        ln_act_forward(z, stats, gamma, beta, act, gelu, slope, scale), y, **kernel_tolerance(dtype)
+    )
 
 
 def _segmented_block_grads(u, dy, split, gamma, beta, gelu, slope, scale):
@@ -178,18 +180,18 @@ def test_ln_grad_prologue_matches_autograd(device, split, gelu):
     du_ref, dgamma_ref, dbeta_ref = _segmented_block_grads(u, dy, split, gamma, beta, gelu, slope, scale)
 
     grad, dgamma, dbeta = ln_grad_sums(dy, u, norm)
-    torch.testing.assert_close(dgamma.to(dtype), dgamma_ref, **tol(dtype))
-    torch.testing.assert_close(dbeta.to(dtype), dbeta_ref, **tol(dtype))
+    torch.testing.assert_close(dgamma.to(dtype), dgamma_ref, **kernel_tolerance(dtype))
+    torch.testing.assert_close(dbeta.to(dtype), dbeta_ref, **kernel_tolerance(dtype))
     eye = torch.eye(width, dtype=dtype, device=device)
-    torch.testing.assert_close(ln_gemm(dy, eye, prologue_a=grad)[0], du_ref, **tol(dtype))
+    torch.testing.assert_close(ln_gemm(dy, eye, prologue_a=grad)[0], du_ref, **kernel_tolerance(dtype))
     w = rand(n_out, width)
-    torch.testing.assert_close(ln_gemm(dy, w.t(), prologue_a=grad)[0], du_ref @ w.t(), **tol(dtype))
+    torch.testing.assert_close(ln_gemm(dy, w.t(), prologue_a=grad)[0], du_ref @ w.t(), **kernel_tolerance(dtype))
     x = rand(tokens, n_out)
-    torch.testing.assert_close(ln_gemm(dy.t(), x, prologue_a=grad.t())[0], du_ref.t() @ x, **tol(dtype))
+    torch.testing.assert_close(ln_gemm(dy.t(), x, prologue_a=grad.t())[0], du_ref.t() @ x, **kernel_tolerance(dtype))
     z = rand(tokens, 9)
     hidden, h = _prologue(z, 4, gelu, slope, scale)
     torch.testing.assert_close(
-        ln_gemm(dy.t(), z, prologue_a=grad.t(), prologue_b=hidden)[0], du_ref.t() @ h, **tol(dtype)
+        ln_gemm(dy.t(), z, prologue_a=grad.t(), prologue_b=hidden)[0], du_ref.t() @ h, **kernel_tolerance(dtype)
     )
 
 
