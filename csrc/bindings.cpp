@@ -1,5 +1,5 @@
 // The one binding file: exposes the CPU kernels (channels-last rows, the coder algebra) and, when built with
-// CUDA, the 'cuda' backend's planar passes.
+// CUDA, the 'cuda' backend's passes over [outer, channels, inner] maps (NCHW or channels_last).
 #include <torch/extension.h>
 
 #include "cpu/pnnh_cpu.h"
@@ -47,7 +47,7 @@ std::string cudnn_dgrad_support(int64_t n, int64_t c, int64_t h, int64_t w, int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pnnh_kernels compiled kernels";
 #ifdef PNNH_WITH_CUDA
-  // the 'cuda' backend's planar passes (backends/cuda/conv.py), CUDA tensors only
+  // the 'cuda' backend's passes over [outer, channels, inner] maps (backends/cuda/maps.py), CUDA tensors only
   m.def("channel_sums", &pnnh::cuda::channel_sums_torch, "per-channel sum and sum of squares (float64)");
   m.def("bn_finalize", &pnnh::cuda::bn_finalize_torch, "(mean, invstd, unbiased var) rows from channel sums");
   m.def("bn_act_apply", &pnnh::cuda::bn_act_apply_torch, "fused batch-norm apply + activation");
@@ -75,8 +75,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_bn_act_backward_apply", &pnnh::rows_bn_act_backward_apply, "fused dAct + dBN input gradient over rows");
   m.def("ln_act_forward", &pnnh::ln_act_forward, "fused layer-norm apply + activation over rows");
   m.def("ln_act_backward", &pnnh::ln_act_backward, "fused dActivation + dLayerNorm over rows");
-  m.def("conv_block_rows_1x1", &pnnh::conv_block_rows_1x1, "the rows conv block with a 1x1 coder, forward");
-  m.def("conv_block_rows_1x1_backward", &pnnh::conv_block_rows_1x1_backward, "the rows conv block with a 1x1 coder, backward");
+  // the block functions take the op contract's fields (backends/contract.py BlockArgs) by name
+  m.def("conv_block_rows_1x1", &pnnh::conv_block_rows_1x1, "the rows conv block with a 1x1 coder, forward",
+        py::arg("x"), py::arg("encoder"), py::arg("learner1"), py::arg("learner2"), py::arg("decoder"),
+        py::arg("coder_gamma"), py::arg("coder_beta"), py::arg("learner_gamma"), py::arg("learner_beta"),
+        py::arg("out_gamma"), py::arg("out_beta"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("use_batch"), py::arg("eps"), py::arg("slope"), py::arg("act_scale"), py::arg("gain"),
+        py::arg("final_act"));
+  m.def("conv_block_rows_1x1_backward", &pnnh::conv_block_rows_1x1_backward,
+        "the rows conv block with a 1x1 coder, backward", py::arg("dy"), py::arg("x"), py::arg("zc"), py::arg("zl"),
+        py::arg("u"), py::arg("encoder"), py::arg("learner1"), py::arg("learner2"), py::arg("decoder"),
+        py::arg("coder_gamma"), py::arg("coder_beta"), py::arg("learner_gamma"), py::arg("learner_beta"),
+        py::arg("out_gamma"), py::arg("out_beta"), py::arg("mean"), py::arg("invstd"), py::arg("use_batch"),
+        py::arg("slope"), py::arg("act_scale"), py::arg("gain"), py::arg("final_act"), py::arg("need_dx"));
   m.def("coder_input_moments", &pnnh::coder_input_moments, "column sums and Gram matrix of rows (float64)");
   m.def("coder_batch_stats", &pnnh::coder_batch_stats, "a 1x1 coder's batch (mean, biased var) from its input's moments");
   m.def("coder_fold", &coder_fold, "BN_c folded into the decoder: (a, shift, m, through, offset)");

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import TypedDict
 
 from .activation import ActivationLike, make_activation
 from .backends import check_backend_name
@@ -24,8 +25,27 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+class BlockOptions(TypedDict, total=False):
+    """The keyword options PNNHConv2d and PNNHLinear share, passed through to :class:`PNNHBlockBase` as one
+    dict (their defaults are its; PNNHConv2d's docstring says what each does)."""
+
+    activation: ActivationLike
+    negative_slope: Optional[float]
+    activation_scale: float
+    final_activation: bool
+    bias: Optional[bool]
+    tied: bool
+    coder: Optional[PNNHCoder]
+    eps: float
+    momentum: float
+    backend: str
+    device: DeviceLike
+    dtype: Optional[torch.dtype]
+
+
 class PNNHBlockBase(nn.Module):
-    """Parameters and forward of a PNNH block; subclasses give shapes, norms and the functional op."""
+    """Parameters and forward of a PNNH block; subclasses give shapes, norms (:meth:`_make_norm`) and the
+    functional op."""
 
     _functional: Callable[..., Tensor]
 
@@ -38,18 +58,17 @@ class PNNHBlockBase(nn.Module):
         learner_tail: tuple[int, ...],
         coder_kernel_size: Optional[int],
         *,
-        activation: ActivationLike,
-        negative_slope: Optional[float],
-        activation_scale: float,
-        final_activation: bool,
         norm: str,
-        bias: Optional[bool],
-        tied: bool,
-        coder: Optional[PNNHCoder],
-        eps: float,
-        momentum: float,
-        backend: str,
-        make_norm: Callable[[int], nn.Module],
+        activation: ActivationLike = "relu",
+        negative_slope: Optional[float] = None,
+        activation_scale: float = 1.0,
+        final_activation: bool = True,
+        bias: Optional[bool] = None,
+        tied: bool = True,
+        coder: Optional[PNNHCoder] = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        backend: str = "auto",
         device: DeviceLike = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -101,13 +120,17 @@ class PNNHBlockBase(nn.Module):
 
         self.coder_norm = self.learner_norm = self.out_norm = None
         if norm != "none":
-            self.coder_norm = make_norm(coder.coder_channels)
-            self.learner_norm = make_norm(hidden_channels)
-            self.out_norm = make_norm(out_channels)
+            self.coder_norm = self._make_norm(coder.coder_channels)
+            self.learner_norm = self._make_norm(hidden_channels)
+            self.out_norm = self._make_norm(out_channels)
             if device is not None or dtype is not None:
                 for n in (self.coder_norm, self.learner_norm, self.out_norm):
                     n.to(device=device, dtype=dtype)
         self.reset_learner_parameters()
+
+    def _make_norm(self, channels: int) -> nn.Module:
+        """One of the block's three norms (``self.config`` holds its kind, eps and momentum)."""
+        raise NotImplementedError
 
     def reset_learner_parameters(self) -> None:
         """He init of the learner (as torchvision ResNets); the coder starts orthogonal."""

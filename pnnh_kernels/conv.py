@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from ._block_module import PNNHBlockBase
-from .activation import ActivationLike
-from .block import NORMS_CONV, DeviceLike
-from .coder import PNNHCoder
+from ._block_module import BlockOptions, PNNHBlockBase
+from .block import NORMS_CONV
 from .functional import pnnh_conv2d
 
 
@@ -30,7 +28,13 @@ class PNNHConv2d(PNNHBlockBase):
         final_activation: apply the activation after the last norm (True in a ResNet block).
         norm: ``"batch"`` or ``"none"``. ``bias`` defaults to ``norm == "none"``.
         tied: decode with the encoder's adjoint (needs ``in == out``); ``False`` learns a decoder.
+        coder: a :class:`PNNHCoder` to share (its widths and kernel must fit this block).
+        eps, momentum: the norms' (as ``torch.nn.BatchNorm2d``).
         backend: ``"auto"``, ``"reference"``, ``"eager"`` or a fused backend when built.
+        device, dtype: of the parameters and buffers.
+
+    The options from ``activation`` on are :class:`~pnnh_kernels._block_module.BlockOptions`, shared with
+    :class:`PNNHLinear`.
     """
 
     _functional = staticmethod(pnnh_conv2d)
@@ -44,45 +48,20 @@ class PNNHConv2d(PNNHBlockBase):
         hidden_channels: Optional[int] = None,
         coder_channels: Optional[int] = None,
         coder_kernel_size: int = 1,
-        activation: ActivationLike = "relu",
-        negative_slope: Optional[float] = None,
-        activation_scale: float = 1.0,
-        final_activation: bool = True,
         norm: str = "batch",
-        bias: Optional[bool] = None,
-        tied: bool = True,
-        coder: Optional[PNNHCoder] = None,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        backend: str = "auto",
-        device: DeviceLike = None,
-        dtype: Optional[torch.dtype] = None,
+        **options: Unpack[BlockOptions],
     ) -> None:
         for name, k in (("kernel_size", kernel_size), ("coder_kernel_size", coder_kernel_size)):
             if not isinstance(k, int) or k < 1 or k % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd int ('same' padding), got {k!r}")
         if norm not in NORMS_CONV:
             raise ValueError(f"PNNHConv2d norm must be one of {NORMS_CONV}, got {norm!r}")
+        learner_kernel = (kernel_size, kernel_size)
         super().__init__(
-            in_channels,
-            out_channels,
-            hidden_channels,
-            coder_channels,
-            (kernel_size, kernel_size),
-            coder_kernel_size,
-            activation=activation,
-            negative_slope=negative_slope,
-            activation_scale=activation_scale,
-            final_activation=final_activation,
-            norm=norm,
-            bias=bias,
-            tied=tied,
-            coder=coder,
-            eps=eps,
-            momentum=momentum,
-            backend=backend,
-            make_norm=lambda c: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
-            device=device,
-            dtype=dtype,
-        )
+            in_channels, out_channels, hidden_channels, coder_channels, learner_kernel, coder_kernel_size,
+            norm=norm, **options,
+        )  # fmt: skip
         self.kernel_size = kernel_size
+
+    def _make_norm(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels, eps=self.config.eps, momentum=self.config.momentum)

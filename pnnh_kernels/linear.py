@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from ._block_module import PNNHBlockBase
-from .activation import ActivationLike
-from .block import NORMS_LINEAR, DeviceLike
-from .coder import PNNHCoder
+from ._block_module import BlockOptions, PNNHBlockBase
+from .block import NORMS_LINEAR
 from .functional import pnnh_linear
 
 
@@ -21,6 +19,8 @@ class PNNHLinear(PNNHBlockBase):
     (the MLP's hidden size, default ``4 * out_features`` as in a Transformer). Norms: ``"layer"``
     (default), ``"batch"`` (statistics over every leading dimension) or ``"none"``. The activation
     may also be ``"gelu"``, whose odd part is the identity, so the coder path survives it too.
+    ``coder_features`` is the coder width (default ``in_features``); the other keyword options are
+    :class:`PNNHConv2d`'s (:class:`~pnnh_kernels._block_module.BlockOptions`).
     """
 
     _functional = staticmethod(pnnh_linear)
@@ -32,54 +32,18 @@ class PNNHLinear(PNNHBlockBase):
         hidden_features: Optional[int] = None,
         *,
         coder_features: Optional[int] = None,
-        activation: ActivationLike = "relu",
-        negative_slope: Optional[float] = None,
-        activation_scale: float = 1.0,
-        final_activation: bool = True,
         norm: str = "layer",
-        bias: Optional[bool] = None,
-        tied: bool = True,
-        coder: Optional[PNNHCoder] = None,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        backend: str = "auto",
-        device: DeviceLike = None,
-        dtype: Optional[torch.dtype] = None,
+        **options: Unpack[BlockOptions],
     ) -> None:
         if norm not in NORMS_LINEAR:
             raise ValueError(f"PNNHLinear norm must be one of {NORMS_LINEAR}, got {norm!r}")
         out = in_features if out_features is None else out_features
         hidden = 4 * out if hidden_features is None and isinstance(out, int) else hidden_features
+        super().__init__(in_features, out_features, hidden, coder_features, (), None, norm=norm, **options)
+        self.in_features, self.out_features = self.in_channels, self.out_channels
+        self.hidden_features = self.hidden_channels
 
-        def make_norm(c: int) -> nn.Module:
-            if norm == "layer":
-                return nn.LayerNorm(c, eps=eps)
-            return nn.BatchNorm1d(c, eps=eps, momentum=momentum)
-
-        super().__init__(
-            in_features,
-            out_features,
-            hidden,
-            coder_features,
-            (),
-            None,
-            activation=activation,
-            negative_slope=negative_slope,
-            activation_scale=activation_scale,
-            final_activation=final_activation,
-            norm=norm,
-            bias=bias,
-            tied=tied,
-            coder=coder,
-            eps=eps,
-            momentum=momentum,
-            backend=backend,
-            make_norm=make_norm,
-            device=device,
-            dtype=dtype,
-        )
-        self.in_features, self.out_features, self.hidden_features = (
-            self.in_channels,
-            self.out_channels,
-            self.hidden_channels,
-        )
+    def _make_norm(self, channels: int) -> nn.Module:
+        if self.config.norm == "layer":
+            return nn.LayerNorm(channels, eps=self.config.eps)
+        return nn.BatchNorm1d(channels, eps=self.config.eps, momentum=self.config.momentum)

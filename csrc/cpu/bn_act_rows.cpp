@@ -3,8 +3,8 @@
 // A tensor is a contiguous [rows, ld] matrix (NHWC: rows = N*H*W pixels, ld = channels); a pass covers
 // the column range [c0, c0 + cn) of every row, so the coder and learner halves of one layer-1 output are
 // read in place. Every pass walks memory in order, row after row, with the channels as the vector lanes
-// (planar NCHW passes, as the 'cuda' backend's kernels run them, stride through memory channel by channel, which
-// small feature maps turn into a cache miss per row).
+// (passes over NCHW maps stride through memory channel by channel, which small feature maps turn into a
+// cache miss per row).
 //
 // When every operand's range is its whole row (the usual case: separate coder and learner matrices), a
 // group of consecutive rows is walked as one long vector row, with the per-channel constants repeated

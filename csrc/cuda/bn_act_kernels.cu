@@ -79,7 +79,7 @@ __device__ void block_sum2(A& a, A& b) {
 // partial sums. The sums are taken in double: float squares overflow once |v| passes ~1e19, and the pass
 // is bound by memory, not by the arithmetic.
 template <typename T>
-__global__ void channel_sums_kernel(const T* z, PlanarDims d, double* partials) {
+__global__ void channel_sums_kernel(const T* z, MapDims d, double* partials) {
   const int64_t c = blockIdx.x;
   const int64_t per_channel = d.outer * d.inner;
   double s = 0, ss = 0;
@@ -117,7 +117,7 @@ __device__ void column_sum2(A& a, A& b) {
 }
 
 template <typename T>
-__global__ void channel_sums_rows_kernel(const T* z, PlanarDims d, double* partials) {
+__global__ void channel_sums_rows_kernel(const T* z, MapDims d, double* partials) {
   const int64_t c = int64_t(blockIdx.x) * kLanes + threadIdx.x;
   double s = 0, ss = 0;
   if (c < d.cn) {
@@ -152,7 +152,7 @@ __global__ void bn_finalize_kernel(const S* sums, int64_t splits, int64_t cn, do
 }
 
 template <typename T>
-__global__ void bn_act_apply_kernel(const T* z, PlanarDims d, T* out, const float* mean, const float* invstd,
+__global__ void bn_act_apply_kernel(const T* z, MapDims d, T* out, const float* mean, const float* invstd,
                                     const float* gamma, const float* beta, ActParams act) {
   using A = typename Acc<T>::type;
   const int64_t n = d.outer * d.cn * d.inner;
@@ -165,7 +165,7 @@ __global__ void bn_act_apply_kernel(const T* z, PlanarDims d, T* out, const floa
 }
 
 template <typename T>
-__global__ void bn_act_backward_sums_kernel(const T* dy, const T* x, PlanarDims d, const float* mean,
+__global__ void bn_act_backward_sums_kernel(const T* dy, const T* x, MapDims d, const float* mean,
                                             const float* invstd, const float* gamma, const float* beta,
                                             ActParams act, double* sums) {
   using A = typename Acc<T>::type;
@@ -189,7 +189,7 @@ __global__ void bn_act_backward_sums_kernel(const T* dy, const T* x, PlanarDims 
 }
 
 template <typename T>
-__global__ void bn_act_backward_sums_rows_kernel(const T* dy, const T* x, PlanarDims d, const float* mean,
+__global__ void bn_act_backward_sums_rows_kernel(const T* dy, const T* x, MapDims d, const float* mean,
                                                  const float* invstd, const float* gamma, const float* beta,
                                                  ActParams act, double* sums) {
   using A = typename Acc<T>::type;
@@ -212,7 +212,7 @@ __global__ void bn_act_backward_sums_rows_kernel(const T* dy, const T* x, Planar
 }
 
 template <typename T>
-__global__ void bn_act_backward_apply_kernel(const T* dy, const T* x, T* dx, PlanarDims d, const float* mean,
+__global__ void bn_act_backward_apply_kernel(const T* dy, const T* x, T* dx, MapDims d, const float* mean,
                                              const float* invstd, const float* gamma, const float* beta,
                                              const double* sums, bool training, ActParams act, float* dgamma,
                                              float* dbeta) {
@@ -238,7 +238,7 @@ __global__ void bn_act_backward_apply_kernel(const T* dy, const T* x, T* dx, Pla
 }
 
 template <typename T>
-__global__ void bn_input_grad_kernel(const T* d_act, const T* z, T* dz, PlanarDims d, const float* coef_dy,
+__global__ void bn_input_grad_kernel(const T* d_act, const T* z, T* dz, MapDims d, const float* coef_dy,
                                      const float* coef_z, const float* bias) {
   using A = typename Acc<T>::type;
   const int64_t n = d.outer * d.cn * d.inner;
@@ -256,13 +256,13 @@ int elementwise_blocks(int64_t n) {
 
 // Channels-last reductions: about 16 rows per thread, at most 1024 splits per channel block (forward:
 // that many partial sums for bn_finalize; backward: that many atomic adds into each channel's sums).
-dim3 rows_reduction_grid(const PlanarDims& d) {
+dim3 rows_reduction_grid(const MapDims& d) {
   const int64_t channel_blocks = (d.cn + kLanes - 1) / kLanes;
   const int64_t splits = (d.outer + 16 * kRowLanes - 1) / (16 * kRowLanes);
   return dim3(unsigned(channel_blocks), unsigned(splits < 1 ? 1 : (splits > 1024 ? 1024 : splits)));
 }
 
-int reduction_splits(const PlanarDims& d) {
+int reduction_splits(const MapDims& d) {
   const int64_t per_channel = d.outer * d.inner;
   const int64_t splits = (per_channel + 8 * kThreads - 1) / (8 * kThreads);  // ~8 elements per thread
   return int(splits < 1 ? 1 : (splits > 65535 ? 65535 : splits));
@@ -270,12 +270,12 @@ int reduction_splits(const PlanarDims& d) {
 
 }  // namespace
 
-int channel_sums_splits(PlanarDims dims) {
+int channel_sums_splits(MapDims dims) {
   return dims.inner == 1 ? int(rows_reduction_grid(dims).y) : reduction_splits(dims);
 }
 
 template <typename T>
-cudaError_t channel_sums(const T* z, PlanarDims dims, double* partials, cudaStream_t stream) {
+cudaError_t channel_sums(const T* z, MapDims dims, double* partials, cudaStream_t stream) {
   if (dims.cn == 0) return cudaSuccess;
   if (dims.inner == 1) {
     channel_sums_rows_kernel<T><<<rows_reduction_grid(dims), dim3(kLanes, kRowLanes), 0, stream>>>(z, dims, partials);
@@ -302,7 +302,7 @@ template cudaError_t bn_finalize<float>(const float*, int64_t, int64_t, double, 
                                         cudaStream_t);
 
 template <typename T>
-cudaError_t bn_act_apply(const T* z, PlanarDims dims, T* out, const float* mean, const float* invstd,
+cudaError_t bn_act_apply(const T* z, MapDims dims, T* out, const float* mean, const float* invstd,
                          const float* gamma, const float* beta, ActParams act, cudaStream_t stream) {
   const int64_t n = dims.outer * dims.cn * dims.inner;
   if (n == 0) return cudaSuccess;
@@ -311,7 +311,7 @@ cudaError_t bn_act_apply(const T* z, PlanarDims dims, T* out, const float* mean,
 }
 
 template <typename T>
-cudaError_t bn_act_backward_sums(const T* dy, const T* x, PlanarDims dims, const float* mean,
+cudaError_t bn_act_backward_sums(const T* dy, const T* x, MapDims dims, const float* mean,
                                  const float* invstd, const float* gamma, const float* beta, ActParams act,
                                  double* sums, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(sums, 0, sizeof(double) * 2 * dims.cn, stream);
@@ -327,7 +327,7 @@ cudaError_t bn_act_backward_sums(const T* dy, const T* x, PlanarDims dims, const
 }
 
 template <typename T>
-cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dims, const float* mean,
+cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, MapDims dims, const float* mean,
                                   const float* invstd, const float* gamma, const float* beta, const double* sums,
                                   bool training, ActParams act, float* dgamma, float* dbeta, cudaStream_t stream) {
   const int64_t n = dims.outer * dims.cn * dims.inner;
@@ -339,7 +339,7 @@ cudaError_t bn_act_backward_apply(const T* dy, const T* x, T* dx, PlanarDims dim
 }
 
 template <typename T>
-cudaError_t bn_input_grad(const T* d_act, const T* z, T* dz, PlanarDims dims, const float* coef_dy,
+cudaError_t bn_input_grad(const T* d_act, const T* z, T* dz, MapDims dims, const float* coef_dy,
                           const float* coef_z, const float* bias, cudaStream_t stream) {
   const int64_t n = dims.outer * dims.cn * dims.inner;
   if (n == 0) return cudaSuccess;
@@ -348,15 +348,15 @@ cudaError_t bn_input_grad(const T* d_act, const T* z, T* dz, PlanarDims dims, co
 }
 
 #define PNNH_INSTANTIATE(T)                                                                                         \
-  template cudaError_t channel_sums<T>(const T*, PlanarDims, double*, cudaStream_t);                                \
-  template cudaError_t bn_act_apply<T>(const T*, PlanarDims, T*, const float*, const float*, const float*,         \
+  template cudaError_t channel_sums<T>(const T*, MapDims, double*, cudaStream_t);                                \
+  template cudaError_t bn_act_apply<T>(const T*, MapDims, T*, const float*, const float*, const float*,         \
                                        const float*, ActParams, cudaStream_t);                                      \
-  template cudaError_t bn_act_backward_sums<T>(const T*, const T*, PlanarDims, const float*, const float*,        \
+  template cudaError_t bn_act_backward_sums<T>(const T*, const T*, MapDims, const float*, const float*,        \
                                                const float*, const float*, ActParams, double*, cudaStream_t);       \
-  template cudaError_t bn_act_backward_apply<T>(const T*, const T*, T*, PlanarDims, const float*, const float*,   \
+  template cudaError_t bn_act_backward_apply<T>(const T*, const T*, T*, MapDims, const float*, const float*,   \
                                                 const float*, const float*, const double*, bool, ActParams, float*, \
                                                 float*, cudaStream_t);                                              \
-  template cudaError_t bn_input_grad<T>(const T*, const T*, T*, PlanarDims, const float*, const float*, const float*, \
+  template cudaError_t bn_input_grad<T>(const T*, const T*, T*, MapDims, const float*, const float*, const float*, \
                                         cudaStream_t);
 
 PNNH_INSTANTIATE(float)

@@ -14,7 +14,7 @@ namespace pnnh {
 namespace cuda {
 namespace {
 
-void check_planar(const at::Tensor& t, const char* name) {
+void check_map(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must be viewed as [outer, channels, inner], got ", t.dim(), " dims");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
@@ -29,7 +29,7 @@ at::Tensor param(const at::Tensor& p, int64_t n, const at::Tensor& like, const c
   return p.to(at::kFloat).contiguous();
 }
 
-PlanarDims dims_of(const at::Tensor& t, int64_t c0, int64_t cn) {
+MapDims dims_of(const at::Tensor& t, int64_t c0, int64_t cn) {
   return {t.size(0), t.size(1), t.size(2), c0, cn};
 }
 
@@ -71,10 +71,10 @@ T* mut_ptr(const at::Tensor& t) {
 }  // namespace
 
 at::Tensor channel_sums_torch(const at::Tensor& z, int64_t c0, int64_t cn) {
-  check_planar(z, "z");
+  check_map(z, "z");
   TORCH_CHECK(c0 >= 0 && cn >= 0 && c0 + cn <= z.size(1), "channel range out of bounds");
   const c10::cuda::CUDAGuard guard(z.device());
-  const PlanarDims dims = dims_of(z, c0, cn);
+  const MapDims dims = dims_of(z, c0, cn);
   auto out = at::empty({channel_sums_splits(dims), 2, cn}, z.options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(z, [&](auto* tag) {
@@ -107,8 +107,8 @@ void bn_finalize_torch(const at::Tensor& sums, double count, double eps, const a
 void bn_act_apply_torch(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
                         const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
                         double slope, double scale) {
-  check_planar(z, "z");
-  check_planar(out, "out");
+  check_map(z, "z");
+  check_map(out, "out");
   const int64_t cn = out.size(1);
   TORCH_CHECK(out.scalar_type() == z.scalar_type(), "out must have z's dtype");
   TORCH_CHECK(out.size(0) == z.size(0) && out.size(2) == z.size(2) && c0 >= 0 && c0 + cn <= z.size(1),
@@ -128,8 +128,8 @@ void bn_act_apply_torch(const at::Tensor& z, int64_t c0, const at::Tensor& out, 
 at::Tensor bn_act_backward_sums_torch(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
                                       const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                                       bool use_act, double slope, double scale) {
-  check_planar(dy, "dy");
-  check_planar(x, "x");
+  check_map(dy, "dy");
+  check_map(x, "x");
   const int64_t cn = dy.size(1);
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy must have x's dtype");
   TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == x.size(2) && c0 >= 0 && c0 + cn <= x.size(1),
@@ -155,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_torch(const at::Tensor&
                                                                const at::Tensor& beta, const at::Tensor& sums,
                                                                bool training, bool use_act, double slope,
                                                                double scale) {
-  check_planar(dy, "dy");
-  check_planar(x, "x");
-  check_planar(dx, "dx");
+  check_map(dy, "dy");
+  check_map(x, "x");
+  check_map(dx, "dx");
   const int64_t cn = dy.size(1);
   TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dx.scalar_type() == x.scalar_type(),
               "dy and dx must have x's dtype");
@@ -185,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_torch(const at::Tensor&
 
 void bn_input_grad_torch(const at::Tensor& d_act, const at::Tensor& z, int64_t c0, const at::Tensor& dz,
                          const at::Tensor& coef_dy, const at::Tensor& coef_z, const at::Tensor& bias) {
-  check_planar(d_act, "d_act");
-  check_planar(z, "z");
-  check_planar(dz, "dz");
+  check_map(d_act, "d_act");
+  check_map(z, "z");
+  check_map(dz, "dz");
   const int64_t cn = d_act.size(1);
   TORCH_CHECK(d_act.scalar_type() == z.scalar_type() && dz.scalar_type() == z.scalar_type(),
               "d_act and dz must have z's dtype");

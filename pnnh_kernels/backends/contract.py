@@ -55,14 +55,14 @@ class BlockArgs(NamedTuple):
     eps: float
     activation: int  #: ACT_LEAKY or ACT_GELU
     slope: float  #: the leaky family's negative slope (relu 0, identity 1)
-    scale: float  #: the activation's scale
+    act_scale: float  #: the activation's scale
     gain: float  #: the coder gain: act(a) - act(-a) = gain * a
     final_act: bool  #: apply the activation after the output norm
 
     @property
     def affine(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """gamma, beta of the coder, learner and output norms."""
-        return self[5:11]
+        return (self.coder_gamma, self.coder_beta, self.learner_gamma, self.learner_beta, self.out_gamma, self.out_beta)
 
     @property
     def gelu(self) -> bool:
@@ -85,8 +85,16 @@ class BlockGrads(NamedTuple):
     out_beta: Tensor
 
 
-_NUM_TENSORS = len(BlockGrads._fields)  # x, the weights and the affine parameters
-_OPTIONS = slice(_NUM_TENSORS + 2, None)  # use_batch ... final_act
+# The flat calling convention of the custom ops is BlockArgs' field order: the tensors gradients flow to
+# (BlockGrads' fields), the running statistics (forward only), the options. Checked here, so that a field
+# added out of place fails at import instead of shifting every argument after it.
+_TENSOR_FIELDS: tuple[str, ...] = BlockGrads._fields
+_RUNNING_FIELDS = ("running_mean", "running_var")
+_OPTION_FIELDS: tuple[str, ...] = BlockArgs._fields[len(_TENSOR_FIELDS) + len(_RUNNING_FIELDS) :]
+if BlockArgs._fields != _TENSOR_FIELDS + _RUNNING_FIELDS + _OPTION_FIELDS:
+    raise AssertionError("BlockArgs must list BlockGrads' fields, then the running statistics, then the options")
+_NUM_TENSORS = len(_TENSOR_FIELDS)
+_OPTIONS = slice(_NUM_TENSORS + len(_RUNNING_FIELDS), None)
 
 
 def activation_code(act: Activation) -> int:
@@ -190,7 +198,12 @@ class _Calls:
         tensors = args[:_NUM_TENSORS]
         saved = self.record(*args[_NUM_TENSORS : _NUM_TENSORS + self.num_saved])
         *options, need_dx = args[_NUM_TENSORS + self.num_saved :]
-        a = BlockArgs._make([*tensors, None, None, *options])
+        a = BlockArgs(
+            **dict(zip(_TENSOR_FIELDS, tensors)),
+            running_mean=None,
+            running_var=None,
+            **dict(zip(_OPTION_FIELDS, options)),
+        )
         return list(self.backward(dy, a, saved, need_dx))
 
 
@@ -233,12 +246,11 @@ def _autograd_backward(flat_backward: Callable[..., list[Tensor]], backend: Opti
         need_dx = ctx.needs_input_grad[0]
         with torch.no_grad():
             computed = flat_backward(dy, *saved, *ctx.options, need_dx)
-        decoder = saved[4]
-        grads: tuple[Optional[Tensor], ...] = (
-            computed[0] if need_dx else None,
-            *computed[1:4],
-            computed[4] if decoder is not None else None,
-            *computed[5:],
+        tied = saved[_TENSOR_FIELDS.index("decoder")] is None
+        named = BlockGrads._make(computed)
+        grads: tuple[Optional[Tensor], ...] = named._replace(
+            x=named.x if need_dx else None,  # type: ignore[arg-type]
+            decoder=None if tied else named.decoder,  # type: ignore[arg-type]
         )
         if backend is not None:
             needs_grad = dy.requires_grad or any(t is not None and t.requires_grad for t in saved[:_NUM_TENSORS])

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .contract import BlockArgs, grads_like
+from .geometry import BlockGeometry
 
 
 def param_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,10 +57,10 @@ TensorPair = tuple[Tensor, Tensor]
 CoderGrads = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
 
-def layer1_halves(zc: Tensor, zl: Tensor, cc: int) -> Halves:
-    """(tensor, channel offset) of the coder and learner halves of layer 1: one tensor holds both when
-    ``zl`` is empty (coder and learner kernels agreed, one convolution computed them)."""
-    return ((zc, 0), (zc, cc)) if zl.numel() == 0 else ((zc, 0), (zl, 0))
+def layer1_halves(g: BlockGeometry, zc: Tensor, zl: Tensor) -> Halves:
+    """(tensor, channel offset) of the coder and learner halves of layer 1: ``zc`` holds both when they
+    are joint (one convolution computed them; ``zl`` is then empty)."""
+    return ((zc, 0), (zc, g.cc)) if g.joint else ((zc, 0), (zl, 0))
 
 
 def bn_grads(sums: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,7 @@ from ..norm import uses_batch_statistics
 from ..validation import autocast_enabled
 from .base import Backend
 from .contract import BlockArgs, BlockOp, block_args
+from .geometry import memory_format_of
 
 
 class FusedBackend(Backend):
@@ -111,9 +112,7 @@ class FusedBackend(Backend):
 
 def _like_input(y: Tensor, x: Tensor) -> Tensor:
     """The output keeps the input's memory format (the op may return either)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return y.contiguous(memory_format=torch.channels_last)
-    return y.contiguous()
+    return y.contiguous(memory_format=memory_format_of(x))
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from torch import Tensor
 from ..block import BlockConfig, BlockNorms, BlockWeights, NormParams
 from ..validation import autocast_enabled
 from .base import Backend
+from .geometry import is_channels_last
 
 #: timed repetitions per backend, after one untimed warm-up (compilation, autotuning, primitive caches)
 REPEATS = 3
@@ -85,7 +86,7 @@ def signature(op: str, x: Tensor, weights: BlockWeights, config: BlockConfig, tr
     """What a measured choice is kept for: every property of a call that can change which backend wins."""
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = is_channels_last(x)
     shapes = tuple(None if t is None else tuple(t.shape) for t in weights)
     return (op, str(x.device), x.dtype, autocast, tuple(x.shape), channels_last, shapes, config, training,
             _needs_grad(x, weights))  # fmt: skip

@@ -9,6 +9,7 @@ from triton_devices import interpreting
 
 import pnnh_kernels as pk
 from pnnh_kernels._extension import extension_error
+from pnnh_kernels.backends import registered_backends
 from pnnh_kernels.backends.contract import BlockArgs, BlockGrads
 
 FUSED = [
@@ -17,20 +18,30 @@ FUSED = [
         "triton", marks=pytest.mark.skipif(not interpreting(), reason="triton runs on CPU only when interpreted")
     ),
 ]
-OPS = {  # op name -> the module that registers it
-    "conv_block_rows": "pnnh_kernels.backends.cpu.conv",
-    "linear_block_cpu": "pnnh_kernels.backends.cpu.linear",
-    "conv_block_fused": "pnnh_kernels.backends.cuda.conv",
-    "conv_block_triton": "pnnh_kernels.backends.triton.conv",
-    "linear_block_triton": "pnnh_kernels.backends.triton.linear",
-}
+#: (backend, block kind): every fused op lives in backends/<backend>/<kind>.py, which exports ``<kind>_block``
+#: (registered as ``pnnh::<kind>_block_<backend>``) and its record ``<Kind>Saved``
+OPS = [("cpu", "conv"), ("cpu", "linear"), ("cuda", "conv"), ("triton", "conv"), ("triton", "linear")]
 
 
-@pytest.mark.parametrize("name", sorted(OPS))
-def test_every_op_takes_the_contracts_arguments_by_name(name):
-    if "triton" in name:
+def _op_module(backend: str, kind: str):
+    if backend == "triton":
         pytest.importorskip("triton")
-    importlib.import_module(OPS[name])
+    return importlib.import_module(f"pnnh_kernels.backends.{backend}.{kind}")
+
+
+@pytest.mark.parametrize(("backend", "kind"), OPS)
+def test_every_backend_exports_its_ops_under_the_same_names(backend, kind):
+    module = _op_module(backend, kind)
+    op = getattr(module, f"{kind}_block")
+    assert op.name == f"{kind}_block_{backend}"
+    assert op.record is getattr(module, f"{kind.capitalize()}Saved")
+    served = registered_backends()[backend]
+    assert (served.conv_op() if kind == "conv" else served.linear_op()) is op
+
+
+@pytest.mark.parametrize(("backend", "kind"), OPS)
+def test_every_op_takes_the_contracts_arguments_by_name(backend, kind):
+    name = _op_module(backend, kind).__dict__[f"{kind}_block"].name
     forward = getattr(torch.ops.pnnh, name).default._schema
     backward = getattr(torch.ops.pnnh, f"{name}_backward").default._schema
     assert [a.name for a in forward.arguments] == list(BlockArgs._fields)

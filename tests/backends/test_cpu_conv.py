@@ -23,8 +23,8 @@ import pnnh_kernels as pk
 from pnnh_kernels._extension import extension_error
 from pnnh_kernels.backends.contract import BlockArgs
 from pnnh_kernels.backends.cpu import CpuBackend
-from pnnh_kernels.backends.cpu.conv import conv_block_rows
-from pnnh_kernels.backends.cuda.conv import conv_block_fused
+from pnnh_kernels.backends.cpu.conv import conv_block as cpu_conv_block
+from pnnh_kernels.backends.cuda.conv import conv_block as cuda_conv_block
 from pnnh_kernels.backends.registry import select_backend
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
@@ -38,7 +38,7 @@ def cpu_op(request, monkeypatch):
     backend runs, so its Python half is checked here too, on the test-only planar CPU passes."""
     if request.param == "planar":
         run_cuda_op_on_cpu_kernels(monkeypatch)
-        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
+        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: cuda_conv_block)
     return request.param
 
 
@@ -121,7 +121,7 @@ def test_cpu_backend_gradcheck(options, training):
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False), dict(kernel_size=1)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_custom_ops_pass_opcheck(cpu_op, options, layout):
-    op = (conv_block_rows if cpu_op == "rows" else conv_block_fused).op
+    op = (cpu_conv_block if cpu_op == "rows" else cuda_conv_block).op
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     torch.library.opcheck(op, op_args(block, x))
@@ -151,7 +151,7 @@ def test_the_cuda_op_reuses_its_weight_casts_in_backward(options, monkeypatch):
     randomize_norms(block)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     mixed = op_args(block, x.requires_grad_())
-    y, record = conv_block_fused(BlockArgs(*mixed))
+    y, record = cuda_conv_block(BlockArgs(*mixed))
     assert record.encoder_cast.dtype == torch.float64 and record.encoder_cast.shape == block.coder.encoder.shape
     weights = [t for t in mixed[1:5] if t is not None]
     casts = _Casts()
@@ -162,14 +162,14 @@ def test_the_cuda_op_reuses_its_weight_casts_in_backward(options, monkeypatch):
     assert sorted(weight_casts) == sorted(tuple(w.shape) for w in weights), casts.shapes
     assert all(g.dtype == torch.float32 for g in grads[1:])
     same = copy.deepcopy(block).double()
-    y64, record64 = conv_block_fused(BlockArgs(*op_args(same, x)))
+    y64, record64 = cuda_conv_block(BlockArgs(*op_args(same, x)))
     assert record64.encoder_cast.numel() == 0  # nothing cast, nothing kept
     weights64 = [t for t in op_args(same, x)[1:5] if t is not None]
     grads64 = torch.autograd.grad(y64.square().sum(), [x, *weights64])
     torch.testing.assert_close(y, y64)
     for g, g64 in zip(grads, grads64):
         torch.testing.assert_close(g.double(), g64, rtol=1e-6, atol=1e-6)
-    torch.library.opcheck(conv_block_fused.op, mixed)
+    torch.library.opcheck(cuda_conv_block.op, mixed)
 
 
 @pytest.mark.slow

@@ -138,11 +138,11 @@ def test_cuda_low_precision_error_within_twice_eager(dtype, autocast, layout):
 
 @gpu
 def test_cuda_custom_op_passes_opcheck():
-    from pnnh_kernels.backends.cuda.conv import conv_block_fused
+    from pnnh_kernels.backends.cuda.conv import conv_block as cuda_conv_block
 
     block = pk.PNNHConv2d(4).cuda()
     x = torch.randn(2, 4, 5, 5, device="cuda", requires_grad=True)
-    torch.library.opcheck(conv_block_fused.op, op_args(block, x))
+    torch.library.opcheck(cuda_conv_block.op, op_args(block, x))
 
 
 def test_cuda_backend_refuses_cpu_tensors_and_linear_with_a_reason():

@@ -17,7 +17,7 @@ from pnnh_kernels._extension import extension_error
 from pnnh_kernels.backends.contract import block_args
 from pnnh_kernels.backends.cpu import CpuBackend
 from pnnh_kernels.backends.cuda import cudnn_fused, cudnn_layers
-from pnnh_kernels.backends.cuda.conv import conv_block_fused
+from pnnh_kernels.backends.cuda.conv import conv_block as cuda_conv_block
 from pnnh_kernels.backends.cuda.maps import FeatureMaps
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ extension unavailable: {extension_error()}")
@@ -69,7 +69,7 @@ class FakeCudnn:
 def fake(monkeypatch):
     fake = FakeCudnn()
     run_cuda_op_on_cpu_kernels(monkeypatch)
-    monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
+    monkeypatch.setattr(CpuBackend, "conv_op", lambda self: cuda_conv_block)
     monkeypatch.setattr(cudnn_fused, "support_on", fake.support_on)
     monkeypatch.setattr(cudnn_fused, "conv_genstats", fake.conv_genstats)
     monkeypatch.setattr(cudnn_fused, "dgrad_drelu_dbn", fake.dgrad_drelu_dbn)
@@ -126,7 +126,7 @@ def test_bfloat16_keeps_its_statistics_out_of_the_float32_epilogue(fake):
         block = pk.PNNHConv2d(5).to(dtype)
         x = torch.randn(3, 5, 7, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
         a = block_args(x, block.block_weights(), block.block_norms(), block.config)
-        maps = FeatureMaps.of_input(x)
+        maps = FeatureMaps(a)
         plans[dtype] = cudnn_layers.plan_fusion(a, maps, tuple(a.learner1.shape))
         assert cudnn_layers.fuses_layer2_backward(a, maps)
     assert plans == {

@@ -14,7 +14,7 @@ from triton_devices import interpreting
 import pnnh_kernels as pk
 from pnnh_kernels._extension import extension_error
 from pnnh_kernels.backends.cpu import CpuBackend
-from pnnh_kernels.backends.cuda.conv import conv_block_fused
+from pnnh_kernels.backends.cuda.conv import conv_block as cuda_conv_block
 
 needs_extension = pytest.mark.skipif(extension_error() is not None, reason="no C++ extension")
 BACKENDS = [
@@ -38,7 +38,7 @@ def _no_finite_check():
 def _stack(backend: str, options: dict, monkeypatch) -> torch.nn.Module:
     if backend == "cuda_op":  # the 'cuda' backend's op, run by the 'cpu' backend on the planar CPU passes
         run_cuda_op_on_cpu_kernels(monkeypatch)
-        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: conv_block_fused)
+        monkeypatch.setattr(CpuBackend, "conv_op", lambda self: cuda_conv_block)
         backend = "cpu"
     blocks = [pk.PNNHConv2d(SHAPE[1], **options) for _ in range(2)]
     model = torch.nn.Sequential(*(twin(b, backend) for b in blocks)).double()

@@ -113,11 +113,11 @@ def test_triton_block_gradcheck(device, training):
 
 
 def test_triton_custom_op_passes_opcheck(device):
-    from pnnh_kernels.backends.triton.conv import conv_block_triton
+    from pnnh_kernels.backends.triton.conv import conv_block
 
     block = pk.PNNHConv2d(4).to(device=device, dtype=exact_dtype(device))
     x = torch.randn(2, 4, 5, 5, dtype=exact_dtype(device), device=device, requires_grad=True)
-    torch.library.opcheck(conv_block_triton.op, op_args(block, x))
+    torch.library.opcheck(conv_block.op, op_args(block, x))
 
 
 def test_torch_compile_traces_the_triton_backend_without_graph_breaks(device):

@@ -31,14 +31,14 @@ class CpuBackend(ExtensionBackend):
     LINEAR_MIN_ELEMENTS = 1 << 16
 
     def conv_op(self) -> BlockOp:
-        from .conv import conv_block_rows
+        from .conv import conv_block
 
-        return conv_block_rows
+        return conv_block
 
     def linear_op(self) -> BlockOp:
-        from .linear import linear_block_cpu
+        from .linear import linear_block
 
-        return linear_block_cpu
+        return linear_block
 
     def linear_rows(self, x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-1]).contiguous()  # the C++ passes read rows with unit stride

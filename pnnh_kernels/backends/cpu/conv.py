@@ -1,5 +1,6 @@
-"""PNNHConv2d of the 'cpu' backend, on channels-last rows (``pnnh::conv_block_rows`` and its backward,
-:mod:`..contract`'s signatures): the same math as the 'cuda' backend's planar (NCHW) :mod:`..cuda.conv`.
+"""PNNHConv2d of the 'cpu' backend, on channels-last rows (``pnnh::conv_block_cpu`` and its backward,
+:mod:`..contract`'s signatures): the same math as the 'cuda' backend's :mod:`..cuda.conv`, which works in
+the input's layout instead.
 
 Between the convolutions every tensor is a [pixels, channels] matrix (NHWC), because on the CPU:
 - oneDNN's convolutions run faster channels-last than NCHW (2.5x for the backward of a 16-channel 3x3
@@ -27,12 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..._extension import extension
-from ..channels_last_rows import RowsLayout
 from ..contract import BlockArgs, BlockGrads, BlockOp
 from ..conv_parts import (
     CoderGrads,
     Half,
-    Halves,
     TensorPair,
     affine_as,
     bn_grads,
@@ -42,9 +41,10 @@ from ..conv_parts import (
     param_dtype,
     running_stats,
 )
+from ..geometry import BlockGeometry, RowsLayout
 
 
-class RowsSaved(NamedTuple):
+class ConvSaved(NamedTuple):
     """What forward keeps for backward, beside the statistics over [coder, learner, out] channels:
     - a 1x1 coder (C++): ``zc`` holds x's moments ([Cin + 1, Cin] float64; empty under running
       statistics), ``zl`` the learner's pre-norm rows;
@@ -95,7 +95,7 @@ def _bn_act_rows(half: Half, stats: TensorPair, gamma_beta: TensorPair, act: boo
     """act(BN(t[:, c0 : c0 + C])) as a new [pixels, C] matrix, one pass."""
     (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
     out = t.new_empty((t.shape[0], gamma.shape[0]))
-    extension().rows_bn_act_apply(t, c0, out, 0, mean, invstd, gamma, beta, act, a.slope, a.scale)
+    extension().rows_bn_act_apply(t, c0, out, 0, mean, invstd, gamma, beta, act, a.slope, a.act_scale)
     return out
 
 
@@ -105,24 +105,32 @@ def _dbn_act_rows(
     """dAct + dBN of one half in two fused passes, written into ``out``; returns the sums [dbeta, dgamma]."""
     (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
     C = extension()
-    sums = C.rows_bn_act_backward_sums(grad, t, c0, mean, invstd, gamma, beta, act, a.slope, a.scale)
-    C.rows_bn_act_backward_apply(grad, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, act, a.slope, a.scale)
+    sums = C.rows_bn_act_backward_sums(grad, t, c0, mean, invstd, gamma, beta, act, a.slope, a.act_scale)
+    C.rows_bn_act_backward_apply(
+        grad, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, act, a.slope, a.act_scale
+    )
     return sums
 
 
 # --------------------------------------------------------------------------- forward
 
 
-def _forward(a: BlockArgs) -> tuple[Tensor, RowsSaved]:
-    if a.encoder.shape[-1] == 1:
-        y, *saved = extension().conv_block_rows_1x1(*a[:15], *a[16:])  # all but the activation code
-        return y, RowsSaved(*saved)
-    return _forward_kxk_coder(a)
+def _fields(a: BlockArgs, *omit: str) -> dict[str, Any]:
+    """``a`` as keyword arguments of the C++ block functions (bound with the contract's names)."""
+    return {name: value for name, value in a._asdict().items() if name not in omit}
 
 
-def _layer1_rows(g: RowsLayout, xr: Tensor, a: BlockArgs) -> tuple[Tensor, Tensor]:
+def _forward(a: BlockArgs) -> tuple[Tensor, ConvSaved]:
+    g = BlockGeometry(a)
+    if g.kc == 1:
+        y, *saved = extension().conv_block_rows_1x1(**_fields(a, "activation"))  # the leaky family only
+        return y, ConvSaved(*saved)
+    return _forward_kxk_coder(g, a)
+
+
+def _layer1_rows(g: BlockGeometry, xr: Tensor, a: BlockArgs) -> tuple[Tensor, Tensor]:
     """Layer 1's pre-norm halves as rows (one convolution reads x for both when the kernels agree)."""
-    if a.encoder.shape[-1] == a.learner1.shape[-1]:
+    if g.joint:
         return _conv_rows(g, xr, torch.cat([a.encoder, a.learner1])), xr.new_empty((0,))
     return _conv_rows(g, xr, a.encoder), _conv_rows(g, xr, a.learner1)
 
@@ -131,16 +139,14 @@ def _batch_stats(half: tuple[Tensor, int], cn: int, eps: float) -> tuple[Tensor,
     return extension().rows_batch_stats(half[0], half[1], cn, eps)
 
 
-def _forward_kxk_coder(a: BlockArgs) -> tuple[Tensor, RowsSaved]:
-    g = RowsLayout(a.x)
-    cc, hid, out_ch = a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0]
-    kc = a.encoder.shape[-1]
+def _forward_kxk_coder(g: BlockGeometry, a: BlockArgs) -> tuple[Tensor, ConvSaved]:
+    cc, hid = g.cc, g.hid
     pd = param_dtype(a.x.dtype)
     gc, bc, g1, b1, g2, b2 = affine_as(a, pd)
     running = None if a.use_batch else running_stats(a, pd)
 
     zc_pre, zl_pre = _layer1_rows(g, g.rows_of(a.x), a)
-    halves = layer1_halves(zc_pre, zl_pre, cc)
+    halves = layer1_halves(g, zc_pre, zl_pre)
     if running is None:
         mean1, inv1, var1 = (
             torch.cat(p) for p in zip(_batch_stats(halves[0], cc, a.eps), _batch_stats(halves[1], hid, a.eps))
@@ -152,50 +158,48 @@ def _forward_kxk_coder(a: BlockArgs) -> tuple[Tensor, RowsSaved]:
     u = _conv_rows(g, al, a.learner2)
     zc = _bn_act_rows(halves[0], (mean1[:cc], inv1[:cc]), (gc, bc), False, a)
     if a.decoder is None:
-        decoded = F.conv_transpose2d(g.nchw(zc), a.encoder, padding=kc // 2)
+        decoded = F.conv_transpose2d(g.nchw(zc), a.encoder, padding=g.kc // 2)
     else:
-        decoded = F.conv2d(g.nchw(zc), a.decoder, padding=kc // 2)
+        decoded = F.conv2d(g.nchw(zc), a.decoder, padding=g.kc // 2)
     u.add_(g.rows_of(decoded), alpha=a.gain)
 
     if running is None:
-        mean2, inv2, var2 = _batch_stats((u, 0), out_ch, a.eps)
+        mean2, inv2, var2 = _batch_stats((u, 0), g.out, a.eps)
     else:
         mean2, inv2, var2 = (t[cc + hid :] for t in running)
     y = torch.empty_like(u)
-    extension().rows_bn_act_apply(u, 0, y, 0, mean2, inv2, g2, b2, a.final_act, a.slope, a.scale)
-    saved = RowsSaved(zc_pre, zl_pre, u, torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]))
+    extension().rows_bn_act_apply(u, 0, y, 0, mean2, inv2, g2, b2, a.final_act, a.slope, a.act_scale)
+    saved = ConvSaved(zc_pre, zl_pre, u, torch.cat([mean1, mean2]), torch.cat([inv1, inv2]), torch.cat([var1, var2]))
     return g.nchw(y), saved
 
 
-def _fake_forward(a: BlockArgs) -> tuple[Tensor, RowsSaved]:
-    x = a.x
-    n, cin, h, w = x.shape
-    cc, hid, out_ch = a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0]
-    rows = n * h * w
-    stats = x.new_empty((cc + hid + out_ch,), dtype=param_dtype(x.dtype))
-    if a.encoder.shape[-1] == 1:
-        zc = x.new_empty((cin + 1, cin) if a.use_batch else (0,), dtype=torch.float64)
-        zl = x.new_empty((rows, hid))
-    elif a.encoder.shape[-1] == a.learner1.shape[-1]:
-        zc, zl = x.new_empty((rows, cc + hid)), x.new_empty((0,))
+def _fake_forward(a: BlockArgs) -> tuple[Tensor, ConvSaved]:
+    x, g = a.x, BlockGeometry(a)
+    stats = x.new_empty((g.channels,), dtype=param_dtype(x.dtype))
+    if g.kc == 1:
+        zc = x.new_empty((g.cin + 1, g.cin) if a.use_batch else (0,), dtype=torch.float64)
+        zl = x.new_empty((g.rows, g.hid))
+    elif g.joint:
+        zc, zl = x.new_empty((g.rows, g.c1)), x.new_empty((0,))
     else:
-        zc, zl = x.new_empty((rows, cc)), x.new_empty((rows, hid))
-    saved = RowsSaved(zc, zl, x.new_empty((rows, out_ch)), stats, torch.empty_like(stats), torch.empty_like(stats))
-    return x.new_empty((n, h, w, out_ch)).permute(0, 3, 1, 2), saved
+        zc, zl = x.new_empty((g.rows, g.cc)), x.new_empty((g.rows, g.hid))
+    saved = ConvSaved(zc, zl, x.new_empty((g.rows, g.out)), stats, torch.empty_like(stats), torch.empty_like(stats))
+    return g.nchw(x.new_empty((g.rows, g.out))), saved
 
 
 # --------------------------------------------------------------------------- backward
 
 
-def _backward(dy: Tensor, a: BlockArgs, s: RowsSaved, need_dx: bool) -> BlockGrads:
-    if a.encoder.shape[-1] == 1:
-        return BlockGrads(*extension().conv_block_rows_1x1_backward(
-            dy, a.x, *s[:3], *a[1:11], s.mean, s.invstd, a.use_batch, a.slope, a.scale, a.gain, a.final_act, need_dx,
-        ))  # fmt: skip
-    return _backward_kxk_coder(dy, a, s, need_dx)
+def _backward(dy: Tensor, a: BlockArgs, s: ConvSaved, need_dx: bool) -> BlockGrads:
+    g = BlockGeometry(a)
+    if g.kc == 1:
+        options = _fields(a, "running_mean", "running_var", "eps", "activation")
+        saved = dict(zc=s.zc, zl=s.zl, u=s.u, mean=s.mean, invstd=s.invstd)
+        return BlockGrads(*extension().conv_block_rows_1x1_backward(dy=dy, **options, **saved, need_dx=need_dx))
+    return _backward_kxk_coder(dy, g, a, s, need_dx)
 
 
-def _coder_backward(g: RowsLayout, du: Tensor, zc: Tensor, a: BlockArgs) -> CoderGrads:
+def _coder_backward(g: BlockGeometry, du: Tensor, zc: Tensor, a: BlockArgs) -> CoderGrads:
     """(d zc, the decoder's share of d encoder, d decoder) through ``u += gain * decode(zc)``."""
     weight = a.encoder if a.decoder is None else a.decoder
     d_zc, d_w = _conv_rows_backward(g, du, zc, weight, True, transposed=a.decoder is None)
@@ -206,14 +210,14 @@ def _coder_backward(g: RowsLayout, du: Tensor, zc: Tensor, a: BlockArgs) -> Code
 
 
 def _layer1_input_backward(
-    g: RowsLayout, halves: Halves, dzc: Tensor, dzl: Tensor, a: BlockArgs, need_dx: bool
+    g: BlockGeometry, dzc: Tensor, dzl: Tensor, a: BlockArgs, need_dx: bool
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:
-    """(dx as rows, d encoder, d learner1) through layer 1's convolutions."""
+    """(dx as rows, d encoder, d learner1) through layer 1's convolutions (``dzc`` holds both halves'
+    gradients when they are joint)."""
     xr = g.rows_of(a.x)
-    cc = a.encoder.shape[0]
-    if halves[0][0] is halves[1][0]:
+    if g.joint:
         dx, d_cat = _conv_rows_backward(g, dzc, xr, torch.cat([a.encoder, a.learner1]), need_dx)
-        return dx, d_cat[:cc].clone(), d_cat[cc:].clone()
+        return dx, d_cat[: g.cc].clone(), d_cat[g.cc :].clone()
     dx, d_learn1 = _conv_rows_backward(g, dzl, xr, a.learner1, need_dx)
     dx_c, d_enc = _conv_rows_backward(g, dzc, xr, a.encoder, need_dx)
     if need_dx:
@@ -221,10 +225,8 @@ def _layer1_input_backward(
     return dx, d_enc, d_learn1
 
 
-def _backward_kxk_coder(dy: Tensor, a: BlockArgs, s: RowsSaved, need_dx: bool) -> BlockGrads:
-    g = RowsLayout(a.x)
-    cc, hid = a.encoder.shape[0], a.learner1.shape[0]
-    c1 = cc + hid
+def _backward_kxk_coder(dy: Tensor, g: BlockGeometry, a: BlockArgs, s: ConvSaved, need_dx: bool) -> BlockGrads:
+    cc, c1 = g.cc, g.c1
     gc, bc, g1, b1, g2, b2 = affine_as(a, param_dtype(a.x.dtype))
     mean, invstd = s.mean, s.invstd
     coder_stats, learner_stats = (mean[:cc], invstd[:cc]), (mean[cc:c1], invstd[cc:c1])
@@ -233,20 +235,19 @@ def _backward_kxk_coder(dy: Tensor, a: BlockArgs, s: RowsSaved, need_dx: bool) -
     sums2 = _dbn_act_rows(g.rows_of(dy), (s.u, 0), du, (mean[c1:], invstd[c1:]), (g2, b2), a.final_act, a)
 
     # recompute layer 1's activated learner half instead of having stored it; then its dAct + dBN_1
-    halves = layer1_halves(s.zc, s.zl, cc)
+    halves = layer1_halves(g, s.zc, s.zl)
     al = _bn_act_rows(halves[1], learner_stats, (g1, b1), True, a)
     d_al, d_learn2 = _conv_rows_backward(g, du, al, a.learner2, True)
-    (tc, _), (tl, _) = halves
-    dzl = torch.empty_like(tl)
+    dzl = torch.empty_like(halves[1][0])
     sums_1 = _dbn_act_rows(d_al, halves[1], dzl, learner_stats, (g1, b1), True, a)
 
     # the coder: its normalised half recomputed, its convolutions' gradients, dBN_c
     zc = _bn_act_rows(halves[0], coder_stats, (gc, bc), False, a)
     d_zc, d_enc_decode, d_dec = _coder_backward(g, du, zc, a)
-    dzc = dzl if tl is tc else torch.empty_like(tc)
+    dzc = dzl if g.joint else torch.empty_like(halves[0][0])
     sums_c = _dbn_act_rows(d_zc, halves[0], dzc, coder_stats, (gc, bc), False, a)
 
-    dx, d_enc, d_learn1 = _layer1_input_backward(g, halves, dzc, dzl, a, need_dx)
+    dx, d_enc, d_learn1 = _layer1_input_backward(g, dzc, dzl, a, need_dx)
     if d_enc_decode is not None:
         d_enc = d_enc + d_enc_decode
     return BlockGrads(
@@ -255,13 +256,13 @@ def _backward_kxk_coder(dy: Tensor, a: BlockArgs, s: RowsSaved, need_dx: bool) -
     )  # fmt: skip
 
 
-def _fake_backward(dy: Tensor, a: BlockArgs, s: RowsSaved, need_dx: bool) -> list[Tensor]:
+def _fake_backward(dy: Tensor, a: BlockArgs, s: ConvSaved, need_dx: bool) -> list[Tensor]:
     return channels_last_grads_like(a, need_dx)
 
 
-conv_block_rows = BlockOp(
-    "conv_block_rows",
-    RowsSaved,
+conv_block = BlockOp(
+    "conv_block_cpu",
+    ConvSaved,
     _forward,
     _backward,
     fake_forward=_fake_forward,

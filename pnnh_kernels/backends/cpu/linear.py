@@ -40,7 +40,7 @@ def _layer1(z: Tensor, a: BlockArgs, affine: list[Tensor]) -> tuple[Tensor, Tens
     hidden = z.shape[1] - cc
     h = torch.empty_like(z)
     gc, bc, g1, b1 = affine[:4]
-    act = (a.activation, a.slope, a.scale)
+    act = (a.activation, a.slope, a.act_scale)
     stats_c = C.ln_act_forward(z, 0, cc, h, 0, gc, bc, a.eps, False, *act)
     stats_l = C.ln_act_forward(z, cc, hidden, h, cc, g1, b1, a.eps, True, *act)
     return h, stats_c, stats_l
@@ -60,7 +60,7 @@ def _forward(a: BlockArgs) -> tuple[Tensor, LinearSaved]:
     w2 = _layer2_weight(a)
     u = torch.matmul(h, w2.t()).contiguous()
     y = torch.empty_like(u)
-    act = (a.activation, a.slope, a.scale)
+    act = (a.activation, a.slope, a.act_scale)
     g2, b2 = affine[4:]
     stats_out = extension().ln_act_forward(u, 0, u.shape[1], y, 0, g2, b2, a.eps, a.final_act, *act)
     return y, LinearSaved(z, u, stats_c, stats_l, stats_out, w1, w2)
@@ -88,7 +88,7 @@ def _backward(dy: Tensor, a: BlockArgs, s: LinearSaved, need_dx: bool) -> BlockG
     hidden = s.w1.shape[0] - cc
     affine = _affine(a)
     gc, bc, g1, b1, g2, b2 = affine
-    act = (a.activation, a.slope, a.scale)
+    act = (a.activation, a.slope, a.act_scale)
     du = torch.empty_like(s.u)
     p_out = C.ln_act_backward(dy.contiguous(), 0, s.u, 0, out, s.stats_out, g2, b2, du, a.final_act, *act).sum(0)
     h, _, _ = _layer1(s.z, a, affine)  # recomputed, not stored
@@ -121,7 +121,7 @@ def _fake_backward(dy: Tensor, a: BlockArgs, s: LinearSaved, need_dx: bool) -> l
     ]  # fmt: skip
 
 
-linear_block_cpu = BlockOp(
+linear_block = BlockOp(
     "linear_block_cpu",
     LinearSaved,
     _forward,

@@ -36,9 +36,9 @@ class CudaBackend(ExtensionBackend):
         return None
 
     def conv_op(self) -> BlockOp:
-        from .conv import conv_block_fused
+        from .conv import conv_block
 
-        return conv_block_fused
+        return conv_block
 
     def unsupported_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         if op == "linear":

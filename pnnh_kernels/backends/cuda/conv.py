@@ -1,5 +1,5 @@
 """PNNHConv2d of the 'cuda' backend: fused passes around library convolutions, in the input's layout
-(``pnnh::conv_block_fused`` and its backward, :mod:`..contract`'s signatures; layouts: :mod:`.maps`).
+(``pnnh::conv_block_cuda`` and its backward, :mod:`..contract`'s signatures; layouts: :mod:`.maps`).
 
 Forward: layer 1 is one convolution through ``[W_e; W_1]`` when the kernels agree, else the learner's
 convolution beside the 1x1 coder's GEMM; per tensor one reduction pass writes per-split partial sums
@@ -47,7 +47,7 @@ from .cudnn_layers import FusionPlan
 from .maps import FeatureMaps
 
 
-class FusedSaved(NamedTuple):
+class ConvSaved(NamedTuple):
     """What forward keeps for backward, maps as [outer, C, inner] (:mod:`.maps`). ``zc``/``zl`` are layer 1's
     pre-norm halves; when coder and learner kernels agree one convolution computed them and ``zc`` holds
     both (``zl`` empty)."""
@@ -76,20 +76,6 @@ class FusedSaved(NamedTuple):
         return self.stats[2]
 
 
-class _Widths(NamedTuple):
-    cc: int
-    hid: int
-    out: int
-    kc: int
-    k: int
-
-
-def _widths(a: BlockArgs) -> _Widths:
-    return _Widths(
-        a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0], a.encoder.shape[-1], a.learner1.shape[-1]
-    )
-
-
 def _finalize(stats: Tensor, col: int, sums: Tensor, z3: Tensor, eps: float) -> None:
     """Writes (mean, invstd, unbiased var) of channels [col, col + C) of ``stats`` from the [2, C] sums over
     the map ``z3``'s pixels: one launch."""
@@ -108,10 +94,10 @@ def _conv(maps: FeatureMaps, t3: Tensor, weight: Tensor, transposed: bool = Fals
     return maps.flat(conv(maps.image(t3), weight, padding=weight.shape[-1] // 2))
 
 
-def _layer1_weight(a: BlockArgs, w: _Widths) -> Tensor:
+def _layer1_weight(a: BlockArgs, maps: FeatureMaps) -> Tensor:
     """The learner's layer-1 kernel, or ``[W_e; W_1]`` when coder and learner kernels agree (one
     convolution computes both halves)."""
-    return torch.cat([a.encoder, a.learner1]) if w.kc == w.k else a.learner1
+    return torch.cat([a.encoder, a.learner1]) if maps.joint else a.learner1
 
 
 def _layer1_conv(
@@ -122,9 +108,9 @@ def _layer1_conv(
     and zl is empty; else the 1x1 coder is a GEMM over x beside the learner's convolution."""
     conv, sums = (_conv(maps, x3, weight), None) if not fused else cudnn_layers.conv_with_sums(maps, x3, weight)
     enc = a.encoder
-    if weight is not a.learner1:
+    if maps.joint:
         return conv, x3.new_empty((0,)), sums
-    zc = maps.linear(enc.view(enc.shape[0], -1), x3) if enc.shape[-1] == 1 else _conv(maps, x3, enc)
+    zc = maps.linear(enc.view(maps.cc, -1), x3) if maps.kc == 1 else _conv(maps, x3, enc)
     return zc, conv, sums
 
 
@@ -134,15 +120,15 @@ def _apply_half(
     """BN-apply (+ the activation) of one half of layer 1 into a map of its own, one pass."""
     (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
     out = maps.new(t, mean.shape[0])
-    extension().bn_act_apply(t, c0, out, mean, invstd, gamma, beta, act, a.slope, a.scale)
+    extension().bn_act_apply(t, c0, out, mean, invstd, gamma, beta, act, a.slope, a.act_scale)
     return out
 
 
 def _layer1_apply(
-    maps: FeatureMaps, halves: Halves, widths: _Widths, stats: TensorPair, affine: Sequence[Tensor], a: BlockArgs
+    maps: FeatureMaps, halves: Halves, stats: TensorPair, affine: Sequence[Tensor], a: BlockArgs
 ) -> tuple[Tensor, Tensor]:
     """Normalised coder half and activated learner half of layer 1, one pass each."""
-    cc, (mean, invstd), (gc, bc, g1, b1) = widths.cc, stats, affine[:4]
+    cc, (mean, invstd), (gc, bc, g1, b1) = maps.cc, stats, affine[:4]
     zc = _apply_half(maps, halves[0], (mean[:cc], invstd[:cc]), (gc, bc), False, a)
     al = _apply_half(maps, halves[1], (mean[cc:], invstd[cc:]), (g1, b1), True, a)
     return zc, al
@@ -169,24 +155,26 @@ def _conv_bwd(
 # --------------------------------------------------------------------------- forward
 
 
-def _layer1_batch_stats(stats: Tensor, a: BlockArgs, halves: Halves, w: _Widths, conv_sums: Optional[Tensor]) -> None:
+def _layer1_batch_stats(
+    stats: Tensor, a: BlockArgs, maps: FeatureMaps, halves: Halves, conv_sums: Optional[Tensor]
+) -> None:
     """Layer 1's statistics into ``stats``: from cuDNN's epilogue sums where it computed them (both halves
     with one joint convolution, else the learner's), the fused reduction pass for the rest."""
     (tc, oc), (tl, ol) = halves
-    if conv_sums is not None and w.kc == w.k:
+    if conv_sums is not None and maps.joint:
         _finalize(stats, 0, conv_sums, tc, a.eps)
         return
-    _batch_stats(stats, 0, tc, oc, w.cc, a.eps)
+    _batch_stats(stats, 0, tc, oc, maps.cc, a.eps)
     if conv_sums is None:
-        _batch_stats(stats, w.cc, tl, ol, w.hid, a.eps)
+        _batch_stats(stats, maps.cc, tl, ol, maps.hid, a.eps)
     else:
-        _finalize(stats, w.cc, conv_sums, tl, a.eps)
+        _finalize(stats, maps.cc, conv_sums, tl, a.eps)
 
 
-def _decode_into(maps: FeatureMaps, u: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> None:
+def _decode_into(maps: FeatureMaps, u: Tensor, zc: Tensor, a: BlockArgs) -> None:
     """u += gain * decode(zc): for a 1x1 coder the decoder GEMM accumulates into the learner's output
     (no separate add pass)."""
-    if w.kc == 1:
+    if maps.kc == 1:
         maps.linear_add_(u, _decoder_matrix(a.encoder, a.decoder), zc, alpha=a.gain)
     elif a.decoder is None:
         u.add_(_conv(maps, zc, a.encoder, transposed=True), alpha=a.gain)
@@ -195,31 +183,30 @@ def _decode_into(maps: FeatureMaps, u: Tensor, zc: Tensor, a: BlockArgs, w: _Wid
 
 
 def _layer1_forward(
-    maps: FeatureMaps, x3: Tensor, a: BlockArgs, w: _Widths, plan: FusionPlan, weight: Tensor, stats: Tensor
+    maps: FeatureMaps, x3: Tensor, a: BlockArgs, plan: FusionPlan, weight: Tensor, stats: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Layer 1's pre-norm outputs (zc, zl as saved; ``weight``: :func:`_layer1_weight`); in training their
     statistics into ``stats``."""
     zc_pre, zl_pre, conv_sums = _layer1_conv(maps, x3, a, weight, plan.layer1_stats)
     if a.use_batch:
-        _layer1_batch_stats(stats, a, layer1_halves(zc_pre, zl_pre, w.cc), w, conv_sums)
+        _layer1_batch_stats(stats, a, maps, layer1_halves(maps, zc_pre, zl_pre), conv_sums)
     return zc_pre, zl_pre
 
 
 def _layer2_forward(
-    maps: FeatureMaps, halves: Halves, stats: TensorPair, affine: Sequence[Tensor], a: BlockArgs, w: _Widths,
-    plan: FusionPlan,
-) -> Tensor:  # fmt: skip
+    maps: FeatureMaps, halves: Halves, stats: TensorPair, affine: Sequence[Tensor], a: BlockArgs, plan: FusionPlan
+) -> Tensor:
     """u = conv(act(BN_1(zl)), W_2) + gain * decode(BN_c(zc)): the learner's BN-apply + activation in
     cuDNN's prologue when ``plan`` says so, else its own pass."""
     (mean, invstd), (gc, bc, g1, b1) = stats, affine[:4]
     if plan.layer2_prologue:
-        zc = _apply_half(maps, halves[0], (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
-        learner = (mean[w.cc :], invstd[w.cc :], g1, b1)
+        zc = _apply_half(maps, halves[0], (mean[: maps.cc], invstd[: maps.cc]), (gc, bc), False, a)
+        learner = (mean[maps.cc :], invstd[maps.cc :], g1, b1)
         u = cudnn_layers.conv_of_bn_act(maps, halves[1][0], a.learner2, *learner, a)
     else:
-        zc, al = _layer1_apply(maps, halves, w, stats, affine, a)
+        zc, al = _layer1_apply(maps, halves, stats, affine, a)
         u = _conv(maps, al, a.learner2)
-    _decode_into(maps, u, zc, a, w)
+    _decode_into(maps, u, zc, a)
     return u
 
 
@@ -230,7 +217,7 @@ def _weight_casts(a: BlockArgs, cast: BlockArgs) -> tuple[Tensor, Tensor, Tensor
     return cast.encoder, cast.learner1, cast.learner2, a.x.new_empty((0,)) if cast.decoder is None else cast.decoder
 
 
-def _with_forward_casts(a: BlockArgs, s: FusedSaved) -> BlockArgs:
+def _with_forward_casts(a: BlockArgs, s: ConvSaved) -> BlockArgs:
     """``a`` with the weights forward used (its casts under autocast, else ``a``'s own)."""
     if s.encoder_cast.numel() == 0:
         return a
@@ -238,42 +225,39 @@ def _with_forward_casts(a: BlockArgs, s: FusedSaved) -> BlockArgs:
     return a._replace(encoder=s.encoder_cast, learner1=s.learner1_cast, learner2=s.learner2_cast, decoder=decoder)
 
 
-def _forward(params: BlockArgs) -> tuple[Tensor, FusedSaved]:
+def _forward(params: BlockArgs) -> tuple[Tensor, ConvSaved]:
     a = weights_in_data_dtype(params)
-    maps = FeatureMaps.of_input(a.x)
+    maps = FeatureMaps(a)
     x3 = maps.flat(a.x)
-    w = _widths(a)
-    c1 = w.cc + w.hid
+    c1 = maps.c1
     pdtype = param_dtype(x3.dtype)
     affine = affine_as(a, pdtype)
     if a.use_batch:
-        stats = x3.new_empty((3, c1 + w.out), dtype=pdtype)
+        stats = x3.new_empty((3, maps.channels), dtype=pdtype)
     else:
         stats = torch.stack(running_stats(a, pdtype))
-    weight1 = _layer1_weight(a, w)
+    weight1 = _layer1_weight(a, maps)
     plan = cudnn_layers.plan_fusion(a, maps, tuple(weight1.shape))
-    zc_pre, zl_pre = _layer1_forward(maps, x3, a, w, plan, weight1, stats)
-    u = _layer2_forward(maps, layer1_halves(zc_pre, zl_pre, w.cc), (stats[0, :c1], stats[1, :c1]), affine, a, w, plan)
+    zc_pre, zl_pre = _layer1_forward(maps, x3, a, plan, weight1, stats)
+    u = _layer2_forward(maps, layer1_halves(maps, zc_pre, zl_pre), (stats[0, :c1], stats[1, :c1]), affine, a, plan)
     if a.use_batch:
-        _batch_stats(stats, c1, u, 0, w.out, a.eps)
+        _batch_stats(stats, c1, u, 0, maps.out, a.eps)
     y = torch.empty_like(u)
     mean2, inv2 = stats[0, c1:], stats[1, c1:]
-    extension().bn_act_apply(u, 0, y, mean2, inv2, affine[4], affine[5], a.final_act, a.slope, a.scale)
-    return maps.image(y), FusedSaved(zc_pre, zl_pre, u, stats, *_weight_casts(params, a))
+    extension().bn_act_apply(u, 0, y, mean2, inv2, affine[4], affine[5], a.final_act, a.slope, a.act_scale)
+    return maps.image(y), ConvSaved(zc_pre, zl_pre, u, stats, *_weight_casts(params, a))
 
 
-def _fake_forward(a: BlockArgs) -> tuple[Tensor, FusedSaved]:
-    maps, w = FeatureMaps.of_input(a.x), _widths(a)
-    x = a.x
-    joint = w.kc == w.k
-    saved = FusedSaved(
-        maps.new(x, w.cc + w.hid if joint else w.cc),
-        x.new_empty((0,)) if joint else maps.new(x, w.hid),
-        maps.new(x, w.out),
-        x.new_empty((3, w.cc + w.hid + w.out), dtype=param_dtype(x.dtype)),
+def _fake_forward(a: BlockArgs) -> tuple[Tensor, ConvSaved]:
+    maps, x = FeatureMaps(a), a.x
+    saved = ConvSaved(
+        maps.new(x, maps.c1 if maps.joint else maps.cc),
+        x.new_empty((0,)) if maps.joint else maps.new(x, maps.hid),
+        maps.new(x, maps.out),
+        x.new_empty((3, maps.channels), dtype=param_dtype(x.dtype)),
         *_fake_weight_casts(a),
     )
-    return maps.image(maps.new(x, w.out)), saved
+    return maps.image(maps.new(x, maps.out)), saved
 
 
 def _fake_weight_casts(a: BlockArgs) -> list[Tensor]:
@@ -293,17 +277,17 @@ def _dbn_act(
     apply pass writes from the reduction's sums, in the norm's parameter dtype."""
     (t, c0), (mean, invstd), (gamma, beta) = half, stats, gamma_beta
     C = extension()
-    sums = C.bn_act_backward_sums(dy3, t, c0, mean, invstd, gamma, beta, use_act, a.slope, a.scale)
+    sums = C.bn_act_backward_sums(dy3, t, c0, mean, invstd, gamma, beta, use_act, a.slope, a.act_scale)
     dgamma, dbeta = C.bn_act_backward_apply(
-        dy3, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, use_act, a.slope, a.scale
+        dy3, t, c0, out, mean, invstd, gamma, beta, sums, a.use_batch, use_act, a.slope, a.act_scale
     )
     return dgamma, dbeta
 
 
-def _decoder_backward(maps: FeatureMaps, du: Tensor, zc: Tensor, a: BlockArgs, w: _Widths) -> CoderGrads:
+def _decoder_backward(maps: FeatureMaps, du: Tensor, zc: Tensor, a: BlockArgs) -> CoderGrads:
     """(d zc, the decoder's share of d encoder, d decoder) through ``u += gain * decode(zc)``; the gain is
     the GEMMs' alpha."""
-    if w.kc == 1:
+    if maps.kc == 1:
         d_zc = maps.linear(_decoder_matrix(a.encoder, a.decoder).t(), du, alpha=a.gain)
         if a.decoder is None:  # d(M^T) = gain * sum zc du^T, already the encoder's [Cc, Cin] shape
             return d_zc, maps.outer_sum(zc, du, alpha=a.gain), None
@@ -330,33 +314,32 @@ def _learner_backward(
 
 
 def _layer1_input_backward(
-    maps: FeatureMaps, dzc: Tensor, dzl: Tensor, a: BlockArgs, w: _Widths, need_dx: bool, d_enc: Optional[Tensor]
+    maps: FeatureMaps, dzc: Tensor, dzl: Tensor, a: BlockArgs, need_dx: bool, d_enc: Optional[Tensor]
 ) -> tuple[Optional[Tensor], Tensor, Tensor]:
     """(dx as a map, d encoder, d learner1) through layer 1's convolutions; ``d_enc``, the decoder's share
     of a tied encoder's gradient, is added to."""
     x3 = maps.flat(a.x)
-    if w.kc == w.k:
+    if maps.joint:
         dx, d_cat = _conv_bwd(maps, dzc, x3, torch.cat([a.encoder, a.learner1]), False, need_dx)
-        d_own = d_cat[: w.cc]
-        return dx, (d_own.clone() if d_enc is None else d_enc.view(d_own.shape).add_(d_own)), d_cat[w.cc :].clone()
+        d_own = d_cat[: maps.cc]
+        return dx, (d_own.clone() if d_enc is None else d_enc.view(d_own.shape).add_(d_own)), d_cat[maps.cc :].clone()
     dx, d_learn1 = _conv_bwd(maps, dzl, x3, a.learner1, False, need_dx)
-    if w.kc == 1:  # the coder's GEMM: its input gradient accumulates into dx in place
-        enc2d = a.encoder.view(w.cc, -1)
+    if maps.kc == 1:  # the coder's GEMM: its input gradient accumulates into dx in place
+        enc2d = a.encoder.view(maps.cc, -1)
         if dx is not None:
             maps.linear_add_(dx, enc2d.t(), dzc)
         if d_enc is None:
             return dx, maps.outer_sum(dzc, x3).view(a.encoder.shape), d_learn1
-        maps.outer_sum_add_(d_enc.view(w.cc, -1), dzc, x3)
+        maps.outer_sum_add_(d_enc.view(maps.cc, -1), dzc, x3)
         return dx, d_enc.view(a.encoder.shape), d_learn1
     dx_c, d_own = _conv_bwd(maps, dzc, x3, a.encoder, False, need_dx)
     return (dx + dx_c if dx is not None else None), (d_own if d_enc is None else d_enc.add_(d_own)), d_learn1
 
 
-def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> BlockGrads:
+def _backward(dy: Tensor, params: BlockArgs, s: ConvSaved, need_dx: bool) -> BlockGrads:
     a = _with_forward_casts(params, s)
-    maps = FeatureMaps.of_saved(a.x, s.u)
-    w = _widths(a)
-    c1 = w.cc + w.hid
+    maps = _saved_maps(a, s)
+    c1 = maps.c1
     gc, bc, g1, b1, g2, b2 = affine_as(a, param_dtype(a.x.dtype))
     mean, invstd = s.mean, s.invstd
 
@@ -364,19 +347,18 @@ def _backward(dy: Tensor, params: BlockArgs, s: FusedSaved, need_dx: bool) -> Bl
     grads2 = _dbn_act(maps.flat(dy), (s.u, 0), du, (mean[c1:], invstd[c1:]), (g2, b2), a.final_act, a)
 
     # recompute layer 1's normalised / activated halves instead of having stored them
-    halves = layer1_halves(s.zc, s.zl, w.cc)
-    zc, al = _layer1_apply(maps, halves, w, (mean[:c1], invstd[:c1]), (gc, bc, g1, b1), a)
-    d_zc, d_enc_decode, d_dec = _decoder_backward(maps, du, zc, a, w)
+    halves = layer1_halves(maps, s.zc, s.zl)
+    zc, al = _layer1_apply(maps, halves, (mean[:c1], invstd[:c1]), (gc, bc, g1, b1), a)
+    d_zc, d_enc_decode, d_dec = _decoder_backward(maps, du, zc, a)
 
     # layer 1: dBN_c on the coder half, dAct + dBN_1 on the learner half, written beside each other
-    (tc, _), (tl, _) = halves
-    dzc = torch.empty_like(tc)
-    dzl = dzc if tl is tc else torch.empty_like(tl)
-    grads_c = _dbn_act(d_zc, halves[0], dzc, (mean[: w.cc], invstd[: w.cc]), (gc, bc), False, a)
+    dzc = torch.empty_like(halves[0][0])
+    dzl = dzc if maps.joint else torch.empty_like(halves[1][0])
+    grads_c = _dbn_act(d_zc, halves[0], dzc, (mean[: maps.cc], invstd[: maps.cc]), (gc, bc), False, a)
     fused = cudnn_layers.fuses_layer2_backward(a, maps)
-    learner = (mean[w.cc : c1], invstd[w.cc : c1]), (g1, b1)
+    learner = (mean[maps.cc : c1], invstd[maps.cc : c1]), (g1, b1)
     d_learn2, grads_1 = _learner_backward(maps, du, halves[1], al, dzl, *learner, a, fused)
-    dx, d_enc, d_learn1 = _layer1_input_backward(maps, dzc, dzl, a, w, need_dx, d_enc_decode)
+    dx, d_enc, d_learn1 = _layer1_input_backward(maps, dzc, dzl, a, need_dx, d_enc_decode)
     as_param = params.encoder.dtype  # the weights' gradients in their own dtype (float32 under autocast)
     return BlockGrads(
         empty_unless(None if dx is None else maps.image(dx), a.x), d_enc.to(as_param), d_learn1.to(as_param),
@@ -390,15 +372,21 @@ def _as_params(grads: TensorPair, gamma: Tensor) -> TensorPair:
     return grads[0].to(gamma.dtype), grads[1].to(gamma.dtype)
 
 
-def _fake_backward(dy: Tensor, a: BlockArgs, s: FusedSaved, need_dx: bool) -> list[Tensor]:
-    maps = FeatureMaps.of_saved(a.x, s.u)
+def _saved_maps(a: BlockArgs, s: ConvSaved) -> FeatureMaps:
+    """The layout forward chose, read off its saved ``u`` (backward's x may have been restrided by a
+    compiler; with one pixel per image both readings are the same memory)."""
+    return FeatureMaps(a, channels_last=s.u.shape[2] == 1)
+
+
+def _fake_backward(dy: Tensor, a: BlockArgs, s: ConvSaved, need_dx: bool) -> list[Tensor]:
+    maps = _saved_maps(a, s)
     dx = maps.image(maps.new(a.x, a.x.shape[1])) if need_dx else a.x.new_empty((0,))
     return grads_like(a, dx, dense=False)
 
 
-conv_block_fused = BlockOp(
-    "conv_block_fused",
-    FusedSaved,
+conv_block = BlockOp(
+    "conv_block_cuda",
+    ConvSaved,
     _forward,
     _backward,
     fake_forward=_fake_forward,

@@ -73,20 +73,20 @@ def plan_fusion(a: BlockArgs, maps: FeatureMaps, layer1_shape: tuple[int, ...]) 
     x = a.x
     # the epilogue sums in float32: safe for float16 data (|v| <= 65504), not for bfloat16's float32 range
     layer1 = a.use_batch and x.dtype != torch.bfloat16 and _supported(x, tuple(x.shape), layer1_shape, False, 0.0)
-    return FusionPlan(layer1, _learner_fuses(a) and _supported(x, *_layer2_shapes(a, maps), True, a.slope))
+    return FusionPlan(layer1, _learner_fuses(a, maps) and _supported(x, *_layer2_shapes(a, maps), True, a.slope))
 
 
 def fuses_layer2_backward(a: BlockArgs, maps: FeatureMaps) -> bool:
     """Whether layer 2's backward runs as cuDNN's dgrad -> dAct -> BN_1 backward-weight graph (training)."""
-    if not cudnn_fusion_enabled() or not maps.channels_last or not (a.use_batch and _learner_fuses(a)):
+    if not cudnn_fusion_enabled() or not maps.channels_last or not (a.use_batch and _learner_fuses(a, maps)):
         return False
     return _supported(a.x, *_layer2_shapes(a, maps), True, a.slope, backward=True)
 
 
-def _learner_fuses(a: BlockArgs) -> bool:
-    """The learner's BN_1 + activation around layer 2 can join its graphs: a tensor of its own, a scale that
-    folds into BN_1."""
-    return a.encoder.shape[-1] != a.learner2.shape[-1] and a.scale > 0
+def _learner_fuses(a: BlockArgs, maps: FeatureMaps) -> bool:
+    """The learner's BN_1 + activation around layer 2 can join its graphs: a tensor of its own (layer 1's
+    halves are not joint), a scale that folds into BN_1."""
+    return not maps.joint and a.act_scale > 0
 
 
 def _layer2_shapes(a: BlockArgs, maps: FeatureMaps) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -116,8 +116,8 @@ def conv_of_bn_act(
 ) -> Tensor:  # fmt: skip
     """``conv(act(BN(z)))`` as a map, the BN-apply + activation in the convolution's prologue
     (``act = scale * lrelu`` with ``scale > 0`` folded into its affine)."""
-    mul = gamma * invstd * a.scale  # float32 for half data (the graph's scale and bias are float32)
-    add = beta * a.scale - mean * mul
+    mul = gamma * invstd * a.act_scale  # float32 for half data (the graph's scale and bias are float32)
+    add = beta * a.act_scale - mean * mul
     out = cudnn_fused.conv_genstats(maps.image(z3), _cl(weight), mul, add, a.slope)
     return maps.flat(out.y)
 
@@ -129,11 +129,11 @@ def dgrad_of_bn_act(
     """The backward of ``u = conv(act(BN(z)))`` (batch statistics) from ``du``, in one cuDNN graph: ``d_act``
     as a map, BN's (d gamma, d beta) and the coefficients of z's gradient. ``act = scale * lrelu`` folds
     into the BN affine as in :func:`conv_of_bn_act`, so the graph's parameter gradients are scaled back."""
-    folded = a.scale != 1.0
+    folded = a.act_scale != 1.0
     g = cudnn_fused.dgrad_drelu_dbn(
         maps.image(du3), _cl(weight), maps.image(z3), mean, invstd,
-        gamma * a.scale if folded else gamma, beta * a.scale if folded else beta, a.slope,
+        gamma * a.act_scale if folded else gamma, beta * a.act_scale if folded else beta, a.slope,
     )  # fmt: skip
     if folded:
-        g = g._replace(dgamma=g.dgamma * a.scale, dbeta=g.dbeta * a.scale)
+        g = g._replace(dgamma=g.dgamma * a.act_scale, dbeta=g.dbeta * a.act_scale)
     return g._replace(d_act=maps.flat(g.d_act))

@@ -11,32 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..channels_last_rows import RowsLayout
+from ..geometry import BlockGeometry
 
 
-def is_channels_last(t: Tensor) -> bool:
-    """Whether a 4-D map is stored channels_last (and not also plain contiguous, as it is with one
-    channel or one pixel, where the two layouts are the same memory)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-class FeatureMaps(RowsLayout):
-    """The block's maps of one call: [N, C, H, W] with the batch and spatial size of ``x``; channels_last
-    ones as :class:`RowsLayout`'s [pixels, channels] rows with a unit inner axis."""
-
-    def __init__(self, x: Tensor, channels_last: bool) -> None:
-        super().__init__(x)
-        self.channels_last = channels_last
-
-    @classmethod
-    def of_input(cls, x: Tensor) -> FeatureMaps:
-        return cls(x, is_channels_last(x))
-
-    @classmethod
-    def of_saved(cls, x: Tensor, map3: Tensor) -> FeatureMaps:
-        """The layout forward chose, read off one of its [outer, C, inner] maps (backward's x may have been
-        restrided by a compiler; with one pixel per image both readings are the same memory)."""
-        return cls(x, map3.shape[2] == 1)
+class FeatureMaps(BlockGeometry):
+    """A block call's geometry with its maps' operations in the layout the op works in: [N, C, H, W] maps
+    as ``[outer, C, inner]``, channels_last ones as :class:`~..geometry.RowsLayout`'s [pixels, channels]
+    rows with a unit inner axis."""
 
     def flat(self, t: Tensor) -> Tensor:
         """A 4-D map (input, gradient) as the passes' ``[outer, C, inner]``: a copy only when it arrives in

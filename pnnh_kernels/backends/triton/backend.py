@@ -40,14 +40,14 @@ class TritonBackend(FusedBackend):
         return None
 
     def conv_op(self) -> BlockOp:
-        from .conv import conv_block_triton  # imports triton: only when used
+        from .conv import conv_block  # imports triton: only when used
 
-        return conv_block_triton
+        return conv_block
 
     def linear_op(self) -> BlockOp:
-        from .linear import linear_block_triton  # imports triton: only when used
+        from .linear import linear_block  # imports triton: only when used
 
-        return linear_block_triton
+        return linear_block
 
     def unsupported_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         if x.device.type == "cpu" and not _interpreting():

@@ -51,12 +51,12 @@ from pnnh_kernels.triton_kernels.block_weights import (
 from pnnh_kernels.triton_kernels.bn_stats import bn_backward_finalize, bn_finalize
 from pnnh_kernels.triton_kernels.launch import Pair
 
-from ..channels_last_rows import RowsLayout
 from ..contract import BlockArgs, BlockGrads, BlockOp
 from ..conv_parts import channels_last_grads_like, param_dtype
+from ..geometry import BlockGeometry, memory_format_of
 
 
-class TritonConvSaved(NamedTuple):
+class ConvSaved(NamedTuple):
     z: Tensor  #: layer 1's pre-norm [pixels, Cc + H]
     packed: Tensor  #: both layers' packed weights
     u: Tensor  #: layer 2's pre-norm [pixels, Cout]
@@ -65,50 +65,31 @@ class TritonConvSaved(NamedTuple):
     var: Tensor  #: the unbiased batch variance (for the running statistics)
 
 
-# --------------------------------------------------------------------------- the block's geometry
+def _narrow(g: BlockGeometry) -> tuple[int, int]:
+    """The channels of z whose weights are centre-only in the joint ``g.kernel``-sized kernel: a 1x1 coder's
+    beside a k x k learner (or the reverse); (0, 0) when both halves have the kernel's size."""
+    if g.kc < g.kernel:
+        return (0, g.cc)
+    if g.k < g.kernel:
+        return (g.cc, g.c1)
+    return (0, 0)
 
 
-class _Geometry(RowsLayout):
-    """Widths, the shared kernel size K, and the channel ranges whose weights are centre-only."""
-
-    def __init__(self, a: BlockArgs) -> None:
-        super().__init__(a.x)
-        self.cin = a.x.shape[1]
-        self.cc, self.hid, self.out = a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0]
-        self.c1 = self.cc + self.hid
-        self.kc, self.k = a.encoder.shape[-1], a.learner1.shape[-1]
-        self.K = max(self.kc, self.k)
-        self.pad = self.K // 2
-        if self.kc < self.K:
-            self.narrow = (0, self.cc)  # the coder's channels of z: 1x1 beside a k x k learner
-        elif self.k < self.K:
-            self.narrow = (self.cc, self.c1)
-        else:
-            self.narrow = (0, 0)
-
-
-def _output_format(x: Tensor) -> torch.memory_format:
-    """The block's output keeps a channels_last input's format; anything else comes out contiguous (NCHW)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _layer1_prologue(g: _Geometry, bn_scale: Tensor, bn_shift: Tensor, a: BlockArgs) -> Prologue:
+def _layer1_prologue(g: BlockGeometry, bn_scale: Tensor, bn_shift: Tensor, a: BlockArgs) -> Prologue:
     """BN_c on the coder channels of z, BN_1 + activation on the learner channels (``bn_scale`` /
     ``bn_shift``: per channel of both halves, gamma * invstd and beta - mean * gamma * invstd)."""
-    return Prologue(bn_scale, bn_shift, g.cc, g.c1, a.slope, a.scale)
+    return Prologue(bn_scale, bn_shift, g.cc, g.c1, a.slope, a.act_scale)
 
 
 # --------------------------------------------------------------------------- forward
 
 
-def _forward(a: BlockArgs) -> tuple[Tensor, TritonConvSaved]:
+def _forward(a: BlockArgs) -> tuple[Tensor, ConvSaved]:
     x = a.x
-    g = _Geometry(a)
-    c1 = g.c1
+    g = BlockGeometry(a)
+    c1, kernel, pad, narrow = g.c1, g.kernel, g.kernel // 2, _narrow(g)
     packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain, dtype=x.dtype)
-    stats = [x.new_empty((c1 + g.out,), dtype=param_dtype(x.dtype)) for _ in range(3)]  # mean, invstd, var
+    stats = [x.new_empty((g.channels,), dtype=param_dtype(x.dtype)) for _ in range(3)]  # mean, invstd, var
 
     def finalize(part: Optional[Tensor], lo: int, hi: int, gamma: Pair, beta: Pair) -> tuple[Tensor, Tensor]:
         """A layer's statistics, written into the block's vectors; returns the next prologue's (scale, shift)."""
@@ -117,39 +98,37 @@ def _forward(a: BlockArgs) -> tuple[Tensor, TritonConvSaved]:
         _mean, _invstd, _var, scale, shift = bn_finalize(part, a.eps, gamma, beta, running=running, out=views)
         return scale, shift
 
-    z, part1 = conv2d_implicit_gemm(x, w1, g.K, 1, g.pad, centre_range=g.narrow, stats=a.use_batch, reduce_stats=False)
+    z, part1 = conv2d_implicit_gemm(x, w1, kernel, 1, pad, centre_range=narrow, stats=a.use_batch, reduce_stats=False)
     bn1 = finalize(part1, 0, c1, (a.coder_gamma, a.learner_gamma), (a.coder_beta, a.learner_beta))
     u, part2 = conv2d_implicit_gemm(
-        g.nchw(z), w2, g.K, 1, g.pad, prologue=_layer1_prologue(g, *bn1, a), skip_range=g.narrow,
+        g.nchw(z), w2, kernel, 1, pad, prologue=_layer1_prologue(g, *bn1, a), skip_range=narrow,
         stats=a.use_batch, reduce_stats=False,
     )  # fmt: skip
-    scale2, shift2 = finalize(part2, c1, c1 + g.out, a.out_gamma, a.out_beta)
-    y = torch.empty((g.n, g.out, g.h, g.w), device=x.device, dtype=x.dtype, memory_format=_output_format(x))
-    bn_act_forward(u, scale2, shift2, (0, g.out if a.final_act else 0), a.slope, a.scale, out=y)
-    return y, TritonConvSaved(z, packed, u, *stats)
+    scale2, shift2 = finalize(part2, c1, g.channels, a.out_gamma, a.out_beta)
+    y = torch.empty((g.n, g.out, g.h, g.w), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
+    bn_act_forward(u, scale2, shift2, (0, g.out if a.final_act else 0), a.slope, a.act_scale, out=y)
+    return y, ConvSaved(z, packed, u, *stats)
 
 
-def _fake_forward(a: BlockArgs) -> tuple[Tensor, TritonConvSaved]:
-    x = a.x
-    n, _, h, w = x.shape
-    c1, out = a.encoder.shape[0] + a.learner1.shape[0], a.learner2.shape[0]
-    stats = x.new_empty((c1 + out,), dtype=param_dtype(x.dtype))
-    saved = TritonConvSaved(
-        x.new_empty((n * h * w, c1)),
+def _fake_forward(a: BlockArgs) -> tuple[Tensor, ConvSaved]:
+    x, g = a.x, BlockGeometry(a)
+    stats = x.new_empty((g.channels,), dtype=param_dtype(x.dtype))
+    saved = ConvSaved(
+        x.new_empty((g.rows, g.c1)),
         x.new_empty((sum(block_shape(a.encoder, a.learner1, a.learner2).packed_sizes()),)),
-        x.new_empty((n * h * w, out)),
+        x.new_empty((g.rows, g.out)),
         stats, torch.empty_like(stats), torch.empty_like(stats),
     )  # fmt: skip
-    y = torch.empty((n, out, h, w), device=x.device, dtype=x.dtype, memory_format=_output_format(x))
+    y = torch.empty((g.n, g.out, g.h, g.w), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
     return y, saved
 
 
 # --------------------------------------------------------------------------- backward
 
 
-def _backward(dy: Tensor, a: BlockArgs, s: TritonConvSaved, need_dx: bool) -> BlockGrads:
-    g = _Geometry(a)
-    c1 = g.c1
+def _backward(dy: Tensor, a: BlockArgs, s: ConvSaved, need_dx: bool) -> BlockGrads:
+    g = BlockGeometry(a)
+    c1, kernel, pad, narrow = g.c1, g.kernel, g.kernel // 2, _narrow(g)
     w1, w2 = packed_views(s.packed, block_shape(a.encoder, a.learner1, a.learner2))
     mean, invstd = s.mean, s.invstd
 
@@ -158,26 +137,24 @@ def _backward(dy: Tensor, a: BlockArgs, s: TritonConvSaved, need_dx: bool) -> Bl
     dy_rows = g.rows_of(dy)
     out_act = (0, g.out if a.final_act else 0)
     stats2 = (mean[c1:], invstd[c1:], a.out_gamma, a.out_beta)
-    part2 = bn_act_backward_sums(dy_rows, s.u, *stats2, out_act, a.slope, a.scale, reduce=False)
+    part2 = bn_act_backward_sums(dy_rows, s.u, *stats2, out_act, a.slope, a.act_scale, reduce=False)
     coef2, (dg2, db2) = bn_backward_finalize(part2, g.rows, *stats2, a.use_batch)
-    du = GradPrologue(s.u, coef2[0], coef2[4], coef2[:4], *out_act, a.slope, a.scale)
+    du = GradPrologue(s.u, coef2[0], coef2[4], coef2[:4], *out_act, a.slope, a.act_scale)
     dh, _ = conv2d_implicit_gemm(
-        g.nchw(dy_rows), w2, g.K, 1, g.pad, prologue=du._replace(saved=g.nchw(s.u)),
-        transposed_weight=True, centre_range=g.narrow,
+        g.nchw(dy_rows), w2, kernel, 1, pad, prologue=du._replace(saved=g.nchw(s.u)),
+        transposed_weight=True, centre_range=narrow,
     )  # fmt: skip
 
     # layer 1: dBN_c on the coder channels, dAct + dBN_1 on the learner channels, likewise
     stats1 = (mean[:c1], invstd[:c1], (a.coder_gamma, a.learner_gamma), (a.coder_beta, a.learner_beta))
-    part1 = bn_act_backward_sums(dh, s.z, *stats1, (g.cc, c1), a.slope, a.scale, reduce=False)
+    part1 = bn_act_backward_sums(dh, s.z, *stats1, (g.cc, c1), a.slope, a.act_scale, reduce=False)
     coef1, (dgc, dbc, dg1, db1) = bn_backward_finalize(part1, g.rows, *stats1, a.use_batch)
-    dz = GradPrologue(s.z, coef1[0], coef1[4], coef1[:4], g.cc, c1, a.slope, a.scale)
+    dz = GradPrologue(s.z, coef1[0], coef1[4], coef1[:4], g.cc, c1, a.slope, a.act_scale)
 
     # the weight gradients: layer 2's recomputes BN_1 + act from z in one operand and du in the other
     prologue = _layer1_prologue(g, coef1[0], coef1[4], a)
-    dw2 = conv2d_weight_grad(
-        g.nchw(s.z), dy_rows, g.K, 1, g.pad, prologue=prologue, dy_prologue=du, skip_range=g.narrow
-    )
-    dw1 = conv2d_weight_grad(a.x, dh, g.K, 1, g.pad, dy_prologue=dz, centre_range=g.narrow)
+    dw2 = conv2d_weight_grad(g.nchw(s.z), dy_rows, kernel, 1, pad, prologue=prologue, dy_prologue=du, skip_range=narrow)
+    dw1 = conv2d_weight_grad(a.x, dh, kernel, 1, pad, dy_prologue=dz, centre_range=narrow)
     d_enc, d_learn1, d_learn2, d_dec = unpack_block_weight_grads(
         dw1, dw2, a.encoder, a.learner1, a.learner2, a.decoder, a.gain
     )
@@ -185,20 +162,20 @@ def _backward(dy: Tensor, a: BlockArgs, s: TritonConvSaved, need_dx: bool) -> Bl
     dx = torch.empty((0,), device=a.x.device, dtype=a.x.dtype)
     if need_dx:
         dx_rows, _ = conv2d_implicit_gemm(
-            g.nchw(dh), w1, g.K, 1, g.pad, prologue=dz._replace(saved=g.nchw(s.z)),
-            transposed_weight=True, skip_range=g.narrow,
+            g.nchw(dh), w1, kernel, 1, pad, prologue=dz._replace(saved=g.nchw(s.z)),
+            transposed_weight=True, skip_range=narrow,
         )  # fmt: skip
         dx = g.nchw(dx_rows)
     return BlockGrads(dx, d_enc, d_learn1, d_learn2, d_dec, dgc, dbc, dg1, db1, dg2, db2)
 
 
-def _fake_backward(dy: Tensor, a: BlockArgs, s: TritonConvSaved, need_dx: bool) -> list[Tensor]:
+def _fake_backward(dy: Tensor, a: BlockArgs, s: ConvSaved, need_dx: bool) -> list[Tensor]:
     return channels_last_grads_like(a, need_dx)
 
 
-conv_block_triton = BlockOp(
+conv_block = BlockOp(
     "conv_block_triton",
-    TritonConvSaved,
+    ConvSaved,
     _forward,
     _backward,
     fake_forward=_fake_forward,

@@ -40,7 +40,7 @@ from pnnh_kernels.triton_kernels.ln_tiles import LnPrologue
 from ..contract import BlockArgs, BlockGrads, BlockOp, grads_like
 
 
-class TritonLinearSaved(NamedTuple):
+class LinearSaved(NamedTuple):
     z: Tensor  #: layer 1's pre-norm [tokens, Cc + H]
     u: Tensor  #: layer 2's pre-norm [tokens, out]
     stats1: Tensor  #: [4, tokens]: mean, rstd of the coder columns, then of the learner columns
@@ -49,7 +49,7 @@ class TritonLinearSaved(NamedTuple):
 
 
 def _activation(a: BlockArgs) -> tuple[bool, float, float]:
-    return a.gelu, a.slope, a.scale
+    return a.gelu, a.slope, a.act_scale
 
 
 def _hidden_norm(stats1: Tensor, a: BlockArgs) -> LnPrologue:
@@ -58,7 +58,7 @@ def _hidden_norm(stats1: Tensor, a: BlockArgs) -> LnPrologue:
     return LnPrologue(stats1, gammas, betas, a.encoder.shape[0], *_activation(a))
 
 
-def _forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
+def _forward(a: BlockArgs) -> tuple[Tensor, LinearSaved]:
     """x: [tokens, in]."""
     cc, out = a.encoder.shape[0], a.learner2.shape[0]
     packed, w1, w2 = pack_block_weights(a.encoder, a.learner1, a.learner2, a.decoder, a.gain, dtype=a.x.dtype)
@@ -69,20 +69,20 @@ def _forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
     assert part2 is not None
     stats2 = row_statistics(part2, a.eps)
     y = ln_act_forward(u, stats2, a.out_gamma, a.out_beta, a.final_act, *_activation(a))
-    return y, TritonLinearSaved(z, u, stats1, stats2, packed)
+    return y, LinearSaved(z, u, stats1, stats2, packed)
 
 
-def _fake_forward(a: BlockArgs) -> tuple[Tensor, TritonLinearSaved]:
+def _fake_forward(a: BlockArgs) -> tuple[Tensor, LinearSaved]:
     x = a.x
     t, c1, out = x.shape[0], a.encoder.shape[0] + a.learner1.shape[0], a.learner2.shape[0]
     stats = x.new_empty((4, t), dtype=acc_dtype(x.dtype))
     packed = x.new_empty((sum(block_shape(a.encoder, a.learner1, a.learner2).packed_sizes()),))
-    return x.new_empty((t, out)), TritonLinearSaved(
+    return x.new_empty((t, out)), LinearSaved(
         x.new_empty((t, c1)), x.new_empty((t, out)), stats, torch.empty_like(stats), packed
     )
 
 
-def _backward(dy: Tensor, a: BlockArgs, s: TritonLinearSaved, need_dx: bool) -> BlockGrads:
+def _backward(dy: Tensor, a: BlockArgs, s: LinearSaved, need_dx: bool) -> BlockGrads:
     shape = block_shape(a.encoder, a.learner1, a.learner2)
     w1, w2 = packed_views(s.packed, shape)
     acc = acc_dtype(a.x.dtype)
@@ -112,13 +112,13 @@ def _backward(dy: Tensor, a: BlockArgs, s: TritonLinearSaved, need_dx: bool) -> 
     )  # fmt: skip
 
 
-def _fake_backward(dy: Tensor, a: BlockArgs, s: TritonLinearSaved, need_dx: bool) -> list[Tensor]:
+def _fake_backward(dy: Tensor, a: BlockArgs, s: LinearSaved, need_dx: bool) -> list[Tensor]:
     return grads_like(a, torch.empty_like(a.x, memory_format=torch.contiguous_format), dense=False)
 
 
-linear_block_triton = BlockOp(
+linear_block = BlockOp(
     "linear_block_triton",
-    TritonLinearSaved,
+    LinearSaved,
     _forward,
     _backward,
     fake_forward=_fake_forward,
