@@ -100,6 +100,10 @@ def _pack_kernel(
     TIED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """BLOCK elements of both layers' packed weights into ``out``: layer 1 [K*K, CIN, CC + HID] (encoder,
+    then learner 1) at 0, layer 2 [K*K, CC + HID, COUT] (gain times the decoder, or the tied encoder's
+    adjoint, then learner 2) at ``size1``; program axis 1 picks the layer. Kernels smaller than K sit at
+    the centre of the K x K taps, zeros around (see :func:`_packed_position`)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     C1 = CC + HID
     if tl.program_id(1) == 0:  # layer 1: [t, i, o], o < CC the encoder, else the learner
@@ -197,6 +201,10 @@ def _unpack_grads_kernel(
     TIED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """BLOCK elements of one weight's gradient from the packed layer gradients dw1 [K*K, CIN, CC + HID] and
+    dw2 [K*K, CC + HID, COUT], in the parameter's own [out, in, k, k] shape: program axis 1 picks the
+    encoder (tied: plus the decoder's share), learner 1, learner 2 or the untied decoder (times the gain,
+    ``const_ptr[0]``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     seg = tl.program_id(1)
     C1 = CC + HID

@@ -45,13 +45,17 @@ def _bn_act_fwd_kernel(
     act_hi,
     act_ptr,
     HW,
-    son,
-    soc,
-    sohw,
+    stride_out_n,
+    stride_out_c,
+    stride_out_hw,
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """One [BLOCK_M pixels, BLOCK_C channels] tile of out = act(scale[c] * z + shift[c]): z [M, C]
+    contiguous rows; the activation (constants at ``act_ptr``) on channels [act_lo, act_hi) only; out
+    written through (image, channel, pixel) strides with HW pixels an image: rows, or an NCHW map in any
+    memory format."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -63,10 +67,8 @@ def _bn_act_fwd_kernel(
     y = z * sc[None, :] + sh[None, :]
     in_act = ((offs_c >= act_lo) & (offs_c < act_hi))[None, :]
     y = y * act_derivative(y, in_act, tl.load(act_ptr), tl.load(act_ptr + 1))  # the scaled leaky family is y * act'(y)
-    # the output through (image, channel, pixel) strides: rows, or an NCHW map in any memory format
-    out_offs = ((offs_m // HW).to(tl.int64) * son + (offs_m % HW).to(tl.int64) * sohw)[:, None] + offs_c[None, :].to(
-        tl.int64
-    ) * soc
+    pixel_offs = (offs_m // HW).to(tl.int64) * stride_out_n + (offs_m % HW).to(tl.int64) * stride_out_hw
+    out_offs = pixel_offs[:, None] + offs_c[None, :].to(tl.int64) * stride_out_c
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -125,6 +127,10 @@ def _bn_act_bwd_sums_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Partial sums of dAct + dBN over ``rows_per_program`` rows for BLOCK_C channels: row ``program_id(0)``
+    of ``part`` [programs, 2, C] gets sum(g) and sum(g * xhat), g = dy * act'(y), with xhat and y recomputed
+    from the pre-norm z (dy and z [M, C] contiguous; mean / invstd per channel; gamma and beta split at
+    ``split``, :func:`_normalised_and_grad`)."""
     pid_m = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C

@@ -75,6 +75,9 @@ def _bn_finalize_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """mean, invstd, unbiased var and the prologue's scale (gamma * invstd) and shift (beta - mean * scale)
+    of BLOCK_C channels, in float64: from the merged per-tile moments ``part`` [tiles, FIELDS, C] (BATCH), or
+    from the running statistics (eval); eps is ``const_ptr[0]``; gamma and beta are split at ``split``."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     eps = tl.load(const_ptr)
@@ -173,6 +176,10 @@ def _bn_backward_finalize_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """The backward's per-channel coefficients for BLOCK_C channels: from the [tiles, 2, C] partials of
+    sum(g) and sum(g * xhat), d(beta) and d(gamma) (split at ``split`` like gamma and beta) and ``coef``
+    [5, C] (a, mean, b, k and the forward's shift) of :class:`~.bn_tiles.GradPrologue`; TRAINING adds the
+    batch statistics' own gradient (b, k), which eval has not."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     s, sx = _reduce_partials(part_ptr, tiles, C, offs_c, c_mask, BLOCK_T, BLOCK_C)

@@ -57,6 +57,70 @@ def _segment_stats(part_ptr, acc, valid, seg_mask, offs_m, m_mask, M, ACC: tl.co
     store_moments(part_ptr, M, offs_m, m_mask, count, mean, m2_scaled, scale)
 
 
+@triton.jit
+def _load_a(
+    a_ptr, saved_ptr, offs_m, m_mask, offs_k, k_mask, stride_a_m, stride_a_k, stride_saved_m, stride_saved_k,
+    stats_a, coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg,
+    PRO_A: tl.constexpr, A_TOKENS_ALONG_K: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """A's [BLOCK_M, BLOCK_K] tile through its prologue (PRO_A): none; 1, layer norm + activation (A's rows
+    are tokens); 2, A is an output gradient: dAct + dLN against the saved pre-norm tensor (read at A's
+    positions through its own strides), its tokens along M, or along K for dY^T of a weight gradient."""
+    rows_m = offs_m[:, None].to(tl.int64)
+    cols_k = offs_k[None, :].to(tl.int64)
+    a_mask = m_mask[:, None] & k_mask[None, :]
+    a = tl.load(a_ptr + rows_m * stride_a_m + cols_k * stride_a_k, mask=a_mask, other=0.0)
+    if PRO_A == 1:
+        a = ln_act_tile(a, offs_m[:, None], m_mask[:, None], offs_k[None, :], k_mask[None, :], stats_a, T,
+                        ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)  # fmt: skip
+    elif PRO_A == 2:
+        u = tl.load(saved_ptr + rows_m * stride_saved_m + cols_k * stride_saved_k, mask=a_mask, other=0.0)
+        if A_TOKENS_ALONG_K:
+            a = ln_grad_tile(a, u, offs_k[None, :], k_mask[None, :], offs_m[:, None], m_mask[:, None], stats_a,
+                             coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)  # fmt: skip
+        else:
+            a = ln_grad_tile(a, u, offs_m[:, None], m_mask[:, None], offs_k[None, :], k_mask[None, :], stats_a,
+                             coef_a, T, ga_lo, ga_hi, ba_lo, ba_hi, split_a, pos, neg, GELU, ACC)  # fmt: skip
+    return a
+
+
+@triton.jit
+def _load_b(
+    b_ptr, offs_k, k_mask, offs_n, n_mask, stride_b_k, stride_b_n,
+    stats_b, T, gb_lo, gb_hi, bb_lo, bb_hi, split_b, pos, neg,
+    PRO_B: tl.constexpr, GELU: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """B's [BLOCK_K, BLOCK_N] tile, with PRO_B through layer norm + activation (B's rows are tokens)."""
+    b_offs = offs_k[:, None].to(tl.int64) * stride_b_k + offs_n[None, :] * stride_b_n
+    b = tl.load(b_ptr + b_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    if PRO_B:
+        b = ln_act_tile(b, offs_k[:, None], k_mask[:, None], offs_n[None, :], n_mask[None, :], stats_b, T,
+                        gb_lo, gb_hi, bb_lo, bb_hi, split_b, pos, neg, GELU, ACC)  # fmt: skip
+    return b
+
+
+@triton.jit
+def _store_row_partials(
+    part_ptr, acc, valid, offs_m, m_mask, offs_n, n_mask, M, stats_split, part_tiles,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The statistics epilogue: the moments of each row of the tile over the columns of segment 0
+    [0, stats_split) and segment 1 [stats_split, N), into tile ``program_id(1)`` of ``part`` [tiles,
+    2 segments, FIELDS, M]. The partials are sized for the narrowest BLOCK_N: the last column of programs
+    zeroes the tiles past this launch's (their counts must read 0), which saves a memset launch."""
+    pid_n = tl.program_id(1)
+    tile = part_ptr + pid_n.to(tl.int64) * 2 * FIELDS * M
+    _segment_stats(tile, acc, valid, n_mask & (offs_n < stats_split), offs_m, m_mask, M, ACC)
+    _segment_stats(tile + FIELDS * M, acc, valid, n_mask & (offs_n >= stats_split), offs_m, m_mask, M, ACC)
+    if pid_n == tl.num_programs(1) - 1:
+        zero = tl.zeros((BLOCK_M,), dtype=ACC)
+        tile_stride = tl.full((), 2 * FIELDS, tl.int64) * M
+        for t in range(tl.num_programs(1), part_tiles):
+            tail = part_ptr + t * tile_stride
+            store_moments(tail, M, offs_m, m_mask, zero, zero, zero, zero)
+            store_moments(tail + FIELDS * M, M, offs_m, m_mask, zero, zero, zero, zero)
+
+
 @triton.autotune(
     configs=gemm_configs("BLOCK_M", "BLOCK_N", "BLOCK_K", _GPU_CONFIGS),
     key=["N", "K", "PRO_A", "A_TOKENS_ALONG_K", "PRO_B", "STATS", "GELU"],
@@ -65,171 +129,47 @@ def _segment_stats(part_ptr, acc, valid, seg_mask, offs_m, m_mask, M, ACC: tl.co
 )
 @triton.jit
 def _ln_gemm_kernel(
-    a_ptr,
-    b_ptr,
-    out_ptr,
-    part_ptr,
-    saved_ptr,
-    ssm,
-    ssk,
-    stats_a,
-    coef_a,
-    ga_lo,
-    ga_hi,
-    ba_lo,
-    ba_hi,
-    split_a,
-    stats_b,
-    gb_lo,
-    gb_hi,
-    bb_lo,
-    bb_hi,
-    split_b,
-    act_ptr,
-    M,
-    N,
-    K,
-    sam,
-    sak,
-    sbk,
-    sbn,
-    som,
-    son,
-    T,
-    stats_split,
-    part_tiles,
-    PRO_A: tl.constexpr,
-    A_TOKENS_ALONG_K: tl.constexpr,
-    PRO_B: tl.constexpr,
-    STATS: tl.constexpr,
-    GELU: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_ptr, b_ptr, out_ptr, part_ptr, saved_ptr,
+    stats_a, coef_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a, stats_b, gb_lo, gb_hi, bb_lo, bb_hi, split_b, act_ptr,
+    M, N, K, stride_a_m, stride_a_k, stride_b_k, stride_b_n, stride_out_m, stride_out_n, stride_saved_m,
+    stride_saved_k, T, stats_split, part_tiles,
+    PRO_A: tl.constexpr, A_TOKENS_ALONG_K: tl.constexpr, PRO_B: tl.constexpr, STATS: tl.constexpr,
+    GELU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of out [M, N] = P_A(A) @ P_B(B): A [M, K], B [K, N] and out through
+    their strides; P_A and P_B as :func:`_load_a` and :func:`_load_b` say (``stats_*``: [4, T] token
+    statistics; ``g*_lo/hi``, ``b*_lo/hi``: gamma and beta of the two segments split at ``split_*``;
+    ``coef_a``: the gradient prologue's coefficients). With STATS the epilogue writes the tile's row
+    moments (:func:`_store_row_partials`)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    pos = tl.load(act_ptr)
-    neg = tl.load(act_ptr + 1)
-    rows_m = offs_m[:, None].to(tl.int64)
+    pos, neg = tl.load(act_ptr), tl.load(act_ptr + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        a_mask = m_mask[:, None] & k_mask[None, :]
-        cols_k = offs_k[None, :].to(tl.int64)
-        a = tl.load(a_ptr + rows_m * sam + cols_k * sak, mask=a_mask, other=0.0)
-        b = tl.load(
-            b_ptr + offs_k[:, None].to(tl.int64) * sbk + offs_n[None, :] * sbn,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        if PRO_A == 1:  # A's rows are tokens, its columns the normalised channels
-            a = ln_act_tile(
-                a,
-                offs_m[:, None],
-                m_mask[:, None],
-                offs_k[None, :],
-                k_mask[None, :],
-                stats_a,
-                T,
-                ga_lo,
-                ga_hi,
-                ba_lo,
-                ba_hi,
-                split_a,
-                pos,
-                neg,
-                GELU,
-                ACC,
-            )
-        elif PRO_A == 2:  # A is an output gradient: dAct + dLN against the saved pre-norm tensor
-            u = tl.load(saved_ptr + rows_m * ssm + cols_k * ssk, mask=a_mask, other=0.0)
-            if A_TOKENS_ALONG_K:  # dY^T of a weight gradient
-                a = ln_grad_tile(
-                    a,
-                    u,
-                    offs_k[None, :],
-                    k_mask[None, :],
-                    offs_m[:, None],
-                    m_mask[:, None],
-                    stats_a,
-                    coef_a,
-                    T,
-                    ga_lo,
-                    ga_hi,
-                    ba_lo,
-                    ba_hi,
-                    split_a,
-                    pos,
-                    neg,
-                    GELU,
-                    ACC,
-                )
-            else:
-                a = ln_grad_tile(
-                    a,
-                    u,
-                    offs_m[:, None],
-                    m_mask[:, None],
-                    offs_k[None, :],
-                    k_mask[None, :],
-                    stats_a,
-                    coef_a,
-                    T,
-                    ga_lo,
-                    ga_hi,
-                    ba_lo,
-                    ba_hi,
-                    split_a,
-                    pos,
-                    neg,
-                    GELU,
-                    ACC,
-                )
-        if PRO_B:  # B's rows are tokens
-            b = ln_act_tile(
-                b,
-                offs_k[:, None],
-                k_mask[:, None],
-                offs_n[None, :],
-                n_mask[None, :],
-                stats_b,
-                T,
-                gb_lo,
-                gb_hi,
-                bb_lo,
-                bb_hi,
-                split_b,
-                pos,
-                neg,
-                GELU,
-                ACC,
-            )
+        a = _load_a(
+            a_ptr=a_ptr, saved_ptr=saved_ptr, offs_m=offs_m, m_mask=m_mask, offs_k=offs_k, k_mask=k_mask,
+            stride_a_m=stride_a_m, stride_a_k=stride_a_k, stride_saved_m=stride_saved_m, stride_saved_k=stride_saved_k,
+            stats_a=stats_a, coef_a=coef_a, T=T, ga_lo=ga_lo, ga_hi=ga_hi, ba_lo=ba_lo, ba_hi=ba_hi, split_a=split_a,
+            pos=pos, neg=neg, PRO_A=PRO_A, A_TOKENS_ALONG_K=A_TOKENS_ALONG_K, GELU=GELU, ACC=ACC,
+        )  # fmt: skip
+        b = _load_b(
+            b_ptr=b_ptr, offs_k=offs_k, k_mask=k_mask, offs_n=offs_n, n_mask=n_mask, stride_b_k=stride_b_k,
+            stride_b_n=stride_b_n, stats_b=stats_b, T=T, gb_lo=gb_lo, gb_hi=gb_hi, bb_lo=bb_lo, bb_hi=bb_hi,
+            split_b=split_b, pos=pos, neg=neg, PRO_B=PRO_B, GELU=GELU, ACC=ACC,
+        )  # fmt: skip
         acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PRECISION)
 
     valid = m_mask[:, None] & n_mask[None, :]
-    tl.store(out_ptr + rows_m * som + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=valid)
-    if STATS:  # part: [tiles of N, 2 segments, FIELDS, M]
-        tile = part_ptr + pid_n.to(tl.int64) * 2 * FIELDS * M
-        _segment_stats(tile, acc, valid, n_mask & (offs_n < stats_split), offs_m, m_mask, M, ACC)
-        _segment_stats(tile + FIELDS * M, acc, valid, n_mask & (offs_n >= stats_split), offs_m, m_mask, M, ACC)
-        # the partials are sized for the narrowest BLOCK_N: the last column of programs zeroes the tiles
-        # past this launch's (their counts must read 0), which saves a memset launch
-        if pid_n == tl.num_programs(1) - 1:
-            zero = tl.zeros((BLOCK_M,), dtype=ACC)
-            tile_stride = tl.full((), 2 * FIELDS, tl.int64) * M
-            for t in range(tl.num_programs(1), part_tiles):
-                tail = part_ptr + t * tile_stride
-                store_moments(tail, M, offs_m, m_mask, zero, zero, zero, zero)
-                store_moments(tail + FIELDS * M, M, offs_m, m_mask, zero, zero, zero, zero)
+    out_offs = offs_m[:, None].to(tl.int64) * stride_out_m + offs_n[None, :] * stride_out_n
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=valid)
+    if STATS:
+        _store_row_partials(part_ptr, acc, valid, offs_m, m_mask, offs_n, n_mask, M, stats_split, part_tiles, ACC,
+                            BLOCK_M)  # fmt: skip
 
 
 def _partials(tiles: int, m: int, like: Tensor, acc: torch.dtype) -> Tensor:
@@ -309,39 +249,13 @@ def ln_gemm(
     if m > 0 and n > 0:
         stats_a, ga_lo, ga_hi, ba_lo, ba_hi, split_a = a_args
         _ln_gemm_kernel[grid](
-            a,
-            b,
-            out,
-            part,
-            saved,
-            *saved.stride(),
-            stats_a,
-            coef,
-            ga_lo,
-            ga_hi,
-            ba_lo,
-            ba_hi,
-            split_a,
-            *b_args,
-            acts,
-            m,
-            n,
-            k,
-            *a.stride(),
-            *b.stride(),
-            *out.stride(),
-            tokens[0] if tokens else 1,
-            stats_split if stats else n,
-            part.shape[0] if stats else 0,
-            PRO_A=0 if prologue_a is None else (2 if a_grad else 1),
-            A_TOKENS_ALONG_K=a_tokens_axis == 1,
-            PRO_B=prologue_b is not None,
-            STATS=stats,
-            GELU=bool(pros) and pros[0].gelu,
-            ACC=tl_dtype(acc),
-            DOT=dot_dtype(a.dtype),
-            PRECISION=dot_precision(a.dtype),
-        )
+            a, b, out, part, saved, stats_a, coef, ga_lo, ga_hi, ba_lo, ba_hi, split_a, *b_args, acts,
+            m, n, k, *a.stride(), *b.stride(), *out.stride(), *saved.stride(),
+            tokens[0] if tokens else 1, stats_split if stats else n, part.shape[0] if stats else 0,
+            PRO_A=0 if prologue_a is None else (2 if a_grad else 1), A_TOKENS_ALONG_K=a_tokens_axis == 1,
+            PRO_B=prologue_b is not None, STATS=stats, GELU=bool(pros) and pros[0].gelu, ACC=tl_dtype(acc),
+            DOT=dot_dtype(a.dtype), PRECISION=dot_precision(a.dtype),
+        )  # fmt: skip
     if not stats:
         return out, None
     return out, part
@@ -349,6 +263,7 @@ def ln_gemm(
 
 @triton.jit
 def _rstd(m2, n, eps, F64: tl.constexpr):
+    """1 / sqrt(variance + eps) from the merged squared deviations ``m2`` of ``n`` values."""
     return inverse_sqrt(m2 / tl.maximum(n, 1.0) + eps, F64)
 
 
@@ -356,6 +271,8 @@ def _rstd(m2, n, eps, F64: tl.constexpr):
 def _row_statistics_kernel(
     part_ptr, out_ptr, tiles, M, const_ptr, F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr
 ):
+    """out [4, M] (mean, rstd of segment 0, then of segment 1) of BLOCK rows, merging ``tiles`` tiles of
+    :func:`ln_gemm`'s partials [tiles, 2, FIELDS, M]; eps is ``const_ptr[0]``."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     eps = tl.load(const_ptr)

@@ -45,6 +45,10 @@ def _ln_act_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """One [BLOCK_M tokens, BLOCK_C channels] tile of y = act(LN(u)) (:func:`~.ln_tiles.ln_act_tile`):
+    u and y [T, C] contiguous; ``stats`` [4, T] each token's mean and rstd of its two segments (split at
+    channel ``split``, gamma / beta ``g_lo``/``g_hi``, ``b_lo``/``b_hi``); the activation's constants at
+    ``act_ptr``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask, c_mask = offs_m < T, offs_c < C
@@ -74,9 +78,9 @@ def _ln_act_fwd_kernel(
 @triton.jit
 def _ln_grad_sums_kernel(
     dy_ptr,
-    sdy,
+    stride_dy_m,
     u_ptr,
-    su,
+    stride_u_m,
     stats_ptr,
     g_lo,
     g_hi,
@@ -115,8 +119,8 @@ def _ln_grad_sums_kernel(
         ch, ch_mask = offs_c[None, :], c_mask[None, :]
         mask = tok_mask & ch_mask
         second = ch >= split
-        dy = tl.load(dy_ptr + rows * sdy + ch, mask=mask, other=0.0)
-        u = tl.load(u_ptr + rows * su + ch, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows * stride_dy_m + ch, mask=mask, other=0.0)
+        u = tl.load(u_ptr + rows * stride_u_m + ch, mask=mask, other=0.0)
         mean = segment_value(stats_ptr, 0, T, tok, tok_mask, second)
         rstd = segment_value(stats_ptr, 1, T, tok, tok_mask, second)
         gam = load_split(g_lo, g_hi, ch, split, ch_mask)

@@ -84,6 +84,7 @@ def activation(y, pos, neg, GELU: tl.constexpr):
 
 @triton.jit
 def activation_derivative(y, pos, neg, GELU: tl.constexpr):
+    """d act / d y: GELU's (times ``pos``, its scale), or the scaled leaky family's ``pos`` / ``neg``."""
     if GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
         pdf = tl.exp(-0.5 * y * y) * 0.3989422804014327

@@ -1,11 +1,12 @@
 """The 'cpu' backend's PNNHConv2d (backends/cpu/conv.py) against the reference: outputs, every gradient,
 running statistics, gradcheck, odd shapes and layouts, the custom ops (opcheck, torch.compile), auto's
-choice, refusals. The 'cuda' backend's planar op runs the same checks on the test-only planar CPU passes."""
+choice, refusals. The 'cuda' backend's op runs the same checks on test-only CPU versions of its passes."""
 
 import copy
 
 import pytest
 import torch
+from cuda_passes_on_cpu import run_cuda_op_on_cpu_kernels
 from helpers import (
     BLOCK_CASES,
     TOLERANCES,
@@ -16,7 +17,6 @@ from helpers import (
     randomize_norms,
     twin,
 )
-from planar_cpu_kernels import run_cuda_op_on_cpu_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pnnh_kernels as pk
@@ -32,11 +32,11 @@ pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"C++ exte
 CASES = BLOCK_CASES
 
 
-@pytest.fixture(params=["rows", "planar"])
+@pytest.fixture(params=["cpu", "cuda"])
 def cpu_op(request, monkeypatch):
-    """The 'cpu' backend runs the channels-last rows op; the planar (NCHW) op is the one the 'cuda'
-    backend runs, so its Python half is checked here too, on the test-only planar CPU passes."""
-    if request.param == "planar":
+    """The 'cpu' backend runs the channels-last rows op; the 'cuda' backend's op (in the input's layout)
+    is checked here too, its Python half on test-only CPU versions of its passes."""
+    if request.param == "cuda":
         run_cuda_op_on_cpu_kernels(monkeypatch)
         monkeypatch.setattr(CpuBackend, "conv_op", lambda self: cuda_conv_block)
     return request.param
@@ -121,7 +121,7 @@ def test_cpu_backend_gradcheck(options, training):
 @pytest.mark.parametrize("options", [dict(), dict(coder_kernel_size=3), dict(tied=False), dict(kernel_size=1)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_custom_ops_pass_opcheck(cpu_op, options, layout):
-    op = (cpu_conv_block if cpu_op == "rows" else cuda_conv_block).op
+    op = (cpu_conv_block if cpu_op == "cpu" else cuda_conv_block).op
     block = pk.PNNHConv2d(4, **options).double()
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     torch.library.opcheck(op, op_args(block, x))
@@ -145,7 +145,7 @@ class _Casts(TorchDispatchMode):
 def test_the_cuda_op_reuses_its_weight_casts_in_backward(options, monkeypatch):
     """Under autocast the 'cuda' op gets float32 weights beside low-precision data: forward's casts are
     kept for backward, which casts no weight again; the results are those of weights given in the data's
-    dtype. On the CPU: float64 data beside float32 weights, on the planar passes."""
+    dtype. On the CPU: float64 data beside float32 weights, on the 'cuda' op's CPU passes."""
     run_cuda_op_on_cpu_kernels(monkeypatch)
     block = pk.PNNHConv2d(4, **options)
     randomize_norms(block)

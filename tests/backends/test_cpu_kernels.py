@@ -1,10 +1,10 @@
 """The C++ passes one by one (csrc/cpu): the rows batch-norm passes against torch, bad arguments refused,
-the thread pool; and the test-only planar passes (tests/planar_cpu/)."""
+the thread pool; and the test-only CPU versions of the 'cuda' passes (tests/cuda_passes_cpu/)."""
 
 import pytest
 import torch
 from accuracy import assert_float32_close
-from planar_cpu_kernels import planar_cpu_kernels
+from cuda_passes_on_cpu import cuda_passes_on_cpu
 
 from pnnh_kernels._extension import extension, extension_error
 
@@ -18,8 +18,8 @@ def test_extension_runs_its_passes_on_torchs_thread_pool():
     assert extension().with_openmp
 
 
-def test_planar_kernels_reject_bad_arguments():
-    C = planar_cpu_kernels()
+def test_cuda_passes_on_cpu_reject_bad_arguments():
+    C = cuda_passes_on_cpu()
     z = torch.randn(2, 4, 5)
     with pytest.raises(RuntimeError, match="channel range out of bounds"):
         C.channel_sums(z, 2, 4)
@@ -104,21 +104,21 @@ def test_rows_kernels_reject_bad_arguments():
         )
 
 
-def test_planar_channel_sums_match_torch():
+def test_cuda_passes_channel_sums_match_torch():
     z = torch.randn(3, 7, 11, dtype=torch.float64)
-    sums = planar_cpu_kernels().channel_sums(z, 2, 4)
+    sums = cuda_passes_on_cpu().channel_sums(z, 2, 4)
     torch.testing.assert_close(sums[0], z[:, 2:6].sum((0, 2)))
     torch.testing.assert_close(sums[1], z[:, 2:6].pow(2).sum((0, 2)))
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_planar_bn_finalize_writes_the_statistics_at_the_column_offset(splits):
+def test_cuda_passes_bn_finalize_writes_the_statistics_at_the_column_offset(splits):
     z = 2.0 + torch.randn(3, 7, 11, dtype=torch.float64)
-    sums = planar_cpu_kernels().channel_sums(z, 2, 4)
+    sums = cuda_passes_on_cpu().channel_sums(z, 2, 4)
     if splits > 1:  # [splits, 2, cn] partials add up
         sums = torch.stack([sums / 2, sums / 4, sums / 4])
     stats = torch.full((3, 9), -1.0, dtype=torch.float64)
-    planar_cpu_kernels().bn_finalize(sums, 33.0, 1e-5, stats, 3)
+    cuda_passes_on_cpu().bn_finalize(sums, 33.0, 1e-5, stats, 3)
     part = z[:, 2:6].transpose(0, 1).reshape(4, -1)
     torch.testing.assert_close(stats[0, 3:7], part.mean(1))
     torch.testing.assert_close(stats[1, 3:7], torch.rsqrt(part.var(1, unbiased=False) + 1e-5))
@@ -148,7 +148,7 @@ def _column_stats(cols: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def test_the_installed_extension_has_no_planar_cpu_passes():
-    # they are test scaffolding (tests/planar_cpu/); built without CUDA, the extension has no planar passes
+def test_the_installed_extension_has_no_cpu_versions_of_the_cuda_passes():
+    # they are test scaffolding (tests/cuda_passes_cpu/); built without CUDA, the extension has no 'cuda' passes
     if not extension().with_cuda:
         assert not hasattr(extension(), "channel_sums")

@@ -64,7 +64,7 @@ def test_cuda_block_channels_last_and_strided_input(exact):
 
 
 @gpu
-@pytest.mark.parametrize("layout", ["planar", "rows"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_statistics_passes_match_torch(layout, dtype):
     """channel_sums' per-split partials and bn_finalize's statistics, written at a column offset, for an
@@ -72,7 +72,7 @@ def test_cuda_statistics_passes_match_torch(layout, dtype):
     from pnnh_kernels._extension import extension
 
     z = (1.5 + torch.randn(5, 70, 13, 11, device="cuda")).to(dtype)
-    if layout == "rows":
+    if layout == "channels_last":
         z3 = z.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, 70, 1)
     else:
         z3 = z.reshape(5, 70, -1)
@@ -89,14 +89,14 @@ def test_cuda_statistics_passes_match_torch(layout, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("layout", ["planar", "rows"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_cuda_bn_input_grad_matches_torch(layout):
     """dz = coef_dy * d_act + coef_z * z + bias per channel, z read at a channel offset of a wider map."""
     from pnnh_kernels._extension import extension
 
     def flat(t):
         c = t.shape[1]
-        if layout == "rows":
+        if layout == "channels_last":
             return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c, 1)
         return t.reshape(t.shape[0], c, -1)
 

@@ -1,7 +1,7 @@
 """The 'cuda' op's cuDNN-fused graphs (backends/cuda/cudnn_layers.py), checked on the CPU: cuDNN's graphs are
 replaced by the same math in PyTorch ops (conv of act(x * scale + bias) and the output's channel sums;
 dgrad -> dAct -> BN backward weight with the input-gradient coefficients) and the op's other passes by the
-test-only planar CPU passes. What is checked is the op's side: which layers
+test-only CPU passes of the 'cuda' op. What is checked is the op's side: which layers
 it sends to cuDNN, the folded BN affine, the statistics taken from the epilogue sums, and that the
 results (outputs, every gradient, running statistics) match the reference. test_cudnn_fused.py checks
 cuDNN's own graphs against PyTorch on a GPU."""
@@ -9,8 +9,8 @@ cuDNN's own graphs against PyTorch on a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_passes_on_cpu import run_cuda_op_on_cpu_kernels
 from helpers import BLOCK_CASES, assert_matches_reference, randomize_norms, twin
-from planar_cpu_kernels import run_cuda_op_on_cpu_kernels
 
 import pnnh_kernels as pk
 from pnnh_kernels._extension import extension_error

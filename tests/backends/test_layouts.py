@@ -1,14 +1,14 @@
 """channels_last end to end: a channels_last input stays channels_last through a stack of blocks, with
 no layout copy of a feature map inside a block or between blocks, on every fused backend the CPU can
-run ('cpu'; 'cuda''s op on the test-only planar CPU passes; 'triton' in the interpreter). The 'cuda' op
+run ('cpu'; 'cuda''s op on the test-only CPU passes of the 'cuda' op; 'triton' in the interpreter). The 'cuda' op
 also takes NCHW without a copy. Counted as aten copies (clone, copy_, same-dtype _to_copy) of at least
 one map's worth of elements in a recorded training step."""
 
 import pytest
 import torch
+from cuda_passes_on_cpu import run_cuda_op_on_cpu_kernels
 from helpers import twin
 from op_recording import training_step
-from planar_cpu_kernels import run_cuda_op_on_cpu_kernels
 from triton_devices import interpreting
 
 import pnnh_kernels as pk
@@ -36,7 +36,7 @@ def _no_finite_check():
 
 
 def _stack(backend: str, options: dict, monkeypatch) -> torch.nn.Module:
-    if backend == "cuda_op":  # the 'cuda' backend's op, run by the 'cpu' backend on the planar CPU passes
+    if backend == "cuda_op":  # the 'cuda' backend's op, run by the 'cpu' backend on the CPU passes of the 'cuda' op
         run_cuda_op_on_cpu_kernels(monkeypatch)
         monkeypatch.setattr(CpuBackend, "conv_op", lambda self: cuda_conv_block)
         backend = "cpu"

@@ -14,7 +14,8 @@ from ..fused import ExtensionBackend
 
 
 class CpuBackend(ExtensionBackend):
-    """Fused C++ passes + oneDNN convolutions, float32/float64, batch norm, the scaled leaky family."""
+    """Fused C++ passes + oneDNN convolutions and GEMMs, float32/float64: PNNHConv2d with batch norm and the
+    scaled leaky family, PNNHLinear with layer norm and the scaled leaky family or GELU."""
 
     name = "cpu"
     device_types = ("cpu",)

@@ -14,7 +14,7 @@ pass, and one apply pass that also writes the BN parameters' gradients).
 
 The convolutions are cuDNN's / cuBLAS's; the passes between them are the extension's CUDA kernels.
 A channels_last input keeps every map channels_last, an NCHW one NCHW: no layout copy inside the block,
-and the output leaves in the input's layout. The test-only planar C++ passes run the same op on CPU
+and the output leaves in the input's layout. The test-only C++ versions of its passes run the same op on CPU
 tensors, which is how the tests check this module without a GPU (the 'cpu' backend itself runs
 :mod:`..cpu.conv`).
 """

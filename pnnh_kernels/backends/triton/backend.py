@@ -26,7 +26,8 @@ def _interpreting() -> bool:
 
 
 class TritonBackend(FusedBackend):
-    """Triton kernels, float32/float16/bfloat16 (and float64 in the interpreter), batch norm, the scaled leaky family."""
+    """Triton kernels, float32/float16/bfloat16 (and float64 in the interpreter): PNNHConv2d with batch norm
+    and the scaled leaky family, PNNHLinear with layer norm and the scaled leaky family or GELU."""
 
     name = "triton"
     device_types = ("cuda", "cpu")

@@ -1,4 +1,4 @@
-"""The test-only planar CPU passes (tests/planar_cpu/): compiled on first use, then cached by torch.
+"""The test-only CPU passes of the 'cuda' op (tests/cuda_passes_cpu/): compiled on first use, then cached by torch.
 
 They stand in for the 'cuda' backend's CUDA kernels so that its op (backends/cuda/conv.py), which
 calls the passes through ``extension()``, runs on CPU tensors in the tests."""
@@ -11,14 +11,14 @@ from torch.utils.cpp_extension import load
 
 from pnnh_kernels._extension import cxx_standard
 
-_SOURCES = pathlib.Path(__file__).resolve().parent / "planar_cpu"
+_SOURCES = pathlib.Path(__file__).resolve().parent / "cuda_passes_cpu"
 
 
 @functools.lru_cache(maxsize=1)
-def planar_cpu_kernels() -> ModuleType:
+def cuda_passes_on_cpu() -> ModuleType:
     return load(
-        name="pnnh_test_planar_cpu",
-        sources=[str(_SOURCES / "bindings.cpp"), str(_SOURCES / "bn_act_planar.cpp")],
+        name="pnnh_test_cuda_passes_cpu",
+        sources=[str(_SOURCES / "bindings.cpp"), str(_SOURCES / "bn_act_maps.cpp")],
         extra_include_paths=[str(_SOURCES.parents[1] / "csrc" / "cpu")],  # norm_checks.h, vector_clones.h
         extra_cflags=["-O2", f"-std={cxx_standard()}", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
@@ -26,7 +26,7 @@ def planar_cpu_kernels() -> ModuleType:
 
 
 def run_cuda_op_on_cpu_kernels(monkeypatch) -> None:
-    """Make the 'cuda' backend's op call the planar CPU passes (for the rest of the test)."""
+    """Make the 'cuda' backend's op call the CPU passes of the 'cuda' op (for the rest of the test)."""
     from pnnh_kernels.backends.cuda import conv
 
-    monkeypatch.setattr(conv, "extension", planar_cpu_kernels)
+    monkeypatch.setattr(conv, "extension", cuda_passes_on_cpu)

@@ -1,9 +1,9 @@
-// Python bindings of the test-only planar CPU passes, under the names the 'cuda' backend's op calls.
+// Python bindings of the test-only CPU passes of the 'cuda' op, under the names the 'cuda' backend's op calls.
 // torch/csrc/utils/pybind.h (the Tensor casters) instead of torch/extension.h, which also pulls in the whole
 // C++ frontend: the module compiles in about half the time
 #include <torch/csrc/utils/pybind.h>
 
-#include "planar_cpu.h"
+#include "cuda_passes_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_sums", &pnnh::channel_sums, "per-channel sum and sum of squares (float64)");

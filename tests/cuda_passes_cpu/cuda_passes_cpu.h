@@ -1,6 +1,6 @@
-// The planar (NCHW) batch-norm + activation passes on the CPU: the 'cuda' backend's op (backends/cuda/conv.py)
+// The 'cuda' backend's batch-norm + activation passes on the CPU, over [outer, channels, inner] maps: the 'cuda' backend's op (backends/cuda/conv.py)
 // with these in place of its CUDA kernels, so that its Python half is tested without a GPU. Test-only: the
-// tests compile them on first use (tests/planar_cpu_kernels.py); nothing installed calls them.
+// tests compile them on first use (tests/cuda_passes_cpu.py); nothing installed calls them.
 #pragma once
 
 #include <ATen/ATen.h>

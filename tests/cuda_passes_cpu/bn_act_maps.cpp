@@ -1,6 +1,7 @@
-// Fused batch-norm + activation passes on planar tensors, on the CPU (test-only: see planar_cpu.h).
+// Fused batch-norm + activation passes over [outer, channels, inner] maps, on the CPU (test-only: see cuda_passes_cpu.h).
 //
-// Tensors are viewed as planar [outer, channels, inner] (NCHW: outer = N, inner = H*W), contiguous.
+// Tensors are viewed as [outer, channels, inner], contiguous (NCHW: outer = N, inner = H*W; channels_last:
+// outer = N*H*W, inner = 1).
 // Channel ranges [c0, c0 + cn) of a wider tensor let one pass read or write the coder and the learner
 // halves of the concatenated layer-1 output in place. Work is split over channels with
 // at::parallel_for; each channel's plane is walked row by row, contiguously.
@@ -8,7 +9,7 @@
 // The activation is the scaled leaky family: act(a) = scale * (a > 0 ? a : slope * a)
 // (relu: slope 0; identity: slope 1). `use_act = false` skips it (the coder half, the last layer
 // without a final activation).
-#include "planar_cpu.h"
+#include "cuda_passes_cpu.h"
 #include "norm_checks.h"
 #include "vector_clones.h"
 
@@ -21,18 +22,18 @@ namespace pnnh {
 namespace {
 
 template <typename T>
-struct Planar {
+struct MapView {
   T* data;
   int64_t outer, channels, inner, c0;
   T* row(int64_t o, int64_t c) const { return data + (o * channels + c0 + c) * inner; }
 };
 
 template <typename T>
-Planar<T> planar(const at::Tensor& t, int64_t c0) {
+MapView<T> map_view(const at::Tensor& t, int64_t c0) {
   return {t.data_ptr<T>(), t.size(0), t.size(1), t.size(2), c0};
 }
 
-void check_planar(const at::Tensor& t, const char* name) {
+void check_map(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, name, " must be viewed as [outer, channels, inner], got ", t.dim(), " dims");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -111,13 +112,13 @@ void bn_finalize(const at::Tensor& sums, double count, double eps, const at::Ten
 
 // Per-channel sum and sum of squares (float64 accumulation) of channels [c0, c0 + cn).
 at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn) {
-  check_planar(z, "z");
+  check_map(z, "z");
   TORCH_CHECK(c0 >= 0 && cn >= 0 && c0 + cn <= z.size(1), "channel range out of bounds");
   auto out = at::zeros({2, cn}, z.options().dtype(at::kDouble));
   double* sum = out.data_ptr<double>();
   double* sumsq = sum + cn;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "channel_sums", [&] {
-    auto v = planar<scalar_t>(z, c0);
+    auto v = map_view<scalar_t>(z, c0);
     at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         double s = 0.0, ss = 0.0;
@@ -139,8 +140,8 @@ at::Tensor channel_sums(const at::Tensor& z, int64_t c0, int64_t cn) {
 void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const at::Tensor& mean,
                   const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, bool use_act,
                   double slope, double scale) {
-  check_planar(z, "z");
-  check_planar(out, "out");
+  check_map(z, "z");
+  check_map(out, "out");
   const int64_t cn = out.size(1);
   const auto z_dtype = z.scalar_type();
   TORCH_CHECK(out.scalar_type() == z_dtype, "out must have z's dtype");
@@ -149,8 +150,8 @@ void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const 
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_act_apply", [&] {
     const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
     const scalar_t *g = gamma.data_ptr<scalar_t>(), *b = beta.data_ptr<scalar_t>();
-    auto src = planar<scalar_t>(z, c0);
-    auto dst = planar<scalar_t>(out, 0);
+    auto src = map_view<scalar_t>(z, c0);
+    auto dst = map_view<scalar_t>(out, 0);
     const scalar_t pos = use_act ? scalar_t(scale) : scalar_t(1), neg = use_act ? scalar_t(scale * slope) : scalar_t(1);
     at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -170,8 +171,8 @@ void bn_act_apply(const at::Tensor& z, int64_t c0, const at::Tensor& out, const 
 at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64_t c0, const at::Tensor& mean,
                                 const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
                                 bool use_act, double slope, double scale) {
-  check_planar(dy, "dy");
-  check_planar(x, "x");
+  check_map(dy, "dy");
+  check_map(x, "x");
   const int64_t cn = dy.size(1);
   const auto z_dtype = x.scalar_type();
   TORCH_CHECK(dy.scalar_type() == z_dtype, "dy must have x's dtype");
@@ -183,8 +184,8 @@ at::Tensor bn_act_backward_sums(const at::Tensor& dy, const at::Tensor& x, int64
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_act_backward_sums", [&] {
     const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
     const scalar_t *gm = gamma.data_ptr<scalar_t>(), *bt = beta.data_ptr<scalar_t>();
-    auto vx = planar<scalar_t>(x, c0);
-    auto vdy = planar<scalar_t>(dy, 0);
+    auto vx = map_view<scalar_t>(x, c0);
+    auto vdy = map_view<scalar_t>(dy, 0);
     const scalar_t pos = use_act ? scalar_t(scale) : scalar_t(1), neg = use_act ? scalar_t(scale * slope) : scalar_t(1);
     at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -211,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, c
                                                          const at::Tensor& invstd, const at::Tensor& gamma,
                                                          const at::Tensor& beta, const at::Tensor& sums, bool training,
                                                          bool use_act, double slope, double scale) {
-  check_planar(dy, "dy");
-  check_planar(x, "x");
-  check_planar(dx, "dx");
+  check_map(dy, "dy");
+  check_map(x, "x");
+  check_map(dx, "dx");
   const int64_t cn = dy.size(1);
   const auto z_dtype = x.scalar_type();
   TORCH_CHECK(dy.scalar_type() == z_dtype && dx.scalar_type() == z_dtype, "dy and dx must have x's dtype");
@@ -232,9 +233,9 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, c
     }
     const scalar_t *m = mean.data_ptr<scalar_t>(), *is = invstd.data_ptr<scalar_t>();
     const scalar_t *gm = gamma.data_ptr<scalar_t>(), *bt = beta.data_ptr<scalar_t>();
-    auto vx = planar<scalar_t>(x, c0);
-    auto vdx = planar<scalar_t>(dx, c0);
-    auto vdy = planar<scalar_t>(dy, 0);
+    auto vx = map_view<scalar_t>(x, c0);
+    auto vdx = map_view<scalar_t>(dx, c0);
+    auto vdy = map_view<scalar_t>(dy, 0);
     const scalar_t pos = use_act ? scalar_t(scale) : scalar_t(1), neg = use_act ? scalar_t(scale * slope) : scalar_t(1);
     at::parallel_for(0, cn, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -253,17 +254,17 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(const at::Tensor& dy, c
 
 void bn_input_grad(const at::Tensor& d_act, const at::Tensor& z, int64_t c0, const at::Tensor& dz,
                    const at::Tensor& coef_dy, const at::Tensor& coef_z, const at::Tensor& bias) {
-  check_planar(d_act, "d_act");
-  check_planar(z, "z");
-  check_planar(dz, "dz");
+  check_map(d_act, "d_act");
+  check_map(z, "z");
+  check_map(dz, "dz");
   const int64_t cn = d_act.size(1);
   TORCH_CHECK(dz.sizes() == d_act.sizes() && c0 >= 0 && c0 + cn <= z.size(1), "shape mismatch");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_input_grad", [&] {
     auto a = coef_dy.to(z.scalar_type()).contiguous(), b = coef_z.to(z.scalar_type()).contiguous();
     auto e = bias.to(z.scalar_type()).contiguous();
-    auto vz = planar<scalar_t>(z, c0);
-    auto vd = planar<scalar_t>(d_act, 0);
-    auto vo = planar<scalar_t>(dz, 0);
+    auto vz = map_view<scalar_t>(z, c0);
+    auto vd = map_view<scalar_t>(d_act, 0);
+    auto vo = map_view<scalar_t>(dz, 0);
     for (int64_t o = 0; o < vz.outer; ++o) {
       for (int64_t c = 0; c < cn; ++c) {
         const scalar_t ac = a.data_ptr<scalar_t>()[c], bc = b.data_ptr<scalar_t>()[c], ec = e.data_ptr<scalar_t>()[c];
