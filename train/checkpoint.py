@@ -77,10 +77,28 @@ def _serialize(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def non_finite_entries(obj: Any, prefix: str = "") -> list[str]:
+    """The keys (dotted paths) of the floating-point tensors in ``obj`` holding NaN or infinity."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return [prefix or "the tensor"] if bad else []
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [k for key, value in items for k in non_finite_entries(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
 def save_checkpoint(state: dict, path: str, kind: str) -> None:
-    """Write ``state`` (tensors and plain containers) as a checksummed checkpoint of ``kind``."""
+    """Write ``state`` (tensors and plain containers) as a checksummed checkpoint of ``kind``; a state holding
+    a non-finite tensor is refused (FloatingPointError naming it), so a checkpoint never holds a diverged run."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    bad = non_finite_entries(state)
+    if bad:
+        raise FloatingPointError(f"not writing {path}: {bad[0]} holds non-finite values")
     payload = _serialize(state)
     record = {
         "format": FORMAT,

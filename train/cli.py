@@ -9,6 +9,7 @@ torchrun --nproc_per_node 2 -m pnnh_kernels.train.cli train ...   # DDP
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import errno
 import json
@@ -27,7 +28,7 @@ from .checkpoint import load_checkpoint
 from .data import DATASETS, DataBundle, DatasetError, load_dataset
 from .plots import plot_analysis, plot_history
 from .sweep import FAMILIES, parse_lr_scales, run_sweep
-from .trainer import TrainConfig, build_model, seed_everything, train
+from .trainer import RESUME_OVERRIDES, RUN_DEFINING, TrainConfig, build_model, seed_everything, train
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -132,9 +133,24 @@ def _analyze_run(args: argparse.Namespace, config: TrainConfig, checkpoint: str,
     return os.path.abspath(path)
 
 
+def _recorded_options(args: argparse.Namespace, out_dir: str) -> dict:
+    """On resume, the run-defining options the command line leaves out, at the checkpoint's recorded values:
+    a resume continues what was recorded (the ones given are compared with it by the trainer)."""
+    path = os.path.join(out_dir, "last.pt") if args.resume == "auto" else args.resume
+    if not path or not os.path.isfile(path):
+        return {}  # 'auto' with no run yet starts one; a missing explicit path is reported by the trainer
+    recorded = load_checkpoint(path, kind="resume")["config"]
+    given = getattr(args, "given", set())
+    return {name: recorded[name] for name in RUN_DEFINING if name in recorded and name not in given}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or _default_out_dir(args, f"{args.model}-{args.dataset}")
-    config = _config(args, model=args.model, out_dir=out_dir, resume=args.resume)
+    recorded = _recorded_options(args, out_dir) if args.resume else {}
+    config = _config(
+        args, **{"model": args.model, **recorded, "out_dir": out_dir, "resume": args.resume},
+        resume_overrides=tuple(name.replace("-", "_") for name in args.resume_override),
+    )  # fmt: skip
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -211,6 +227,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None)
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for OUT_DIR/last.pt if present")
     p.add_argument("--analyze", action="store_true", help="also measure dissipating inputs, at init and trained")
+    p.add_argument(
+        "--resume-override",
+        nargs="+",
+        default=[],
+        metavar="OPTION",
+        help=f"on resume, take these options' new values ({', '.join(n.replace('_', '-') for n in RESUME_OVERRIDES)})",
+    )
     _add_train_options(p)
     p.set_defaults(run=cmd_train)
 
@@ -249,8 +272,19 @@ def _user_error(exc: BaseException) -> str:
     return str(exc)
 
 
+def _given_options(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+    """The destinations the command line sets explicitly (a parse in which no option has a default)."""
+    bare = copy.deepcopy(parser)
+    for p in [bare, *bare._subparsers._group_actions[0].choices.values()]:  # type: ignore[union-attr]
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    args.given = _given_options(parser, argv)
     try:
         return args.run(args)
     except (DatasetError, ValueError, OSError, BackendUnavailableError, FloatingPointError) as exc:

@@ -25,6 +25,7 @@ from . import cuda_graphs
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
+    non_finite_entries,
     remove_stale_temporaries,
     save_checkpoint,
     write_text_atomic,
@@ -34,10 +35,20 @@ from .data import DataBundle, load_dataset, subsample_training
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
 from .optim import make_optimizer, make_scheduler
+from .run_lock import hold_run_folder
 from .tensorboard_log import MISSING as TENSORBOARD_MISSING
 from .tensorboard_log import TensorBoardLog, tensorboard_installed
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+#: the options that define what a run computes: a resume continues their recorded values (the CLI fills in
+#: those its command line leaves out) and refuses others, except RESUME_OVERRIDES asked for by name
+RUN_DEFINING = (
+    "model", "dataset", "data_root", "image_size", "train_size", "model_options", "epochs", "batch_size",
+    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
+    "drop_path_rate", "amp", "seed", "feature_reuse", "reuse_drop_rate", "reuse_every",
+)  # fmt: skip
+#: what a resume may change from the next step on, each applied where the run reads it
+RESUME_OVERRIDES = ("weight_decay", "momentum", "label_smoothing")
 
 
 @dataclass
@@ -84,6 +95,8 @@ class TrainConfig:
     overwrite: bool = False
     #: also write the metrics as TensorBoard scalars to out_dir/tensorboard (needs the tensorboard package)
     tensorboard: bool = False
+    #: on resume, the RESUME_OVERRIDES options that take this config's values instead of the recorded ones
+    resume_overrides: tuple = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -112,6 +125,10 @@ class TrainConfig:
             raise ValueError(f"image-size must be a positive number of pixels, got {self.image_size}")
         if self.tensorboard and not tensorboard_installed():
             raise ValueError(TENSORBOARD_MISSING)
+        unknown = [name for name in self.resume_overrides if name not in RESUME_OVERRIDES]
+        if unknown:
+            allowed = ", ".join(_flag(n) for n in RESUME_OVERRIDES)
+            raise ValueError(f"--resume-override takes {allowed}; {_flag(unknown[0])} cannot change on resume")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
 
@@ -119,6 +136,10 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -313,21 +334,41 @@ def _resume(run: _Run) -> None:
     missing = [k for k in ("optimizer", "scheduler", "scaler", "epoch", "best_acc", "history") if k not in state]
     if missing:
         raise CheckpointError(f"{resume_path} is corrupted: it lacks {', '.join(missing)}")
-    saved = TrainConfig.from_dict(state["config"])
-    if (saved.model, saved.dataset) != (config.model, config.dataset):
-        raise ValueError(
-            f"checkpoint {resume_path} trained {saved.model} on {saved.dataset}, not {config.model} on {config.dataset}"
-        )
-    if (saved.epochs, saved.batch_size, saved.lr) != (config.epochs, config.batch_size, config.lr):
-        raise ValueError(
-            f"checkpoint {resume_path} follows a schedule of {saved.epochs} epochs, batch {saved.batch_size}, lr {saved.lr}; "
-            "resume with the same --epochs/--batch-size/--lr, or start a new run"
-        )
+    _check_resumable(state["config"], config, resume_path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    _apply_overrides(run)
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.start_epoch, run.best_acc, run.history = state["epoch"], state["best_acc"], list(state["history"])
+
+
+def _check_resumable(recorded: dict, config: TrainConfig, path: str) -> None:
+    """A resume continues what ``path`` recorded: every run-defining option that differs (and is not an
+    override asked for) is refused in one line naming its recorded value."""
+    differing = [
+        f"{_flag(name)} {recorded[name]!r} (this run: {getattr(config, name)!r})"
+        for name in RUN_DEFINING
+        if name in recorded and recorded[name] != getattr(config, name) and name not in config.resume_overrides
+    ]
+    if differing:
+        overridable = ", ".join(_flag(n) for n in RESUME_OVERRIDES)
+        raise ValueError(
+            f"cannot resume {path}: it recorded {'; '.join(differing)}; a resume continues the recorded run "
+            f"(leave those options out, start a new run, or change {overridable} with --resume-override)"
+        )
+
+
+def _apply_overrides(run: _Run) -> None:
+    """The overrides asked for, on the optimizer the checkpoint restored (its state carries the recorded
+    hyperparameters; label smoothing is read from the config at every step)."""
+    config = run.config
+    if "weight_decay" in config.resume_overrides:
+        run.optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # optim.parameter_groups: decay first
+    for group in run.optimizer.param_groups:
+        if "momentum" in config.resume_overrides and "momentum" in group:
+            group["momentum"] = config.momentum
+            group["nesterov"] = group["nesterov"] and config.momentum > 0
 
 
 def _step_model(run: _Run) -> nn.Module:
@@ -492,6 +533,20 @@ def _epoch_record(run: _Run, epoch: int, totals: tuple[float, float, float, floa
     }
 
 
+def _check_not_diverged(run: _Run, record: dict) -> None:
+    """Stop a run whose epoch ended non-finite (a NaN test loss, non-finite weights, batch-norm statistics or
+    optimizer state, which the training loss alone can miss) before anything of the epoch is written: the
+    files on disk keep the last finite epoch."""
+    bad = non_finite_entries(run.model.state_dict()) or non_finite_entries(run.optimizer.state_dict(), "optimizer")
+    losses = [name for name in ("train_loss", "test_loss") if not math.isfinite(record[name])]
+    if not bad and not losses:
+        return
+    what = f"{bad[0]} holds non-finite values" if bad else f"the {losses[0].replace('_', ' ')} is {record[losses[0]]}"
+    kept = [r["epoch"] for r in run.history[:-1]]
+    left = f"last.pt keeps epoch {kept[-1]}" if kept else "no checkpoint of this run was written"
+    raise FloatingPointError(f"the run diverged at epoch {record['epoch']}: {what}; {left}; lower the learning rate")
+
+
 def _save_epoch(run: _Run, record: dict, first: bool) -> None:
     """config.json (at this invocation's first epoch), metrics.jsonl (exactly the epochs last.pt has seen),
     last.pt (everything a resume needs), best.pt when the test accuracy is the best yet; each file replaced
@@ -537,9 +592,15 @@ def _summary(run: _Run) -> dict:
 
 
 def _train(config: TrainConfig, info: DistInfo) -> dict:
-    _check_out_dir(config)
-    if info.is_main:
-        _check_writable(config.out_dir)
+    if not info.is_main:
+        return _train_in_folder(config, info)
+    _check_writable(config.out_dir)
+    with hold_run_folder(config.out_dir):  # before anything is read or written there: one run at a time
+        _check_out_dir(config)
+        return _train_in_folder(config, info)
+
+
+def _train_in_folder(config: TrainConfig, info: DistInfo) -> dict:
     run = _set_up(config, info)
     _resume(run)
     step_model = _step_model(run)
@@ -554,6 +615,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict:
             totals = _train_epoch(run, epoch, step_model, autocast)
             record = _epoch_record(run, epoch, totals, autocast)
             run.history.append(record)
+            _check_not_diverged(run, record)  # on every process: all of them stop together
             run.best_acc = max(run.best_acc, record["test_acc"])
             if info.is_main:
                 _save_epoch(run, record, first=epoch == run.start_epoch)

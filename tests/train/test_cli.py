@@ -2,6 +2,9 @@
 on stderr with exit code 2 (no traceback); a folder that holds a run is never overwritten unasked."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,3 +229,137 @@ def test_analysis_tables_are_not_overwritten_unasked(tmp_path, capsys):
     capsys.readouterr()
     _fails_cleanly(argv, capsys, "pass --overwrite")
     assert cli_main([*argv, "--overwrite"]) == 0
+
+
+def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    """The folder's lock is held for a run's whole life (here by this process, as a live run holds it)."""
+    from pnnh_kernels.train.run_lock import LOCK_NAME, hold_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with hold_run_folder(str(out)):
+        line = _fails_cleanly(["train", *TINY, "--out-dir", str(out)], capsys, "is in use by another run")
+        assert f"pid {os.getpid()}" in line
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing written beside the holder's lock
+    assert not (out / LOCK_NAME).exists()  # released and removed when the holder ends
+    assert cli_main(["train", *TINY, "--out-dir", str(out)]) == 0
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_not_in_force(tmp_path, capsys):
+    """kill -9 leaves the lock file behind; the kernel released its lock, so the next run takes the folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_WAIT, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        _fails_cleanly(["train", *TINY, "--out-dir", str(out)], capsys, f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".run.lock").exists()  # stale: its holder is gone
+    assert cli_main(["train", *TINY, "--out-dir", str(out)]) == 0
+
+
+HOLD_AND_WAIT = """
+import sys, time
+from pnnh_kernels.train.run_lock import hold_run_folder
+with hold_run_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_whose_test_loss_turns_nan_stops_keeping_the_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
+    """The training loss stays finite; a batch norm's running variance goes NaN in epoch 2, so the test loss is
+    NaN: the run stops with one line and exit 2, and no file on disk holds a non-finite tensor."""
+    from pnnh_kernels.train import trainer
+    from pnnh_kernels.train.checkpoint import load_checkpoint, non_finite_entries
+
+    real_evaluate, calls = trainer.evaluate, []
+
+    def evaluate_after_poisoning(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            norm.running_var[0] = float("nan")
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_after_poisoning)
+    out = tmp_path / "run"
+    line = _fails_cleanly(
+        ["train", *TINY, "--epochs", "3", "--out-dir", str(out)], capsys, "the run diverged at epoch 2"
+    )
+    assert "running_var holds non-finite values" in line and "last.pt keeps epoch 1" in line
+    last, best = load_checkpoint(str(out / "last.pt"), kind="resume"), load_checkpoint(str(out / "best.pt"))
+    assert last["epoch"] == 1 and non_finite_entries(last) == [] and non_finite_entries(best) == []
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
+    from pnnh_kernels.train.checkpoint import save_checkpoint
+
+    state = {"model": {"w": torch.tensor([1.0, float("inf")])}, "config": {}}
+    with pytest.raises(FloatingPointError, match=r"model\.w holds non-finite values"):
+        save_checkpoint(state, str(tmp_path / "last.pt"), kind="resume")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _interrupted_run(tmp_path, *options):
+    out = tmp_path / "run"
+    base = ["train", *TINY, "--epochs", "2", "--out-dir", str(out)]
+    assert cli_main([*base, "--stop-after", "1", "--weight-decay", "0.001", *options]) == 0
+    return out
+
+
+def test_a_resume_continues_the_recorded_options_the_command_line_leaves_out(tmp_path, capsys):
+    out = _interrupted_run(tmp_path, "--seed", "3", "--train-size", "500")
+    argv = ["train", "--out-dir", str(out), "--resume", "auto", "--no-progress"]  # no --model, no schedule
+    assert cli_main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["epochs"], config["weight_decay"], config["seed"], config["train_size"]) == (
+        "resnet8",
+        2,
+        0.001,
+        3,
+        500,
+    )
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["kind"] == "resume"
+
+
+@pytest.mark.parametrize(
+    "changed, recorded",
+    [
+        (["--weight-decay", "0.002"], "--weight-decay 0.001 (this run: 0.002)"),
+        (["--momentum", "0.5"], "--momentum 0.9 (this run: 0.5)"),
+        (["--warmup-epochs", "0"], "--warmup-epochs 1.0 (this run: 0.0)"),
+        (["--seed", "1"], "--seed 0 (this run: 1)"),
+        (["--train-size", "300"], "--train-size None (this run: 300)"),
+        (["--optimizer", "adamw"], "--optimizer 'sgd' (this run: 'adamw')"),
+        (["--model-options", '{"share_coder": true}'], "--model-options {}"),
+    ],
+)
+def test_a_resume_with_a_changed_option_is_refused_naming_the_recorded_value(tmp_path, capsys, changed, recorded):
+    out = _interrupted_run(tmp_path)
+    before = (out / "last.pt").read_bytes()
+    capsys.readouterr()
+    argv = ["train", *TINY, "--epochs", "2", "--weight-decay", "0.001", "--out-dir", str(out), "--resume", "auto"]
+    line = _fails_cleanly([*argv, *changed], capsys, "a resume continues the recorded run")
+    assert recorded in line
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_an_override_asked_for_on_resume_is_applied_and_recorded(tmp_path, capsys):
+    out = _interrupted_run(tmp_path)
+    argv = ["train", "--out-dir", str(out), "--resume", "auto", "--no-progress", "--weight-decay", "0.004"]
+    assert cli_main([*argv, "--momentum", "0.8", "--resume-override", "weight-decay", "momentum"]) == 0
+    assert json.loads((out / "config.json").read_text())["weight_decay"] == 0.004
+    from pnnh_kernels.train.checkpoint import load_checkpoint
+
+    groups = load_checkpoint(str(out / "last.pt"), kind="resume")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["momentum"]) for g in groups] == [(0.004, 0.8), (0.0, 0.8)]
+    capsys.readouterr()
+    _fails_cleanly([*argv, "--resume-override", "seed"], capsys, "--seed cannot change on resume")

@@ -42,9 +42,9 @@ def test_resume_continues_exactly(tmp_path, extra):
 
 def test_resume_refuses_another_model_or_schedule(tmp_path):
     train(small(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match="trained resnet8 on digits, not plain_resnet8"):
+    with pytest.raises(ValueError, match=r"recorded --model 'resnet8' \(this run: 'plain_resnet8'\)"):
         train(small(tmp_path, model="plain_resnet8", resume="auto"))
-    with pytest.raises(ValueError, match="schedule of 1 epochs"):
+    with pytest.raises(ValueError, match=r"recorded --epochs 1 \(this run: 3\)"):
         train(small(tmp_path, epochs=3, resume="auto"))
 
 
