@@ -23,6 +23,7 @@ from typing import Any, Optional
 from torch import nn
 
 from pnnh_kernels import PNNHCoder
+from pnnh_kernels.coder import guard_shared_parameters
 
 from .pnnh_replacement import (
     ReplacementOptions,
@@ -64,7 +65,7 @@ class ResNetConversion:
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, block)
         self.replacements = {}
-        return self.model
+        return guard_shared_parameters(self.model)  # shared coders: see pnnh_kernels.coder
 
     def summary(self) -> str:
         ratio = self.parameters_after / max(1, self.parameters_before)

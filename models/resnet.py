@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pnnh_kernels import PNNHCoder, PNNHConv2d
+from pnnh_kernels.coder import guard_shared_parameters
 
 from .layers import DropPath, conv_bn, drop_path_rates, global_pool
 from .registry import register_model
@@ -234,6 +235,7 @@ class ResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = in_ch
         self.head = nn.Linear(in_ch, num_classes)
+        guard_shared_parameters(self)  # a state dict must not load several coders into one shared one
 
     @staticmethod
     def _pnnh_block(block: str, channels: int, coder, options, backend) -> nn.Module:

@@ -13,16 +13,18 @@ Public API:
 from typing import Any
 
 from .activation import Activation, make_activation
-from .backends import BackendUnavailableError, available_backends, register_backend
+from .backends import BackendUnavailableError, available_backends, register_backend, register_ops
 from .backends.measured import measured_choices, set_auto_benchmark
 from .block import BlockConfig, BlockNorms, BlockWeights, NormParams
-from .coder import PNNHCoder
+from .coder import PNNHCoder, guard_shared_parameters
 from .conv import PNNHConv2d
 from .functional import pnnh_conv2d, pnnh_linear
 from .linear import PNNHLinear
 from .validation import set_finite_check
 
 __version__ = "0.1.0"
+
+register_ops()  # every backend's custom ops exist from import on (torch.export.load needs them)
 
 
 def __getattr__(name: str) -> Any:
@@ -46,6 +48,7 @@ __all__ = [
     "PNNHLinear",
     "available_backends",
     "convert_resnet",
+    "guard_shared_parameters",
     "make_activation",
     "measured_choices",
     "pnnh_conv2d",

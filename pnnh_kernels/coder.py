@@ -87,3 +87,39 @@ class PNNHCoder(nn.Module):
             f"{self.in_channels} -> {self.coder_channels} -> {self.out_channels}, {kind}, "
             f"tied={self.tied}, bias={self.encoder_bias is not None}"
         )
+
+
+def guard_shared_parameters(model: nn.Module) -> nn.Module:
+    """Make loading a state dict into ``model`` check its shared tensors: a coder shared by several blocks
+    is one parameter stored under one key per block, and ``load_state_dict`` would otherwise copy every key
+    into it in turn, keeping the last (a per-block state dict, say, loads into a shared-coder net "strictly"
+    with one coder of many). Keys of one tensor holding different values are an error naming them. The
+    package's models install it; call it on a model whose blocks share a coder you passed by hand."""
+    hook = _check_shared_values
+    if hasattr(model, "register_load_state_dict_pre_hook"):
+        model.register_load_state_dict_pre_hook(hook)
+    else:  # torch before 2.5
+        model._register_load_state_dict_pre_hook(hook, with_module=True)
+    return model
+
+
+def _check_shared_values(
+    module: nn.Module, state_dict: dict, prefix: str, _metadata: Any, _strict: bool, _missing: list,
+    _unexpected: list, error_msgs: list,
+) -> None:  # fmt: skip
+    keys_of: dict[int, list[str]] = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        keys_of.setdefault(id(tensor), []).append(prefix + name)
+    for keys in keys_of.values():
+        present = [k for k in keys if k in state_dict]
+        differing = [k for k in present[1:] if not _same(state_dict[k], state_dict[present[0]])]
+        if differing:
+            error_msgs.append(
+                f"{present[0]} and {', '.join(differing)} load one shared tensor (a shared coder) but hold "
+                "different values: the state dict comes from a model that does not share it"
+            )
+
+
+def _same(a: Any, b: Any) -> bool:
+    return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -168,6 +168,12 @@ def _device(config: TrainConfig, info: DistInfo) -> torch.device:
 
 
 def build_model(config: TrainConfig, bundle: DataBundle) -> nn.Module:
+    return _create(config.model, model_arguments(config, bundle))
+
+
+def model_arguments(config: TrainConfig, bundle: DataBundle) -> dict:
+    """The keyword arguments ``create_model(config.model, ...)`` builds the run's model with (saved in its
+    checkpoints, so that :func:`load_trained_model` rebuilds it without the data set)."""
     kwargs = dict(num_classes=bundle.num_classes, in_chans=bundle.in_chans, **config.model_options)
     family = model_family(config.model) if config.model in list_models() else None
     if config.drop_path_rate:
@@ -177,10 +183,25 @@ def build_model(config: TrainConfig, bundle: DataBundle) -> nn.Module:
     if family == "vit":
         kwargs.setdefault("img_size", bundle.image_size)
         kwargs.setdefault("patch_size", max(1, bundle.image_size // 8))
+    return kwargs
+
+
+def _create(name: str, kwargs: dict) -> nn.Module:
     try:
-        return create_model(config.model, **kwargs)
+        return create_model(name, **kwargs)
     except TypeError as exc:  # an option the model's builder does not take (--model-options)
-        raise ValueError(f"model {config.model} cannot be built with these options: {exc}") from None
+        raise ValueError(f"model {name} cannot be built with these options: {exc}") from None
+
+
+def load_trained_model(path: str, map_location: Any = "cpu") -> nn.Module:
+    """The model a pnnh-train checkpoint (``best.pt`` or ``last.pt``) holds, rebuilt and loaded strictly, in
+    eval mode: how to use a trained net outside the CLI."""
+    state = load_checkpoint(path, map_location=map_location)
+    if "model_arguments" not in state:
+        raise CheckpointError(f"{path} predates saved model arguments: rebuild its model with build_model")
+    model = _create(state["config"]["model"], state["model_arguments"])
+    model.load_state_dict(state["model"])
+    return model.eval()
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -564,10 +585,12 @@ def _save_epoch(run: _Run, record: dict, first: bool) -> None:
         "best_acc": run.best_acc,
         "history": run.history,
         "config": asdict(config),
+        "model_arguments": model_arguments(config, run.bundle),
     }
     save_checkpoint(state, run.last_path, kind="resume")
     if record["test_acc"] >= run.best_acc:
         best = {"model": run.model.state_dict(), "config": asdict(config), "epoch": epoch}
+        best["model_arguments"] = state["model_arguments"]
         save_checkpoint(best, os.path.join(config.out_dir, "best.pt"), kind="weights")
     if run.log is not None:
         run.log.epoch(record)

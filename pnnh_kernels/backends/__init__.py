@@ -3,6 +3,7 @@
 from .base import Backend
 from .cpu import CpuBackend
 from .cuda import CudaBackend
+from .fused import FusedBackend
 from .registry import (
     BackendUnavailableError,
     available_backends,
@@ -22,6 +23,14 @@ register_backend(CpuBackend())
 register_backend(CudaBackend())
 register_backend(TritonBackend())
 
+
+def register_ops() -> None:
+    """Define every fused backend's custom ops (what ``torch.export.load`` of a saved program needs)."""
+    for backend in registered_backends().values():
+        if isinstance(backend, FusedBackend):
+            backend.register_ops()
+
+
 __all__ = [
     "Backend",
     "BackendUnavailableError",
@@ -30,6 +39,7 @@ __all__ = [
     "choose_backend",
     "refusal_reason",
     "register_backend",
+    "register_ops",
     "registered_backends",
     "select_backend",
 ]

@@ -4,6 +4,7 @@ the op stays functional for torch.compile)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -33,6 +34,13 @@ class FusedBackend(Backend):
 
     def linear_op(self) -> BlockOp:
         raise NotImplementedError
+
+    def register_ops(self) -> None:
+        """Define this backend's custom ops (``pnnh::<kind>_block_<backend>``) now: a program exported with
+        them (``torch.export.save``) then loads in a process that has not run a block yet."""
+        for make in (self.conv_op, self.linear_op):
+            with contextlib.suppress(NotImplementedError):
+                make()
 
     def unsupported_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         reason = super().unsupported_reason(op, x, weights, config)

@@ -1,5 +1,9 @@
 """PNNHConv2d / PNNHLinear as modules: drop-in shapes, shared coders, state dicts, torch.compile."""
 
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
 from accuracy import assert_float32_close
@@ -7,6 +11,7 @@ from helpers import assert_matches_reference, randomize_norms, twin
 from torch import nn
 
 import pnnh_kernels as pk
+from pnnh_kernels._extension import extension_error
 
 
 def test_drop_in_for_a_stride1_basic_block():
@@ -136,3 +141,38 @@ def test_torch_export_captures_the_block(backend):
     program = torch.export.export(block, (x,))
     exact = twin(block, "reference").double()(x.double())  # float32 judged against float64 (accuracy.py)
     assert_float32_close(program.module()(x), exact, twin(block, "eager")(x))
+
+
+_SAVE = """
+import sys, torch, pnnh_kernels as pk
+torch.manual_seed(0)
+block = pk.PNNHConv2d(4, backend="cpu").eval()
+x = torch.randn(2, 4, 5, 5)
+torch.export.save(torch.export.export(block, (x,)), sys.argv[1])
+torch.save((x, block(x)), sys.argv[1] + ".io")
+"""
+_LOAD = """
+import sys, torch, pnnh_kernels
+program = torch.export.load(sys.argv[1])  # in a process that has not run a block
+x, y = torch.load(sys.argv[1] + ".io")
+print(torch.equal(program.module()(x), y))
+"""
+
+
+@pytest.mark.skipif(extension_error() is not None, reason="needs the C++ extension")
+def test_a_saved_program_with_fused_ops_loads_in_a_fresh_process(tmp_path):
+    path = str(tmp_path / "block.pt2")
+    for script in (_SAVE, _LOAD):
+        done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
+
+
+def test_every_fused_op_is_defined_once_the_package_is_imported():
+    script = "import torch, pnnh_kernels; print(' '.join(sorted(dir(torch.ops.pnnh))))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    defined = set(done.stdout.split())
+    expected = {"conv_block_cpu", "linear_block_cpu", "conv_block_cuda"}
+    if importlib.util.find_spec("triton") is not None:
+        expected |= {"conv_block_triton", "linear_block_triton"}
+    assert expected | {f"{name}_backward" for name in expected} <= defined

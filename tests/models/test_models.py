@@ -354,3 +354,27 @@ def test_a_few_steps_reduce_the_loss(name, kwargs):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_a_per_block_state_dict_does_not_load_into_a_shared_coder_net():
+    """One coder per block cannot load into a stage's one shared coder (it kept the last block's before)."""
+    per_block = create_model("pnnh_resnet20", num_classes=10)
+    shared = create_model("pnnh_resnet20", num_classes=10, share_coder=True)
+    state = per_block.state_dict()
+    assert set(state) == set(shared.state_dict())  # the same keys: strict loading alone does not notice
+    with pytest.raises(RuntimeError, match=r"stages\.0\.0\.coder\.encoder and .* hold different values"):
+        shared.load_state_dict(state)
+    shared_state = shared.state_dict()
+    create_model("pnnh_resnet20", num_classes=10, share_coder=True).load_state_dict(shared_state)  # its own kind loads
+
+
+def test_a_converted_shared_coder_net_checks_its_state_dict_too():
+    from pnnh_kernels import convert_resnet
+
+    convert = lambda: convert_resnet(create_model("resnet20", num_classes=10), share_coder=True)
+    model, other = convert(), convert()
+    state = other.state_dict()
+    first = next(k for k in state if k.endswith("coder.encoder"))
+    state[first] = state[first] + 1  # one block's copy of the stage's coder differs
+    with pytest.raises(RuntimeError, match="load one shared tensor"):
+        model.load_state_dict(state)

@@ -203,3 +203,17 @@ def test_tensorboard_gets_the_epoch_metrics_and_the_step_losses(tmp_path):
 def test_options_that_would_be_ignored_are_refused(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         small(tmp_path, **options)
+
+
+def test_a_trained_model_loads_outside_the_cli(tmp_path):
+    """best.pt / last.pt rebuild their model with load_trained_model (documented in docs/TRAINING.md)."""
+    from pnnh_kernels.train import evaluate, load_trained_model
+    from pnnh_kernels.train.data import load_dataset
+
+    result = train(small(tmp_path, model="pnnh_resnet8", epochs=1, model_options={"share_coder": True}))
+    test_set = load_dataset("digits").test
+    for name in ("best.pt", "last.pt"):
+        model = load_trained_model(str(tmp_path / "run" / name))
+        assert not model.training
+        _, accuracy = evaluate(model, test_set, torch.device("cpu"))
+        assert accuracy == result["best_test_acc"]

@@ -50,6 +50,10 @@ class TritonBackend(FusedBackend):
 
         return linear_block
 
+    def register_ops(self) -> None:
+        if self.unavailable_reason() is None:  # without triton there is nothing of this backend to load
+            super().register_ops()
+
     def unsupported_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
         if x.device.type == "cpu" and not _interpreting():
             return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (the interpreter, for tests)"
