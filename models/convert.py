@@ -101,10 +101,15 @@ def _plan_blocks(
     convertible: dict[str, BlockParts] = {}
     kept: dict[str, tuple[BlockParts, str]] = {}
     refused: list[str] = []
-    for name, module in model.named_modules():
+    first_name: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         parts = block_parts(module)
         if parts is None:
             continue
+        if id(module) in first_name:  # one block called at two places: two PNNH blocks would not share it
+            refused.append(f"{name}: the same module as {first_name[id(module)]} (a block used twice)")
+            continue
+        first_name[id(module)] = name
         reason = keep_reason(parts)
         if reason is not None:
             kept[name] = (parts, reason)

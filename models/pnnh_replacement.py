@@ -123,7 +123,9 @@ def copy_learner(block: nn.Module, parts: BlockParts) -> bool:
 def reset_zero_gamma(block: nn.Module) -> bool:
     """A zero-initialised last norm (timm's ``zero_init_last``) silences a branch that has no shortcut."""
     out_norm = _learner_layers(block)[1][-1]
-    if out_norm.weight is None or bool(out_norm.weight.detach().any()):
+    if out_norm.weight is None or out_norm.weight.is_meta:  # a meta model holds no values to inspect
+        return False
+    if bool(out_norm.weight.detach().any()):
         return False
     with torch.no_grad():
         out_norm.weight.fill_(1.0)

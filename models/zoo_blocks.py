@@ -108,6 +108,8 @@ def refusal(parts: BlockParts) -> Optional[str]:
             return f"dilated convolution (dilation={tuple(conv.dilation)})"
         if conv.bias is not None:
             return "convolution with a bias"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode {conv.padding_mode!r} (PNNH blocks pad with zeros)"
     if parts.kind == "basic" and parts.convs[0].kernel_size != parts.convs[1].kernel_size:
         return f"learner kernels differ ({parts.convs[0].kernel_size} and {parts.convs[1].kernel_size})"
     if parts.kind == "basic" and parts.convs[0].kernel_size[0] % 2 == 0:
@@ -115,6 +117,10 @@ def refusal(parts: BlockParts) -> Optional[str]:
     for norm in parts.norms:
         if type(norm) is not nn.BatchNorm2d:
             return f"norm layer {type(norm).__name__} (PNNH blocks use BatchNorm2d)"
+        if not norm.affine:
+            return "batch norm without affine parameters (affine=False; PNNH blocks' norms have them)"
+        if not norm.track_running_stats:
+            return "batch norm without running statistics (track_running_stats=False; PNNH blocks keep them)"
     return _beyond_conv_norm_relu(parts, "the converter maps ReLU blocks", "has no PNNH counterpart")
 
 

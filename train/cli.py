@@ -204,7 +204,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         model = build_model(TrainConfig(model=name, dataset=args.dataset), bundle)
         label = f"{name} (init)"
         if name in checkpoints:
-            model.load_state_dict(load_checkpoint(checkpoints[name])["model"])
+            state = load_checkpoint(checkpoints[name])
+            trained = state["config"].get("model")
+            if trained != name:  # a same-shaped net (resnet / plain_resnet) would load it without a word
+                raise ValueError(
+                    f"{checkpoints[name]} holds a trained {trained}, not {name}: pass checkpoints in --models order"
+                )
+            model.load_state_dict(state["model"])
             label = f"{name} (trained)"
         results[label] = analyse(model, x)
         write_table(results[label], os.path.join(out_dir, f"{name}.csv"))
@@ -281,6 +287,18 @@ def _given_options(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -
     return set(vars(bare.parse_args(argv)))
 
 
+def _out_of_memory(exc: BaseException) -> Optional[str]:
+    """One line for running out of device or host memory (torch raises it as a RuntimeError), else None."""
+    text = str(exc).strip()
+    oom = isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    )
+    if not oom:
+        return None
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"out of memory ({first}); lower --batch-size, or use a smaller model or image size"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -289,6 +307,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.run(args)
     except (DatasetError, ValueError, OSError, BackendUnavailableError, FloatingPointError) as exc:
         print(f"pnnh-train: error: {_user_error(exc)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        message = _out_of_memory(exc)
+        if message is None:
+            raise
+        print(f"pnnh-train: error: {message}", file=sys.stderr)
         return 2
 
 

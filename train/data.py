@@ -6,11 +6,15 @@ float tensors ``(C, H, W)`` already normalised, plus the batch augmentation to u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import pickle
 import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -93,16 +97,29 @@ _CIFAR = {
 }
 
 
+@contextlib.contextmanager
+def _archive_errors(root: str) -> Iterator[None]:
+    """A truncated or corrupted archive as one DatasetError naming it (gzip and tar raise several kinds)."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DatasetError(
+            f"{root} is truncated or corrupted ({type(exc).__name__}: {exc}); download it again"
+        ) from exc
+
+
 def _cifar_members(root: str, spec: dict) -> Callable[[str], bytes]:
     """A reader of the archive's members, from the extracted folder or the .tar.gz itself."""
     if os.path.isfile(root) and tarfile.is_tarfile(root):
-        tar = tarfile.open(root)  # noqa: SIM115  (the closure below reads members lazily)
-        names = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+        with _archive_errors(root):
+            tar = tarfile.open(root)  # noqa: SIM115  (the closure below reads members lazily)
+            names = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
 
         def read(name: str) -> bytes:
             if name not in names:
                 raise DatasetError(f"{root} has no member {name!r}; is it the python version of the archive?")
-            return tar.extractfile(names[name]).read()
+            with _archive_errors(root):
+                return tar.extractfile(names[name]).read()  # type: ignore[union-attr]
 
         return read
     folder = root if os.path.basename(os.path.normpath(root)) == spec["folder"] else os.path.join(root, spec["folder"])
@@ -216,6 +233,10 @@ class ImageFolder(Dataset):
         ]
         if not self.samples:
             raise DatasetError(f"{root!r} holds no images ({', '.join(_IMAGE_EXTENSIONS)})")
+        counts = Counter(label for _, label in self.samples)
+        empty = [c for i, c in enumerate(self.classes) if counts[i] == 0 and os.path.isdir(os.path.join(root, c))]
+        if empty:
+            raise DatasetError(f"{root!r}: class folder {empty[0]!r} holds no images ({', '.join(_IMAGE_EXTENSIONS)})")
         self.image_size, self.train, self.seed, self.epoch = image_size, train, seed, 0
 
     def __len__(self) -> int:

@@ -31,7 +31,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .cuda_graphs import GraphedStep
-from .data import DataBundle, load_dataset, subsample_training
+from .data import DataBundle, DatasetError, load_dataset, subsample_training
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
 from .optim import make_optimizer, make_scheduler
@@ -236,8 +236,21 @@ def _batches(
             )
         return
     loader = DataLoader(Subset(data, order.tolist()), batch_size=batch_size, num_workers=workers, shuffle=False)
-    for x, y in loader:
-        yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+    try:
+        for x, y in loader:
+            yield x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+    except DatasetError as exc:  # from a worker process, torch's message carries the worker's traceback
+        raise DatasetError(_worker_message(exc)) from None
+
+
+def _worker_message(exc: DatasetError) -> str:
+    """The original message of an error a DataLoader worker raised (its last traceback line, unprefixed)."""
+    last = str(exc).strip().splitlines()[-1]
+    return (
+        last.split(": ", 1)[1]
+        if last.startswith(("DatasetError: ", "pnnh_kernels.train.data.DatasetError: "))
+        else last
+    )
 
 
 @torch.no_grad()
@@ -323,6 +336,21 @@ class _Run:
         return os.path.join(self.config.out_dir, "metrics.jsonl")
 
 
+def _rank_images(total: int, info: DistInfo) -> int:
+    """How many images of an epoch rank 0 takes (every world_size-th of the permutation)."""
+    return len(range(0, total, info.world_size))
+
+
+def _drops_a_lone_image(images: int, batch_size: int) -> bool:
+    """Whether an epoch's last batch would hold one image: batch norm cannot train on it (one value per
+    channel once the maps are 1x1), so the epoch leaves that image out (another epoch's order takes it)."""
+    return images > 1 and images % batch_size == 1
+
+
+def _epoch_batches(images: int, batch_size: int) -> int:
+    return math.ceil((images - _drops_a_lone_image(images, batch_size)) / batch_size)
+
+
 def _set_up(config: TrainConfig, info: DistInfo) -> _Run:
     """The data, the model on its device, the optimizer, schedule, loss scaler and feature reuse."""
     seed_everything(config.seed)
@@ -331,7 +359,7 @@ def _set_up(config: TrainConfig, info: DistInfo) -> _Run:
     if config.train_size is not None:
         bundle = subsample_training(bundle, config.train_size)
     model = build_model(config, bundle).to(device, memory_format=_memory_format(config.channels_last))
-    steps_per_epoch = math.ceil(len(bundle.train) / info.world_size / config.batch_size)
+    steps_per_epoch = _epoch_batches(_rank_images(len(bundle.train), info), config.batch_size)
     optimizer = make_optimizer(
         model, config.optimizer, config.lr, config.weight_decay, config.momentum, config.nesterov
     )
@@ -448,6 +476,13 @@ def _start_outputs(run: _Run) -> None:
         print(f"removed {path}, left by an interrupted checkpoint write", flush=True)
     if config.tensorboard:
         run.log = TensorBoardLog(config.out_dir)
+    images = _rank_images(len(run.bundle.train), run.info)
+    if _drops_a_lone_image(images, config.batch_size):
+        print(
+            f"each epoch leaves out one image of {images}: a last batch of one image cannot train batch norm "
+            f"(--batch-size {config.batch_size}); each epoch's order leaves out another",
+            flush=True,
+        )
     n_params = sum(p.numel() for p in run.model.parameters())
     print(
         f"training {config.model} ({n_params:,} parameters) on {config.dataset} [{run.device}, {run.info.world_size} process(es)]",
@@ -467,6 +502,8 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
     if hasattr(bundle.train, "epoch"):
         bundle.train.epoch = epoch
     order = torch.randperm(len(bundle.train), generator=generator)[info.rank :: info.world_size]
+    if _drops_a_lone_image(len(order), config.batch_size):
+        order = order[:-1]
 
     step_model.train()
     loss_sum = correct = count = 0.0

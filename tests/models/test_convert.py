@@ -211,3 +211,37 @@ def test_a_plain_block_runs_the_blocks_own_layers():
 def test_plain_transitions_refuse_what_the_plain_form_would_drop():
     with pytest.raises(ValueError, match=r"stages\.1\.0: drop_path \(DropPath\) would be dropped"):
         convert_resnet(create_model("resnet20", drop_path_rate=0.1), plain_transitions=True)
+
+
+def _with_norms(model: nn.Module, **options) -> nn.Module:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.BatchNorm2d(child.num_features, **options))
+    return model
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: _with_norms(m, affine=False), "batch norm without affine parameters"),
+        (lambda m: _with_norms(m, track_running_stats=False), "batch norm without running statistics"),
+        (lambda m: setattr(m.stages[0][1].layer1[0], "padding_mode", "reflect"), "padding_mode 'reflect'"),
+        (lambda m: m.stages[0].__setitem__(2, m.stages[0][1]), r"stages\.0\.2: the same module as stages\.0\.1"),
+    ],
+    ids=["no_affine", "no_running_stats", "reflect_padding", "block_used_twice"],
+)
+def test_blocks_a_pnnh_block_would_silently_change_are_refused_in_one_line(change, message):
+    """Before, these converted (a reflect-padded or twice-used block changed what it computes) or failed
+    with a traceback from deep inside the weight copy."""
+    model = create_model("resnet20")
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        convert_resnet(model)
+    assert not _pnnh_blocks(model)
+
+
+def test_a_meta_device_model_converts_without_reading_values():
+    model = convert_resnet(create_model("resnet20").to("meta"))
+    blocks = _pnnh_blocks(model)
+    assert blocks and all(p.is_meta for b in blocks.values() for p in b.parameters())

@@ -363,3 +363,60 @@ def test_an_override_asked_for_on_resume_is_applied_and_recorded(tmp_path, capsy
     assert [(g["weight_decay"], g["momentum"]) for g in groups] == [(0.004, 0.8), (0.0, 0.8)]
     capsys.readouterr()
     _fails_cleanly([*argv, "--resume-override", "seed"], capsys, "--seed cannot change on resume")
+
+
+def test_analyze_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
+    """resnet8 and plain_resnet8 have the same parameter names: the wrong checkpoint loaded without a word."""
+    assert cli_main(["train", *TINY, "--out-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    argv = ["analyze", "--models", "plain_resnet8", "--checkpoints", str(tmp_path / "run" / "best.pt")]
+    _fails_cleanly([*argv, "--out-dir", str(tmp_path / "a")], capsys, "holds a trained resnet8, not plain_resnet8")
+
+
+def test_a_broken_image_read_by_a_worker_process_is_one_line(tmp_path, capsys):
+    """With --workers > 0 the error comes from a DataLoader worker, whose traceback torch puts in the message."""
+    _image_tree(tmp_path)
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(b"broken")
+    argv = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--image-size", "8", "--workers", "1"]
+    line = _fails_cleanly([*argv, *TINY, "--out-dir", str(tmp_path / "run")], capsys, "cannot decode image")
+    assert "Traceback" not in line and "0.png" in line
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total)"),
+        MemoryError(),
+    ],
+    ids=["cpu", "cuda", "python"],
+)
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error):
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("pnnh_kernels.train.trainer._train_step", no_memory)
+    line = _fails_cleanly(["train", *TINY, "--out-dir", str(tmp_path / "run")], capsys, "out of memory")
+    assert "lower --batch-size" in line
+
+
+def _image_tree(root, per_class=3):
+    """root/{train,val}/{cat,dog}/<i>.png, small random images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / part / c).mkdir(parents=True)
+            for i in range(per_class):
+                image = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(image).save(root / part / c / f"{i}.png")
+
+
+def test_a_last_batch_of_one_image_is_left_out_and_said(tmp_path, capsys):
+    """4x4 images reach batch norm at 1x1 in the last stage: a one-image batch there was an error mid-run."""
+    _image_tree(tmp_path)  # six training images, batches of five
+    argv = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--image-size", "4", "--epochs", "2"]
+    assert cli_main([*argv, "--model", "resnet8", "--batch-size", "5", "--out-dir", str(tmp_path / "run")]) == 0
+    assert "each epoch leaves out one image of 6" in capsys.readouterr().out

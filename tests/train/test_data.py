@@ -181,3 +181,25 @@ def test_train_size_keeps_every_class_in_proportion_and_the_test_set_whole():
     assert torch.equal(again.train.tensors[0], small.train.tensors[0])  # the subset is fixed
     with pytest.raises(DatasetError, match=r"--train-size must lie in \[10, 1438\]"):
         subsample_training(full, 5)
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    """It would have been a class with no images: trained on silently, never predicted."""
+    _write_imagefolder(str(tmp_path))
+    os.makedirs(tmp_path / "train" / "bird")
+    with pytest.raises(DatasetError, match="class folder 'bird' holds no images"):
+        load_dataset("imagefolder", str(tmp_path))
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.6, 0.9])
+def test_a_truncated_cifar_archive_is_one_error_naming_it(tmp_path, kept):
+    """A download cut short fails inside gzip or tar, at listing or at reading a member: a traceback before."""
+    folder = _write_cifar(str(tmp_path / "data"), "cifar10")
+    whole = tmp_path / "whole.tar.gz"
+    with tarfile.open(whole, "w:gz") as tar:
+        tar.add(folder, arcname=os.path.basename(folder))
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(DatasetError, match=r"cut\.tar\.gz is truncated or corrupted"):
+        load_dataset("cifar10", str(cut))
