@@ -26,6 +26,7 @@ from pnnh_kernels.models import list_models
 from .analysis import analyse, write_table
 from .checkpoint import load_checkpoint
 from .data import DATASETS, DataBundle, DatasetError, load_dataset
+from .interrupt import RunInterrupted
 from .plots import plot_analysis, plot_history
 from .sweep import FAMILIES, parse_lr_scales, run_sweep
 from .trainer import RESUME_OVERRIDES, RUN_DEFINING, TrainConfig, build_model, seed_everything, train
@@ -308,6 +309,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (DatasetError, ValueError, OSError, BackendUnavailableError, FloatingPointError) as exc:
         print(f"pnnh-train: error: {_user_error(exc)}", file=sys.stderr)
         return 2
+    except RunInterrupted as stopped:
+        print(f"pnnh-train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except (MemoryError, RuntimeError) as exc:
         message = _out_of_memory(exc)
         if message is None:

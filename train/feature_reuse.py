@@ -41,6 +41,14 @@ class FeatureReuse:
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        """Where the schedule stands (a run stopped mid-epoch continues from it)."""
+        return {"generator": self.generator.get_state(), "dropped": self.dropped, "steps": self._steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.dropped, self._steps = state["dropped"], state["steps"]
+
     def _sample(self) -> list[int]:
         mask = torch.rand(len(self.blocks), generator=self.generator) < self.drop_rate
         if not mask.any():  # a type-2 step with nothing to train would be a wasted batch

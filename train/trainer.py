@@ -10,6 +10,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,7 @@ from .cuda_graphs import GraphedStep
 from .data import DataBundle, DatasetError, load_dataset, subsample_training
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
+from .interrupt import RunInterrupted, StopRequest, signal_name, stop_on_signals
 from .optim import make_optimizer, make_scheduler
 from .run_lock import hold_run_folder
 from .tensorboard_log import MISSING as TENSORBOARD_MISSING
@@ -326,6 +328,10 @@ class _Run:
     start_epoch: int = 0
     best_acc: float = 0.0
     history: list = field(default_factory=list)
+    #: a run stopped mid-epoch resumes at this step of start_epoch, with the epoch's totals and random states
+    resume_step: int = 0
+    resume_partial: Optional[dict] = None
+    stop: StopRequest = field(default_factory=StopRequest)
 
     @property
     def last_path(self) -> str:
@@ -390,6 +396,7 @@ def _resume(run: _Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.start_epoch, run.best_acc, run.history = state["epoch"], state["best_acc"], list(state["history"])
+    run.resume_step, run.resume_partial = state.get("step", 0), state.get("partial")
 
 
 def _check_resumable(recorded: dict, config: TrainConfig, path: str) -> None:
@@ -490,8 +497,30 @@ def _start_outputs(run: _Run) -> None:
     )
 
 
+def _random_states(run: _Run, generator: torch.Generator) -> dict:
+    """Every random stream a step draws from, as it stands (a mid-epoch checkpoint keeps them)."""
+    states = {"torch": torch.get_rng_state(), "augment": generator.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    states["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # loads weights-only
+    if run.reuse is not None:
+        states["reuse"] = run.reuse.state_dict()
+    return states
+
+
+def _restore_random_states(run: _Run, generator: torch.Generator, states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["augment"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if run.reuse is not None:
+        run.reuse.load_state_dict(states["reuse"])
+
+
 def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tuple[float, float, float, float]:
-    """One epoch of steps; returns (loss sum, correct, count, seconds) of this process."""
+    """One epoch of steps, or what is left of it after a mid-epoch resume; returns (loss sum, correct, count,
+    seconds) of this process. A stop request (SIGTERM, SIGINT) ends it after the step in flight, with
+    :class:`RunInterrupted` once its checkpoint is written."""
     config, info, bundle, reuse = run.config, run.info, run.bundle, run.reuse
     # everything random in an epoch derives from (seed, epoch): a resume at an epoch boundary is exact
     epoch_seed = _seed_for(config.seed, epoch)
@@ -506,10 +535,17 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
         order = order[:-1]
 
     step_model.train()
-    loss_sum = correct = count = 0.0
+    loss_sum = correct = count = elapsed = 0.0
+    first_step = 0
+    if run.resume_partial is not None and epoch == run.start_epoch:  # continue a stopped epoch
+        first_step = run.resume_step
+        loss_sum, correct, count, elapsed = run.resume_partial["totals"]
+        _restore_random_states(run, generator, run.resume_partial["random"])
+        order = order[first_step * config.batch_size :]
     progress = _Progress(config.progress and info.is_main, run.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
-    start = time.perf_counter()
-    for x, y in _batches(bundle, order, config.batch_size, config.workers, run.device, config.channels_last):
+    start = time.perf_counter() - elapsed
+    batches = _batches(bundle, order, config.batch_size, config.workers, run.device, config.channels_last)
+    for step, (x, y) in enumerate(batches, start=first_step + 1):
         if bundle.augment is not None:
             x = bundle.augment(x, generator)
         out, loss = _train_step(run, step_model, autocast, x, y, epoch)
@@ -520,8 +556,27 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
         progress.update(loss=loss, acc=correct / count, lr=lr)
         if run.log is not None:
             run.log.step(run.scheduler.last_epoch, loss, lr)
+        if run.stop.signum is not None:
+            progress.close()
+            totals = (loss_sum, correct, count, time.perf_counter() - start)
+            _stop_mid_epoch(run, epoch, step, totals, _random_states(run, generator))
     progress.close()
     return loss_sum, correct, count, time.perf_counter() - start
+
+
+def _stop_mid_epoch(run: _Run, epoch: int, step: int, totals: tuple, states: dict) -> None:
+    """Write last.pt for a resume at the next step of this epoch, then raise :class:`RunInterrupted`."""
+    config = run.config
+    if run.info.is_main:
+        state = _resume_state(run, epoch)
+        state.update(step=step, partial={"totals": list(totals), "random": states})
+        save_checkpoint(state, run.last_path, kind="resume")
+        write_text_atomic(json.dumps(asdict(config), indent=2), os.path.join(config.out_dir, "config.json"))
+    raise RunInterrupted(
+        f"stopped by {signal_name(run.stop.signum or 0)} in epoch {epoch + 1} after step {step}; {run.last_path} "
+        f"holds the run: continue with pnnh-train train --out-dir {config.out_dir} --resume auto",
+        run.stop.signum or 0,
+    )
 
 
 def _check_finite(loss: torch.Tensor, epoch: int) -> None:
@@ -605,6 +660,21 @@ def _check_not_diverged(run: _Run, record: dict) -> None:
     raise FloatingPointError(f"the run diverged at epoch {record['epoch']}: {what}; {left}; lower the learning rate")
 
 
+def _resume_state(run: _Run, epoch: int) -> dict:
+    """What last.pt holds after ``epoch`` completed epochs: everything a resume needs."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "best_acc": run.best_acc,
+        "history": run.history,
+        "config": asdict(run.config),
+        "model_arguments": model_arguments(run.config, run.bundle),
+    }
+
+
 def _save_epoch(run: _Run, record: dict, first: bool) -> None:
     """config.json (at this invocation's first epoch), metrics.jsonl (exactly the epochs last.pt has seen),
     last.pt (everything a resume needs), best.pt when the test accuracy is the best yet; each file replaced
@@ -613,17 +683,7 @@ def _save_epoch(run: _Run, record: dict, first: bool) -> None:
     if first:
         write_text_atomic(json.dumps(asdict(config), indent=2), os.path.join(config.out_dir, "config.json"))
     write_text_atomic("".join(json.dumps(r) + "\n" for r in run.history), run.metrics_path)
-    state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "epoch": epoch,
-        "best_acc": run.best_acc,
-        "history": run.history,
-        "config": asdict(config),
-        "model_arguments": model_arguments(config, run.bundle),
-    }
+    state = _resume_state(run, epoch)
     save_checkpoint(state, run.last_path, kind="resume")
     if record["test_acc"] >= run.best_acc:
         best = {"model": run.model.state_dict(), "config": asdict(config), "epoch": epoch}
@@ -636,6 +696,15 @@ def _save_epoch(run: _Run, record: dict, first: bool) -> None:
         f"test loss {record['test_loss']:.4f} acc {record['test_acc']:.4f}  {record['images_per_s']:.0f} img/s",
         flush=True,
     )
+
+
+@contextlib.contextmanager
+def _closing_log(run: _Run) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if run.log is not None:
+            run.log.close()
 
 
 def _summary(run: _Run) -> dict:
@@ -670,7 +739,8 @@ def _train_in_folder(config: TrainConfig, info: DistInfo) -> dict:
     if info.is_main:
         _start_outputs(run)
     end_epoch = config.epochs if config.stop_after is None else min(config.epochs, run.start_epoch + config.stop_after)
-    try:
+    # signals stop single-process runs at a step boundary (DDP ranks would stop at different steps)
+    with stop_on_signals(enabled=not info.enabled) as run.stop, _closing_log(run):
         for epoch in range(run.start_epoch, end_epoch):
             totals = _train_epoch(run, epoch, step_model, autocast)
             record = _epoch_record(run, epoch, totals, autocast)
@@ -679,9 +749,6 @@ def _train_in_folder(config: TrainConfig, info: DistInfo) -> dict:
             run.best_acc = max(run.best_acc, record["test_acc"])
             if info.is_main:
                 _save_epoch(run, record, first=epoch == run.start_epoch)
-    finally:
-        if run.log is not None:
-            run.log.close()
     if info.enabled:
         print(f"rank {info.rank}: parameter checksum {parameter_checksum(run.model):.10e}", flush=True)
     return _summary(run)

@@ -3,8 +3,10 @@ on stderr with exit code 2 (no traceback); a folder that holds a run is never ov
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -420,3 +422,49 @@ def test_a_last_batch_of_one_image_is_left_out_and_said(tmp_path, capsys):
     argv = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--image-size", "4", "--epochs", "2"]
     assert cli_main([*argv, "--model", "resnet8", "--batch-size", "5", "--out-dir", str(tmp_path / "run")]) == 0
     assert "each epoch leaves out one image of 6" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals reach the main thread")
+@pytest.mark.parametrize("options", [[], ["--feature-reuse", "--reuse-every", "2"]], ids=["plain", "feature_reuse"])
+def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes_exactly(tmp_path, capsys, monkeypatch, options):
+    """How clusters preempt: the step in flight finishes, last.pt holds the epoch so far (its random states
+    too), the run exits 143 saying how to continue, and the resumed run ends bitwise equal to an
+    uninterrupted one."""
+    from pnnh_kernels.train import trainer
+    from pnnh_kernels.train.checkpoint import load_checkpoint
+
+    argv = ["train", *TINY, "--model", "resnet8", "--epochs", "2", "--batch-size", "200", *options]
+    assert cli_main([*argv, "--out-dir", str(tmp_path / "straight")]) == 0
+
+    real_step, steps = trainer._train_step, []
+
+    def step_then_preempt(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 10:  # the third step of epoch 2 (8 steps an epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_preempt)
+    out = tmp_path / "preempted"
+    capsys.readouterr()
+    assert cli_main([*argv, "--out-dir", str(out)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped by SIGTERM in epoch 2 after step 2" in err[0] and "--resume auto" in err[0]
+    assert load_checkpoint(str(out / "last.pt"), kind="resume")["step"] == 2
+    monkeypatch.setattr(trainer, "_train_step", real_step)
+    assert cli_main(["train", "--out-dir", str(out), "--resume", "auto", "--no-progress"]) == 0
+    a = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    b = load_checkpoint(str(out / "last.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from pnnh_kernels.train.interrupt import StopRequest
+
+    request = StopRequest()
+    request(signal.SIGINT, None)
+    assert request.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        request(signal.SIGINT, None)
