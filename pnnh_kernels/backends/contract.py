@@ -16,8 +16,9 @@ A fused backend computes the block as two functions, a forward and a backward, t
 opaque nodes), registers the backward as the forward's gradient, and builds an
 ``autograd.Function`` that runs the same two functions for eager calls (the custom-op autograd
 wrapper costs hundreds of microseconds of Python per call, measured: more than a GPU spends on a
-small block). Calling the ``BlockOp`` picks the right one. Gradients are first order: a second
-differentiation through a fused op raises a clear error instead of returning a wrong zero.
+small block). Calling the ``BlockOp`` picks the right one. Under ``create_graph=True`` the eager
+Function's backward recomputes the block with differentiable torch ops (:mod:`.recompute`) and
+differentiates that, so every backend serves second-order gradients; first-order backward runs the kernels.
 """
 
 from __future__ import annotations
@@ -210,39 +211,46 @@ class _Calls:
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     y = output[0]
     ctx.save_for_backward(*inputs[:_NUM_TENSORS], *output[1:])
+    ctx.running = inputs[_NUM_TENSORS : _NUM_TENSORS + len(_RUNNING_FIELDS)]  # buffers: read by a recompute only
     ctx.options = inputs[_OPTIONS]
     ctx.y_like = (y.shape, y.dtype, y.device)
     ctx.set_materialize_grads(False)  # only y's gradient is used: no zero tensors for the saved outputs
 
 
-def _first_order_only(grads: tuple, inputs_need_grad: bool, backend: str) -> tuple:
-    """Gradients that refuse a second differentiation with a message (the kernels' backward has no
-    derivative of its own; without this, a gradient penalty would silently see zeros)."""
-    if not (torch.is_grad_enabled() and inputs_need_grad):
-        return grads
-    message = (
-        f"pnnh_kernels: the '{backend}' backend computes first-order gradients only; for double backward "
-        "(create_graph=True, gradient penalties) use backend='eager' or 'reference'"
+def _recomputed_grads(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The gradients as differentiable functions of the inputs (``create_graph=True``): the block recomputed
+    with torch ops from the saved inputs and differentiated, so a second differentiation is exact."""
+    from .recompute import differentiable_block  # imports the eager block, which imports this package's ops
+
+    tensors = ctx.saved_tensors[:_NUM_TENSORS]
+    a = BlockArgs(
+        **dict(zip(_TENSOR_FIELDS, tensors)),
+        **dict(zip(_RUNNING_FIELDS, ctx.running)),
+        **dict(zip(_OPTION_FIELDS, ctx.options)),
     )
-    present = [i for i, g in enumerate(grads) if g is not None]
-    err_fn = torch._C._functions.DelayedError(message.encode(), len(present))
-    wrapped = err_fn(*(grads[i].detach().requires_grad_() for i in present))
-    wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-    out = list(grads)
-    for i, g in zip(present, wrapped):
-        out[i] = g
-    return tuple(out)
+    wanted = [i for i, t in enumerate(tensors) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        y = differentiable_block(a)
+    computed = torch.autograd.grad(y, [tensors[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    grads: list[Optional[Tensor]] = [None] * _NUM_TENSORS
+    for i, g in zip(wanted, computed):
+        grads[i] = g if g is not None else torch.zeros_like(tensors[i])
+    return tuple(grads)
 
 
-def _autograd_backward(flat_backward: Callable[..., list[Tensor]], backend: Optional[str]) -> Callable[..., tuple]:
-    """The backward autograd calls: the op's flat backward, its gradients mapped onto the inputs;
-    with ``backend``, a second differentiation raises (torch.compile refuses double backward itself)."""
+def _autograd_backward(flat_backward: Callable[..., list[Tensor]], eager: bool) -> Callable[..., tuple]:
+    """The backward autograd calls: the op's flat backward, its gradients mapped onto the inputs; for the
+    ``eager`` Function under ``create_graph=True``, the recomputed differentiable gradients instead
+    (torch.compile refuses double backward itself)."""
 
     def backward(ctx: Any, dy: Optional[Tensor], *_unused: Any) -> tuple:
         saved = ctx.saved_tensors
         if dy is None:  # a backward through the saved outputs only (opcheck does that)
             shape, dtype, device = ctx.y_like
             dy = torch.zeros(shape, dtype=dtype, device=device)
+        options_none = (None,) * (len(BlockArgs._fields) - _NUM_TENSORS)
+        if eager and torch.is_grad_enabled():  # create_graph=True: a second differentiation will follow
+            return (*_recomputed_grads(ctx, dy), *options_none)
         need_dx = ctx.needs_input_grad[0]
         with torch.no_grad():
             computed = flat_backward(dy, *saved, *ctx.options, need_dx)
@@ -252,10 +260,7 @@ def _autograd_backward(flat_backward: Callable[..., list[Tensor]], backend: Opti
             x=named.x if need_dx else None,  # type: ignore[arg-type]
             decoder=None if tied else named.decoder,  # type: ignore[arg-type]
         )
-        if backend is not None:
-            needs_grad = dy.requires_grad or any(t is not None and t.requires_grad for t in saved[:_NUM_TENSORS])
-            grads = _first_order_only(grads, needs_grad, backend)
-        return (*grads, *([None] * (len(BlockArgs._fields) - _NUM_TENSORS)))
+        return (*grads, *options_none)
 
     return backward
 
@@ -278,7 +283,7 @@ class BlockOp:
         fake_backward: BackwardFn,
         backend: str,
     ) -> None:
-        self.name, self.record = name, record
+        self.name, self.record, self.backend = name, record, backend
         real, fake = _Calls(record, forward, backward), _Calls(record, fake_forward, fake_backward)
         forward_schema, backward_schema = _schemas(record)
         self.op = torch.library.custom_op(f"pnnh::{name}", real.flat_forward, mutates_args=(), schema=forward_schema)
@@ -287,7 +292,7 @@ class BlockOp:
         )
         self.op.register_fake(fake.flat_forward)
         self.backward_op.register_fake(fake.flat_backward)
-        self.op.register_autograd(_autograd_backward(self.backward_op, None), setup_context=_setup_context)
+        self.op.register_autograd(_autograd_backward(self.backward_op, eager=False), setup_context=_setup_context)
 
         class EagerFunction(torch.autograd.Function):
             @staticmethod
@@ -295,7 +300,7 @@ class BlockOp:
                 return real.flat_forward(*args)
 
             setup_context = staticmethod(_setup_context)
-            backward = staticmethod(_autograd_backward(real.flat_backward, backend))
+            backward = staticmethod(_autograd_backward(real.flat_backward, eager=True))
 
         EagerFunction.__name__ = EagerFunction.__qualname__ = f"{name}_function"
         self.function = EagerFunction
