@@ -1,10 +1,11 @@
 """``auto`` by measurement, like ``torch.backends.cudnn.benchmark``.
 
 With :func:`set_auto_benchmark` on (or ``PNNH_AUTO_BENCHMARK=1`` in the environment), the first
-``backend="auto"`` call of each signature (op, device, dtype, autocast dtype, shape, memory format,
+``backend="auto"`` call of each signature (op, device, dtype, autocast dtype, shape bucket, memory format,
 weight shapes, block options, training, whether gradients flow) times every backend that can compute it
 (forward, and backward where gradients flow) and keeps the fastest for every later call of that
-signature. The static rules of :func:`~.registry.select_backend` ("measured slower on an H100", "too
+signature. Sizes are bucketed by powers of two (:func:`shape_bucket`: batch, map or token count), and a
+block times at most ``MAX_BUCKETS_PER_BLOCK`` buckets; past that, new buckets take the static choice. The static rules of :func:`~.registry.select_backend` ("measured slower on an H100", "too
 small to pay for the fused passes") decide when it is off, and inside ``torch.compile`` tracing or CUDA
 graph capture, where nothing may be timed (a signature measured before keeps its choice there).
 
@@ -33,6 +34,8 @@ from .geometry import is_channels_last
 
 #: timed repetitions per backend, after one untimed warm-up (compilation, autotuning, primitive caches)
 REPEATS = 3
+#: new shape buckets timed per block (its weights, options and mode); later new buckets take the static choice
+MAX_BUCKETS_PER_BLOCK = 16
 
 _enabled = os.environ.get("PNNH_AUTO_BENCHMARK", "0").lower() in ("1", "true", "yes")
 
@@ -46,6 +49,7 @@ class Choice(NamedTuple):
 
 
 _choices: dict[tuple, Choice] = {}
+_buckets_timed: dict[tuple, int] = {}  # per block signature (the shape left out): buckets timed so far
 
 
 def set_auto_benchmark(enabled: bool) -> None:
@@ -76,20 +80,46 @@ def measured_choices() -> dict[tuple, Choice]:
 
 def clear_measured_choices() -> None:
     _choices.clear()
+    _buckets_timed.clear()
 
 
 def _needs_grad(x: Tensor, weights: BlockWeights) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in weights))
 
 
-def signature(op: str, x: Tensor, weights: BlockWeights, config: BlockConfig, training: bool) -> tuple:
-    """What a measured choice is kept for: every property of a call that can change which backend wins."""
+def _bucket(size: int) -> int:
+    """The power of two at or above ``size``: shapes within a factor of two share one measurement."""
+    return 1 << max(0, size - 1).bit_length()
+
+
+def shape_bucket(op: str, x: Tensor) -> tuple:
+    """What of the input's shape a measurement is kept for: the channels exactly; the batch and the map
+    (conv) or the token count (linear) by power-of-two bucket, so a workload of varying sizes (sequence
+    lengths, last batches, image sizes) times each bucket once instead of every size."""
+    if op == "conv2d" and x.dim() == 4:
+        n, c, h, w = x.shape
+        return (_bucket(n), c, _bucket(h), _bucket(w))
+    tokens = x.numel() // max(1, x.shape[-1])
+    return (_bucket(tokens), x.shape[-1])
+
+
+def _block_signature(op: str, x: Tensor, weights: BlockWeights, config: BlockConfig, training: bool) -> tuple:
+    """Every property of a call that can change which backend wins, but the input's size."""
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if autocast_enabled(device) else None
     channels_last = is_channels_last(x)
     shapes = tuple(None if t is None else tuple(t.shape) for t in weights)
-    return (op, str(x.device), x.dtype, autocast, tuple(x.shape), channels_last, shapes, config, training,
-            _needs_grad(x, weights))  # fmt: skip
+    return (op, str(x.device), x.dtype, autocast, channels_last, shapes, config, training, _needs_grad(x, weights))
+
+
+def signature(op: str, x: Tensor, weights: BlockWeights, config: BlockConfig, training: bool) -> tuple:
+    """What a measured choice is kept for: the block's signature and the input's shape bucket."""
+    return (*_block_signature(op, x, weights, config, training), shape_bucket(op, x))
+
+
+def may_time(op: str, x: Tensor, weights: BlockWeights, config: BlockConfig, training: bool) -> bool:
+    """Whether a new bucket of this block may still be timed (at most MAX_BUCKETS_PER_BLOCK are)."""
+    return _buckets_timed.get(_block_signature(op, x, weights, config, training), 0) < MAX_BUCKETS_PER_BLOCK
 
 
 def can_measure() -> bool:
@@ -169,6 +199,8 @@ def measure(
         raise RuntimeError(f"pnnh_kernels: no backend completed a trial of this {op} call: {failures}")
     choice = Choice(min(seconds, key=seconds.__getitem__), seconds, failures)
     _choices[signature(op, x, weights, config, training)] = choice
+    block = _block_signature(op, x, weights, config, training)
+    _buckets_timed[block] = _buckets_timed.get(block, 0) + 1
     return choice
 
 

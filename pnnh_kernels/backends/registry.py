@@ -126,7 +126,7 @@ def choose_backend(
     if known is not None:
         return _registry[known]  # a measured signature: the static rules are not consulted again
     static = select_backend(requested, op, x, weights, config)
-    if not measured.can_measure():
+    if not measured.can_measure() or not measured.may_time(op, x, weights, config, training):
         return static
     fused = [
         b

@@ -37,6 +37,7 @@ class _FakeFused(EagerBackend):
 def benchmarking(monkeypatch):
     monkeypatch.setattr(measured, "_enabled", True)
     monkeypatch.setattr(measured, "_choices", {})
+    monkeypatch.setattr(measured, "_buckets_timed", {})
     return monkeypatch
 
 
@@ -137,3 +138,28 @@ def test_off_by_default_and_on_through_the_environment(tmp_path):
         cwd=tmp_path,
     )
     assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")
+
+
+def test_sizes_within_a_power_of_two_share_one_measurement(benchmarking):
+    """A varying-shape workload (sequence lengths, a last batch) times each size bucket once, not each size."""
+    slow = _fake(benchmarking, "slow_test")
+    block, _ = _block_and_input()
+    for n, side in [(5, 6), (6, 7), (8, 8), (7, 5)]:  # batch 5-8, maps 5-8: one bucket
+        block(torch.randn(n, 8, side, side, requires_grad=True)).sum().backward()
+    assert len(measured.measured_choices()) == 1
+    calls = slow.calls
+    block(torch.randn(9, 8, 6, 6, requires_grad=True)).sum().backward()  # batch 9: the next bucket
+    assert len(measured.measured_choices()) == 2 and slow.calls > calls
+
+
+def test_a_block_times_a_bounded_number_of_buckets(benchmarking):
+    """Past MAX_BUCKETS_PER_BLOCK new buckets, a block takes the static choice without a trial."""
+    benchmarking.setattr(measured, "MAX_BUCKETS_PER_BLOCK", 2)
+    slow = _fake(benchmarking, "slow_test")
+    block, _ = _block_and_input()
+    for n in (1, 2, 4, 8):
+        block(torch.randn(n, 8, 6, 6, requires_grad=True)).sum().backward()
+    assert len(measured.measured_choices()) == 2
+    calls = slow.calls
+    block(torch.randn(16, 8, 6, 6, requires_grad=True)).sum().backward()
+    assert slow.calls == calls + 1  # run once as the static choice (priority 1), not timed
