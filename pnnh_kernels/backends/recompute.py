@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..activation import Activation
@@ -21,10 +22,10 @@ def _activation(a: BlockArgs) -> Activation:
     return Activation("leaky_relu", negative_slope=a.slope, scale=a.act_scale)
 
 
-def _norms(a: BlockArgs, dtype: object) -> BlockNorms:
+def _norms(a: BlockArgs, dtype: torch.dtype) -> BlockNorms:
     """The three norms' parameters (and, in eval, running statistics) from the op's concatenated vectors."""
     widths = (a.encoder.shape[0], a.learner1.shape[0], a.learner2.shape[0])
-    affine = [t.to(dtype) for t in a.affine]  # type: ignore[arg-type]
+    affine = [t.to(dtype) for t in a.affine]
     params: list[NormParams] = []
     start = 0
     for i, width in enumerate(widths):
