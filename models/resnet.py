@@ -14,11 +14,21 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pnnh_kernels import PNNHCoder, PNNHConv2d
 from pnnh_kernels.coder import guard_shared_parameters
+from pnnh_kernels.deploy.conv import FastBlock
+from pnnh_kernels.deploy.folding import (
+    CannotFold,
+    affine_of,
+    batch_norm_params,
+    conv_layer,
+    fold_conv_bn,
+    scaled_rows,
+)
 
 from .layers import DropPath, conv_bn, drop_path_rates, global_pool
 from .registry import register_model
@@ -137,12 +147,51 @@ class PNNHBottleneck(nn.Module):
         nn.init.kaiming_normal_(self.layer3.weight, mode="fan_out", nonlinearity="relu")
         self.out_norm = nn.BatchNorm2d(channels)
 
+    _pnnh_reparameterizable = True  # pnnh_kernels.reparameterize_model folds it
+
     def forward(self, x: Tensor) -> Tensor:
         z_c = self.coder_norm(F.conv2d(x, self.coder.encoder))
         decoded = F.conv_transpose2d(z_c, self.coder.encoder)
         learned = self.layer3(F.relu(self.layer2(F.relu(self.layer1(x)))))
         y = self.out_norm(decoded + learned)
         return F.relu(y) if self.final_activation else y
+
+    def reparameterize(self, form: str = "fast") -> nn.Module:
+        """This block (in eval mode) as plain torch.nn layers, every batch norm folded: ``fast`` is the
+        learner's three convolutions plus the coder path as one 1x1 convolution of x; ``plain`` is its
+        literal form, three convolutions with the signed coder copies ``[z_c, -z_c]`` carried through layer
+        2 (an identity centre tap) and decoded by ``[W_d, -W_d]``, ReLU between, no addition."""
+        if self.training:
+            raise CannotFold("it is in training mode (call model.eval() first)")
+        return reparameterize_bottleneck(self, form)
+
+
+def reparameterize_bottleneck(block: PNNHBottleneck, form: str) -> nn.Module:
+    """:meth:`PNNHBottleneck.reparameterize`: y = A_3(D A_c W_e x + W_3 relu(A_2 W_2 relu(A_1 W_1 x)))."""
+    like = block.layer3.weight
+    w1, b1 = fold_conv_bn(*block.layer1)
+    w2, b2 = fold_conv_bn(*block.layer2)
+    w3, b3 = fold_conv_bn(block.layer3, block.out_norm)
+    encoder = block.coder.encoder.detach()  # [Cc, C, 1, 1]
+    coder_conv = nn.Conv2d(encoder.shape[1], encoder.shape[0], 1, bias=False).to(encoder)
+    coder_conv.weight.data.copy_(encoder)
+    enc_w, enc_b = fold_conv_bn(coder_conv, block.coder_norm)
+    s3 = affine_of(batch_norm_params(block.out_norm), w3.shape[0], block.out_norm.eps, like).scale
+    dec = scaled_rows(encoder[:, :, 0, 0].t(), s3)  # the tied decoder (the encoder's adjoint), A_3 folded
+    final = nn.ReLU() if block.final_activation else nn.Identity()
+    if form == "fast":
+        learner = nn.Sequential(conv_layer(w1, b1, like), nn.ReLU(), conv_layer(w2, b2, like))
+        coder = conv_layer((dec @ enc_w[:, :, 0, 0])[:, :, None, None], None, like)
+        return FastBlock(learner, nn.ReLU(), conv_layer(w3, b3 + dec @ enc_b, like), final, coder_map=coder)
+    width, cc, k = w1.shape[0], enc_w.shape[0], w2.shape[-1]
+    layer1 = conv_layer(torch.cat([w1, enc_w, -enc_w]), torch.cat([b1, enc_b, -enc_b]), like)
+    middle = w2.new_zeros(width + 2 * cc, width + 2 * cc, k, k)
+    middle[:width, :width] = w2
+    middle[width:, width:, k // 2, k // 2] = torch.eye(2 * cc, dtype=w2.dtype, device=w2.device)  # copies pass
+    layer2 = conv_layer(middle, torch.cat([b2, b2.new_zeros(2 * cc)]), like)
+    layer3 = conv_layer(torch.cat([w3, dec[:, :, None, None], -dec[:, :, None, None]], dim=1), b3, like)
+    last = [] if isinstance(final, nn.Identity) else [final]
+    return nn.Sequential(layer1, nn.ReLU(), layer2, nn.ReLU(), layer3, *last)
 
 
 def check_width_ratios(

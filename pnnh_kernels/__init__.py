@@ -29,6 +29,10 @@ register_ops()  # every backend's custom ops exist from import on (torch.export.
 
 def __getattr__(name: str) -> Any:
     # the converter lives with the models, which import this package: load it on first use
+    if name == "reparameterize_model":
+        from .deploy import reparameterize_model
+
+        return reparameterize_model
     if name == "convert_resnet":
         from .models.convert import convert_resnet
 
@@ -54,6 +58,7 @@ __all__ = [
     "pnnh_conv2d",
     "pnnh_linear",
     "register_backend",
+    "reparameterize_model",
     "set_auto_benchmark",
     "set_finite_check",
 ]

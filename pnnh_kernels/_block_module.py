@@ -174,8 +174,10 @@ class PNNHBlockBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT)
+        # an ONNX graph cannot hold the fused custom ops: an export records eager's standard operators
+        backend = "eager" if torch.onnx.is_in_onnx_export() else self.backend
         out = type(self)._functional(
-            x, self.block_weights(), self.block_norms(), self.config, training=self.training, backend=self.backend
+            x, self.block_weights(), self.block_norms(), self.config, training=self.training, backend=backend
         )
         self._count_batch()
         return out

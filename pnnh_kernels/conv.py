@@ -65,3 +65,10 @@ class PNNHConv2d(PNNHBlockBase):
 
     def _make_norm(self, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels, eps=self.config.eps, momentum=self.config.momentum)
+
+    def reparameterize(self, form: str = "fast") -> nn.Module:
+        """This block (in eval mode) as plain torch.nn layers, batch norms folded:
+        :func:`pnnh_kernels.deploy.reparameterize_conv`."""
+        from .deploy import reparameterize_conv
+
+        return reparameterize_conv(self, form)

@@ -43,6 +43,12 @@ class PNNHLinear(PNNHBlockBase):
         self.in_features, self.out_features = self.in_channels, self.out_channels
         self.hidden_features = self.hidden_channels
 
+    def reparameterize(self, form: str = "fast") -> nn.Module:
+        """This block (in eval mode) as plain torch.nn layers: :func:`pnnh_kernels.deploy.reparameterize_linear`."""
+        from .deploy import reparameterize_linear
+
+        return reparameterize_linear(self, form)
+
     def _make_norm(self, channels: int) -> nn.Module:
         if self.config.norm == "layer":
             return nn.LayerNorm(channels, eps=self.config.eps)
