@@ -26,6 +26,7 @@ from pnnh_kernels.models import list_models
 from .analysis import analyse, write_table
 from .checkpoint import load_checkpoint
 from .data import DATASETS, DataBundle, DatasetError, load_dataset
+from .export import FORMATS, export_run
 from .interrupt import RunInterrupted
 from .plots import plot_analysis, plot_history
 from .sweep import FAMILIES, parse_lr_scales, run_sweep
@@ -171,6 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print("results:")
     for name, path in outputs.items():
         print(f"  {name:12s} {path}")
+    print(f"export:   pnnh-train export --run {out_dir} --format onnx  (reparameterized, verified; docs/DEPLOY.md)")
     return 0
 
 
@@ -224,6 +226,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export_run(args.run, args.format, args.form, args.quantize, args.overwrite)
+    rows = [("exported", result)] + ([("int8", result["int8"])] if "int8" in result else [])
+    for label, r in rows:
+        print(
+            f"{label:8s} {r['path']}\n         largest difference from the PyTorch model {r['largest_difference']:.3g}, "
+            f"test accuracy {r['accuracy']:.4f} (PyTorch {r['pytorch_accuracy']:.4f})"
+        )
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pnnh-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -242,7 +255,7 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"on resume, take these options' new values ({', '.join(n.replace('_', '-') for n in RESUME_OVERRIDES)})",
     )
     _add_train_options(p)
-    p.set_defaults(run=cmd_train)
+    p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("sweep", help="train several families at several depths")
     p.add_argument("--families", nargs="+", default=["plain", "resnet", "pnnh", "tat"], choices=sorted(FAMILIES))
@@ -255,7 +268,17 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", default=None)
     _add_train_options(p)
-    p.set_defaults(run=cmd_sweep)
+    p.set_defaults(handler=cmd_sweep)
+
+    p = sub.add_parser("export", help="a run's best checkpoint as an ONNX or torch.export file, verified")
+    p.add_argument("--run", required=True, help="the run's output folder (its best.pt is exported)")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument(
+        "--form", choices=("fast", "plain"), default="fast", help="the reparameterized form (docs/DEPLOY.md)"
+    )
+    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="also an int8 ONNX file (onnxruntime)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in the run's folder")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("analyze", help="measure dissipating inputs layer by layer")
     p.add_argument("--models", nargs="+", default=["plain_resnet56", "resnet56", "pnnh_resnet56", "tat_vanilla56"])
@@ -266,7 +289,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace earlier tables and plot in the output folder")
-    p.set_defaults(run=cmd_analyze)
+    p.set_defaults(handler=cmd_analyze)
     return parser
 
 
@@ -305,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.given = _given_options(parser, argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except (DatasetError, ValueError, OSError, BackendUnavailableError, FloatingPointError) as exc:
         print(f"pnnh-train: error: {_user_error(exc)}", file=sys.stderr)
         return 2

@@ -468,3 +468,36 @@ def test_a_second_ctrl_c_stops_at_once():
     assert request.signum == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         request(signal.SIGINT, None)
+
+
+def test_export_writes_verified_files_and_the_main_job_says_how(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the deploy extra")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "run"
+    assert (
+        cli_main(
+            ["train", *TINY, "--model", "pnnh_resnet8", "--epochs", "3", "--batch-size", "64", "--out-dir", str(out)]
+        )
+        == 0
+    )
+    assert f"pnnh-train export --run {out} --format onnx" in capsys.readouterr().out
+    assert cli_main(["export", "--run", str(out), "--quantize", "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "model-fast.onnx").exists() and (out / "model-fast-int8.onnx").exists()
+    exported, int8 = (line for line in printed.splitlines() if "largest difference" in line)
+    assert float(exported.split("model ")[1].split(",")[0]) < 1e-4  # the float file is the model
+    accuracy = [float(line.split("test accuracy ")[1].split()[0]) for line in (exported, int8)]
+    assert accuracy[0] > 0.3 and abs(accuracy[1] - accuracy[0]) < 0.1  # int8 keeps what the model learned
+    assert cli_main(["export", "--run", str(out), "--format", "pt2", "--form", "plain"]) == 0
+    assert (out / "model-plain.pt2").exists()
+    capsys.readouterr()
+    _fails_cleanly(["export", "--run", str(out)], capsys, "model-fast.onnx exists; pass --overwrite")
+    _fails_cleanly(["export", "--run", str(out), "--format", "pt2", "--quantize", "int8"], capsys, "--format onnx")
+
+
+def test_export_to_onnx_without_the_deploy_extra_says_what_to_install(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cli_main(["train", *TINY, "--model", "pnnh_resnet8", "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    _fails_cleanly(["export", "--run", str(out)], capsys, "pip install 'pnnh_kernels[deploy]'")
