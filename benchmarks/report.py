@@ -198,6 +198,27 @@ def _models(payload) -> list[str]:
     return [*lines, ""]
 
 
+def _deploy(payload) -> list[str]:
+    rows = [r for r in payload["records"] if r["kind"] == "deploy"]
+    if not rows:
+        return []
+    lines = [
+        "### Inference after deployment (`-k deploy`)",
+        "",
+        "| input | model [form, runtime] | parameters | best ms | images/s | vs ResNet-56 eager |",
+        "|---|---|---|---|---|---|",
+    ]
+    baseline = {r["shape"]: r["images_per_s"] for r in rows if r["variant"] == "resnet56 [trained, eager]"}
+    for r in sorted(rows, key=lambda r: (r["dims"][0], r["variant"])):
+        base = baseline.get(r["shape"])
+        ratio = f"{r['images_per_s'] / base:.2f}x" if base else ""
+        lines.append(
+            f"| {'x'.join(map(str, r['dims']))} | {r['variant']} | {r['parameters']:,} | {r['min_ms']:.2f} | "
+            f"{r['images_per_s']:.0f} | {ratio} |"
+        )
+    return [*lines, ""]
+
+
 def _runs(payload) -> str:
     """The runs a results file's rows come from: date, command, row count (results_file.py stamps rows)."""
     runs = Counter((r.get("date", payload["date"]), r.get("command", payload["command"])) for r in payload["records"])
@@ -243,6 +264,7 @@ def render_results(results_dir: str, out_path: str) -> None:
             _targets(payload)
             + _head_to_head_table(payload)
             + _models(payload)
+            + _deploy(payload)
             + ["### Blocks", ""]
             + _block_tables(payload)
         )

@@ -70,16 +70,15 @@ def _export_pt2(model: torch.nn.Module, example: Tensor, path: str) -> Callable[
     return lambda x: loaded(x).detach()
 
 
-def _quantize(float_path: str, int8_path: str, train_set: Any) -> Callable[[Tensor], Tensor]:
-    """onnxruntime's static int8 quantization (QDQ, per-channel weights) calibrated on training images."""
+def _quantize_file(float_path: str, int8_path: str, calibration: list[Tensor]) -> None:
+    """onnxruntime's static int8 quantization (QDQ, per-channel weights) calibrated on ``calibration`` batches."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    images = [x for x, _ in _batches(torch.utils.data.Subset(train_set, range(_CALIBRATION_IMAGES)), 64)]
     name = _onnx_input_name(float_path)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.remaining = iter([{name: x.numpy()} for x in images])
+            self.remaining = iter([{name: x.numpy()} for x in calibration])
 
         def get_next(self) -> Any:
             return next(self.remaining, None)
@@ -89,6 +88,12 @@ def _quantize(float_path: str, int8_path: str, train_set: Any) -> Callable[[Tens
             float_path, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
         )  # fmt: skip
+
+
+def _quantize(float_path: str, int8_path: str, train_set: Any) -> Callable[[Tensor], Tensor]:
+    """The int8 file calibrated on the first training images, and a runner of it."""
+    images = [x for x, _ in _batches(torch.utils.data.Subset(train_set, range(_CALIBRATION_IMAGES)), 64)]
+    _quantize_file(float_path, int8_path, images)
     return _onnx_runner(int8_path)
 
 

@@ -1,0 +1,92 @@
+"""Inference after deployment (`pytest benchmarks/ -k deploy`): images/s of ResNet-56, PNNH-56 as trained (eval,
+`auto`) and PNNH-56 / slim PNNH-56 reparameterized in each form (docs/DEPLOY.md), in PyTorch eager (channels_last)
+and in onnxruntime (float32, and int8 after static quantization); batch 1 and 64, 32x32. Each variant's best of
+its rounds; the report divides by ResNet-56's eager row of the same run."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import pytest
+import torch
+
+from pnnh_kernels import reparameterize_model
+from pnnh_kernels.models import create_model
+
+# (model, how it runs): "trained" is the net as trained (eval, `auto`), the forms are reparameterized
+VARIANTS = [
+    ("resnet56", "trained"),
+    ("pnnh_resnet56", "trained"),
+    ("pnnh_resnet56", "fast"),
+    ("pnnh_resnet56", "plain"),
+    ("pnnh_slim_resnet56", "fast"),
+    ("pnnh_slim_resnet56", "plain"),
+]
+RUNTIMES = ["eager", "onnxruntime", "onnxruntime-int8"]
+
+
+def _model(name: str, how: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    return model if how == "trained" else reparameterize_model(model, form=how)
+
+
+def _onnx_session(model: torch.nn.Module, x: torch.Tensor, path, int8: bool) -> Callable[[torch.Tensor], object]:
+    ort = pytest.importorskip("onnxruntime", reason="the deploy extra")
+    pytest.importorskip("onnxscript")
+    from pnnh_kernels.train.export import _quantize_file, _quiet_exporter
+
+    with _quiet_exporter():
+        torch.onnx.export(model, (x,), dynamo=True).save(str(path))
+    if int8:
+        _quantize_file(str(path), str(path) + ".int8", [torch.randn_like(x) for _ in range(4)])
+        path = str(path) + ".int8"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda t: session.run(None, {name: t.numpy()})
+
+
+def _best_seconds(run: Callable[[], object], rounds: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("name, how", VARIANTS, ids=[f"{n}-{h}" for n, h in VARIANTS])
+def test_deploy_inference(collector, tmp_path, name, how, runtime, batch):
+    if collector.device != "cpu":
+        pytest.skip("the deploy rows are CPU inference")
+    smoke = collector.mode == "smoke"
+    if smoke and (name, how, batch) != ("pnnh_resnet56", "fast", 1):
+        pytest.skip("the smoke set times one deployed net")
+    if runtime != "eager" and how == "trained" and name != "resnet56":
+        pytest.skip("a net as trained runs in PyTorch; its exported form is the reparameterized one")
+    name = "pnnh_resnet8" if smoke else name  # the smoke set: a small net, the same code path
+    model = _model(name, how)
+    x = torch.randn(batch, 3, 32, 32)
+    if runtime == "eager":
+        model = model.to(memory_format=torch.channels_last)
+        x_run = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            seconds = _best_seconds(lambda: model(x_run), 1 if smoke else 10)
+    else:
+        run = _onnx_session(model, x, tmp_path / "net.onnx", int8=runtime.endswith("int8"))
+        seconds = _best_seconds(lambda: run(x), 1 if smoke else 10)
+    collector.add(
+        kind="deploy",
+        shape=f"cifar32-b{batch}",
+        dims=[batch, 3, 32, 32],
+        dtype="int8" if runtime.endswith("int8") else "float32",
+        variant=f"{name} [{how}, {runtime}]",
+        pass_="inference",
+        min_ms=seconds * 1e3,
+        images_per_s=batch / seconds,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
