@@ -20,6 +20,7 @@ VARIANTS = [
     ("pnnh_resnet56", "trained"),
     ("pnnh_resnet56", "fast"),
     ("pnnh_resnet56", "plain"),
+    ("pnnh_slim_resnet56", "trained"),
     ("pnnh_slim_resnet56", "fast"),
     ("pnnh_slim_resnet56", "plain"),
 ]
