@@ -33,6 +33,7 @@ from .folding import (
     CannotFold,
     affine_of,
     base_activation,
+    bias_or_zeros,
     conv_layer,
     final_activation,
     scaled_rows,
@@ -82,20 +83,16 @@ class _Folded:
         s2, t2 = a_2.scale * f, a_2.shift * f
         self.enc_w, self.enc_b = (
             scaled_rows(w.encoder, a_c.scale),
-            a_c.scale * _bias(w.encoder_bias, cc, w.encoder) + a_c.shift,
+            a_c.scale * bias_or_zeros(w.encoder_bias, cc, w.encoder) + a_c.shift,
         )
         self.l1_w, self.l1_b = (
             scaled_rows(w.learner1, a_1.scale),
-            a_1.scale * _bias(w.learner1_bias, hid, w.encoder) + a_1.shift,
+            a_1.scale * bias_or_zeros(w.learner1_bias, hid, w.encoder) + a_1.shift,
         )
         self.l2_w = scaled_rows(w.learner2, s2) * act.scale  # the learner activation's scale moves here
-        self.l2_b = s2 * _bias(w.learner2_bias, out, w.encoder) + t2
+        self.l2_b = s2 * bias_or_zeros(w.learner2_bias, out, w.encoder) + t2
         self.dec = scaled_rows(decoder_conv_weight(w), s2)  # times the gain in the fast form
         self.kc, self.k = w.encoder.shape[-1], w.learner1.shape[-1]
-
-
-def _bias(bias: Optional[Tensor], width: int, like: Tensor) -> Tensor:
-    return torch.zeros(width, dtype=torch.float64, device=like.device) if bias is None else bias.detach().double()
 
 
 def _fast(f: _Folded) -> FastBlock:

@@ -36,6 +36,11 @@ def affine_of(params: Optional[NormParams], width: int, eps: float, like: Tensor
     return Affine(scale, beta - params.running_mean.double() * scale)
 
 
+def bias_or_zeros(bias: Optional[Tensor], width: int, like: Tensor) -> Tensor:
+    """A layer's bias in float64, or zeros where it has none."""
+    return torch.zeros(width, dtype=torch.float64, device=like.device) if bias is None else bias.detach().double()
+
+
 def scaled_rows(weight: Tensor, scale: Tensor) -> Tensor:
     """``weight`` with output channel ``o`` multiplied by ``scale[o]`` (any trailing kernel dimensions)."""
     return weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))

@@ -10,7 +10,6 @@ block's three ``nn.LayerNorm`` layers; ``fast`` runs layer 2 as one product over
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +17,15 @@ from torch import Tensor, nn
 from ..block import decoder_linear_weight
 from ..linear import PNNHLinear
 from .conv import FastBlock
-from .folding import CannotFold, affine_of, base_activation, final_activation, linear_layer, scaled_rows
+from .folding import (
+    CannotFold,
+    affine_of,
+    base_activation,
+    bias_or_zeros,
+    final_activation,
+    linear_layer,
+    scaled_rows,
+)
 
 
 class LayerNormBlock(nn.Module):
@@ -44,10 +51,6 @@ class LayerNormBlock(nn.Module):
         return self.final(self.out_norm(self.layer2(hidden)))
 
 
-def _bias(bias: Optional[Tensor], width: int, like: Tensor) -> Tensor:
-    return torch.zeros(width, dtype=torch.float64, device=like.device) if bias is None else bias.detach().double()
-
-
 def _layer_norm_form(block: PNNHLinear, form: str) -> LayerNormBlock:
     w, act = block.block_weights(), block.config.activation
     cc, like = w.encoder.shape[0], w.learner1
@@ -60,11 +63,11 @@ def _layer_norm_form(block: PNNHLinear, form: str) -> LayerNormBlock:
             out_norm.bias.mul_(f)  # type: ignore[operator]
     layer1 = linear_layer(
         torch.cat([w.encoder, w.learner1]).double(),
-        torch.cat([_bias(w.encoder_bias, cc, like), _bias(w.learner1_bias, w.learner1.shape[0], like)]),
+        torch.cat([bias_or_zeros(w.encoder_bias, cc, like), bias_or_zeros(w.learner1_bias, w.learner1.shape[0], like)]),
         like,
     )
     decoder, learner2 = decoder_linear_weight(w).double(), w.learner2.double() * act.scale
-    bias2 = _bias(w.learner2_bias, w.learner2.shape[0], like)
+    bias2 = bias_or_zeros(w.learner2_bias, w.learner2.shape[0], like)
     if form == "plain":
         weight2 = torch.cat([learner2, decoder * act.scale, -decoder * act.scale], dim=1)
     else:
@@ -82,9 +85,9 @@ def _folded_form(block: PNNHLinear, form: str) -> nn.Module:
     a_c, a_1, a_2 = (affine_of(n, width, config.eps, like) for n, width in zip(norms, (cc, hid, out)))
     final, f = final_activation(act, config.final_activation)
     s2, t2 = a_2.scale * f, a_2.shift * f
-    enc_w, enc_b = scaled_rows(w.encoder, a_c.scale), a_c.scale * _bias(w.encoder_bias, cc, like) + a_c.shift
-    l1_w, l1_b = scaled_rows(w.learner1, a_1.scale), a_1.scale * _bias(w.learner1_bias, hid, like) + a_1.shift
-    l2_w, l2_b = scaled_rows(w.learner2, s2) * act.scale, s2 * _bias(w.learner2_bias, out, like) + t2
+    enc_w, enc_b = scaled_rows(w.encoder, a_c.scale), a_c.scale * bias_or_zeros(w.encoder_bias, cc, like) + a_c.shift
+    l1_w, l1_b = scaled_rows(w.learner1, a_1.scale), a_1.scale * bias_or_zeros(w.learner1_bias, hid, like) + a_1.shift
+    l2_w, l2_b = scaled_rows(w.learner2, s2) * act.scale, s2 * bias_or_zeros(w.learner2_bias, out, like) + t2
     dec = scaled_rows(decoder_linear_weight(w), s2)
     if form == "plain":
         layer1 = linear_layer(torch.cat([l1_w, enc_w, -enc_w]), torch.cat([l1_b, enc_b, -enc_b]), like)
