@@ -1,4 +1,5 @@
-"""Vision Transformers: the pre-norm ViT, and PNNH-ViT in which no block adds its input back.
+"""Vision Transformers: the pre-norm ViT, the plain ViT (its residual additions removed), PNNH-ViT in which no
+block adds its input back, and the slim PNNH-ViT (fewer parameters).
 
 PNNH-ViT block (our reading; docs/MODELS.md):
 - attention: the input rides an internal coder path beside the attention learner,
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pnnh_kernels import PNNHCoder, PNNHLinear
+from pnnh_kernels.coder import guard_shared_parameters
 
 from .layers import DropPath, drop_path_rates
 from .registry import register_model
@@ -78,6 +80,21 @@ class ResidualBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class PlainBlock(nn.Module):
+    """The pre-norm block with both residual additions removed, nothing else changed: ``mlp(LN(attn(LN(x))))``
+    (the failure the PNNH paper explains: the input does not survive depth)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS), nn.LayerNorm(dim, eps=_LN_EPS)
+        self.attn, self.mlp = Attention(dim, heads), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop_path(self.attn(self.norm1(x)))
+        return self.drop_path(self.mlp(self.norm2(x)))
+
+
 class PNNHAttention(nn.Module):
     """Attention with an internal coder path instead of a residual addition."""
 
@@ -97,9 +114,12 @@ class PNNHAttention(nn.Module):
 
 
 class PNNHBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float, backend: str) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, drop_path: float, backend: str,
+        coders: tuple[Optional[PNNHCoder], Optional[PNNHCoder]] = (None, None),
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.attn = PNNHAttention(dim, heads, drop_path)
+        self.attn = PNNHAttention(dim, heads, drop_path, coder=coders[0])
         self.mlp = PNNHLinear(
             dim,
             hidden_features=int(dim * mlp_ratio),
@@ -107,6 +127,7 @@ class PNNHBlock(nn.Module):
             final_activation=False,
             eps=_LN_EPS,
             backend=backend,
+            coder=coders[1],
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,24 +149,22 @@ class VisionTransformer(nn.Module):
         variant: str = "residual",
         drop_path_rate: float = 0.0,
         backend: str = "auto",
+        coder_group: int = 0,
     ) -> None:
         super().__init__()
-        if variant not in ("residual", "pnnh"):
-            raise ValueError(f"variant must be 'residual' or 'pnnh', got {variant!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim))
         rates = drop_path_rates(drop_path_rate, depth)
-        if variant == "residual":
-            blocks = [ResidualBlock(dim, heads, mlp_ratio, r) for r in rates]
-        else:
-            blocks = [PNNHBlock(dim, heads, mlp_ratio, r, backend) for r in rates]
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(*_blocks(variant, dim, heads, mlp_ratio, rates, backend, coder_group))
         self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.head = nn.Linear(dim, num_classes)
         self.num_features = dim
         self._init_weights()
+        guard_shared_parameters(self)  # the slim net's shared coders: a state dict must agree on them
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -164,22 +183,55 @@ class VisionTransformer(nn.Module):
         return self.head(self.forward_features(x)[:, 0])
 
 
+VARIANTS = ("residual", "plain", "pnnh")
+
+
+def _blocks(
+    variant: str, dim: int, heads: int, mlp_ratio: float, rates: list[float], backend: str, coder_group: int
+) -> list[nn.Module]:
+    """The blocks of a variant; ``coder_group > 0``: each run of that many PNNH blocks shares one attention
+    coder and one MLP coder (the slim PNNH-ViT)."""
+    if variant == "residual":
+        return [ResidualBlock(dim, heads, mlp_ratio, r) for r in rates]
+    if variant == "plain":
+        return [PlainBlock(dim, heads, mlp_ratio, r) for r in rates]
+    blocks: list[nn.Module] = []
+    for i, rate in enumerate(rates):
+        if coder_group and i % coder_group == 0:
+            coders: tuple[Optional[PNNHCoder], Optional[PNNHCoder]] = (
+                PNNHCoder(dim, dim, None),
+                PNNHCoder(dim, dim, None),
+            )
+        elif not coder_group:
+            coders = (None, None)
+        blocks.append(PNNHBlock(dim, heads, mlp_ratio, rate, backend, coders))
+    return blocks
+
+
 _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+#: the slim PNNH-ViT: an MLP learner as wide as the block (ratio 1 instead of 4) and one attention and one MLP
+#: coder per group of 4 blocks: about 0.54x the ViT's block parameters (docs/MODELS.md)
+_SLIM = {"mlp_ratio": 1.0, "coder_group": 4}
 
 
-def _register(variant: str, prefix: str) -> None:
+def _register(variant: str, prefix: str, defaults: Optional[dict] = None) -> None:
     for size, (dim, heads) in _SIZES.items():
 
         def build(dim=dim, heads=heads, **kwargs):
             kwargs.setdefault("depth", 12)
+            for key, value in (defaults or {}).items():
+                kwargs.setdefault(key, value)
             return VisionTransformer(dim=dim, heads=heads, variant=variant, **kwargs)
 
         build.__name__ = f"{prefix}vit_{size}"
         build.__doc__ = (
-            f"ViT-{size[0].upper()} (dim {dim}, {heads} heads), {variant}; img_size/patch_size/depth adjustable."
+            f"ViT-{size[0].upper()} (dim {dim}, {heads} heads), {prefix.rstrip('_') or variant}; "
+            "img_size/patch_size/depth/dim/heads adjustable."
         )
         register_model("vit")(build)
 
 
 _register("residual", "")
+_register("plain", "plain_")
 _register("pnnh", "pnnh_")
+_register("pnnh", "pnnh_slim_", _SLIM)

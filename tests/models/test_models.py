@@ -193,6 +193,8 @@ def test_the_addition_check_sees_residual_blocks(name):
         "plain_resnet50",
         "pnnh_resnet50",
         "pnnh_vit_tiny",
+        "plain_vit_tiny",
+        "pnnh_slim_vit_tiny",
         "tat_vanilla20",
     ],
 )
@@ -339,6 +341,8 @@ def test_vanilla_net_with_wrong_gain_loses_its_signal():
         ("eoc_vanilla20", {}),
         ("vit_tiny", {"img_size": 8, "patch_size": 2, "depth": 2}),
         ("pnnh_vit_tiny", {"img_size": 8, "patch_size": 2, "depth": 2}),
+        ("pnnh_slim_vit_tiny", {"img_size": 8, "patch_size": 2, "depth": 2}),
+        ("plain_vit_tiny", {"img_size": 8, "patch_size": 2, "depth": 2}),
     ],
 )
 def test_a_few_steps_reduce_the_loss(name, kwargs):
@@ -378,3 +382,22 @@ def test_a_converted_shared_coder_net_checks_its_state_dict_too():
     state[first] = state[first] + 1  # one block's copy of the stage's coder differs
     with pytest.raises(RuntimeError, match="load one shared tensor"):
         model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("depth", [6, 12, 24])
+def test_the_slim_pnnh_vit_has_at_most_0_6x_the_vits_parameters(depth):
+    """A narrower MLP learner (ratio 1) and one attention and one MLP coder per group of 4 blocks."""
+    small = dict(dim=64, heads=4, img_size=8, patch_size=2, depth=depth, num_classes=10)
+    vit, slim = create_model("vit_tiny", **small), create_model("pnnh_slim_vit_tiny", **small)
+    assert n_params(slim) <= 0.6 * n_params(vit)
+    blocks = list(slim.blocks)
+    assert blocks[0].attn.coder is blocks[3].attn.coder and blocks[0].mlp.coder is blocks[3].mlp.coder
+    assert depth <= 4 or blocks[0].attn.coder is not blocks[4].attn.coder
+
+
+def test_the_plain_vit_is_the_vit_without_its_additions():
+    """The same layers and parameters: only the residual additions are gone."""
+    small = dict(dim=32, heads=2, img_size=8, patch_size=2, depth=3, num_classes=10)
+    vit, plain = create_model("vit_tiny", **small), create_model("plain_vit_tiny", **small)
+    assert [n for n, _ in vit.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert all(tensor_additions(b) > 0 for b in vit.blocks) and all(tensor_additions(b) == 0 for b in plain.blocks)
