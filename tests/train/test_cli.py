@@ -501,3 +501,18 @@ def test_export_to_onnx_without_the_deploy_extra_says_what_to_install(tmp_path, 
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     _fails_cleanly(["export", "--run", str(out)], capsys, "pip install 'pnnh_kernels[deploy]'")
+
+
+def test_a_transformer_sweep_trains_each_vit_family_at_each_depth(tmp_path, capsys):
+    """The ViT rows take the depth as a model option and train with AdamW and a warm-up (issue #29)."""
+    out = tmp_path / "sweep"
+    families = ["vit", "plain_vit", "pnnh_vit", "pnnh_slim_vit"]
+    argv = ["sweep", "--families", *families, "--depths", "1", "2", "--epochs", "1", "--train-size", "200"]
+    assert cli_main([*argv, "--batch-size", "100", "--no-progress", "--out-dir", str(out)]) == 0
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert {(r["family"], r["depth"]) for r in runs} == {(f, d) for f in families for d in (1, 2)}
+    config = json.loads((out / "pnnh_slim_vit2-seed0" / "config.json").read_text())
+    assert config["model"] == "pnnh_slim_vit_tiny" and config["model_options"]["depth"] == 2
+    assert (config["optimizer"], config["warmup_epochs"], config["lr"]) == ("adamw", 2.0, pytest.approx(1e-3))
+    params = {(r["family"], r["depth"]): r["parameters"] for r in runs}
+    assert params[("vit", 2)] > params[("vit", 1)] and params[("pnnh_slim_vit", 2)] < params[("vit", 2)]
