@@ -162,15 +162,17 @@ print(torch.equal(program.module()(x), y))
 @pytest.mark.skipif(extension_error() is not None, reason="needs the C++ extension")
 def test_a_saved_program_with_fused_ops_loads_in_a_fresh_process(tmp_path):
     path = str(tmp_path / "block.pt2")
-    for script in (_SAVE, _LOAD):
-        done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, check=False)
+    for script in (_SAVE, _LOAD):  # run outside the source tree: the installed package, as a user has it
+        done = subprocess.run(
+            [sys.executable, "-c", script, path], capture_output=True, text=True, check=False, cwd=tmp_path
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
 
 
-def test_every_fused_op_is_defined_once_the_package_is_imported():
+def test_every_fused_op_is_defined_once_the_package_is_imported(tmp_path):
     script = "import torch, pnnh_kernels; print(' '.join(sorted(dir(torch.ops.pnnh))))"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path)
     defined = set(done.stdout.split())
     expected = {"conv_block_cpu", "linear_block_cpu", "conv_block_cuda"}
     if importlib.util.find_spec("triton") is not None:

@@ -252,8 +252,12 @@ def test_a_lock_left_by_a_killed_run_is_not_in_force(tmp_path, capsys):
     """kill -9 leaves the lock file behind; the kernel released its lock, so the next run takes the folder."""
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_AND_WAIT, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    holder = subprocess.Popen(  # outside the source tree: the installed package
+        [sys.executable, "-c", HOLD_AND_WAIT, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         assert holder.stdout.readline().strip() == "held", holder.stderr.read()

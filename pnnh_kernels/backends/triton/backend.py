@@ -9,6 +9,7 @@ On CUDA tensors it compiles the kernels; on CPU tensors it runs only under ``TRI
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Optional
@@ -51,7 +52,11 @@ class TritonBackend(FusedBackend):
         return linear_block
 
     def register_ops(self) -> None:
-        if self.unavailable_reason() is None:  # without triton there is nothing of this backend to load
+        if self.unavailable_reason() is not None:  # without triton there is nothing of this backend to load
+            return
+        # a broken triton install, or the kernels outside the package (a source tree): importing pnnh_kernels
+        # must not fail for it; using the backend says what is wrong
+        with contextlib.suppress(ImportError):
             super().register_ops()
 
     def unsupported_reason(self, op: str, x: Tensor, weights: BlockWeights, config: BlockConfig) -> Optional[str]:
