@@ -203,3 +203,23 @@ def test_slim_against_resnet_head_to_head(collector, depth):
     _interleave_models(
         collector, base, mine, batch, fmt, pairs, dict(shape=shape, variant="auto", layout="channels_last")
     )
+
+
+@pytest.mark.parametrize("family", ["pnnh_vit", "pnnh_slim_vit"])
+def test_vit_head_to_head(collector, family):
+    """The Transformer half of the throughput claim at model level: PNNH-ViT and the slim PNNH-ViT on `auto`
+    against the ViT on eager (ViT-Tiny's width, 12 blocks, 32x32 images in 4x4 patches: 64 tokens), one
+    training step each in turn."""
+    device = collector.device
+    smoke = collector.mode == "smoke"
+    if smoke and family != "pnnh_slim_vit":
+        pytest.skip("the smoke set times one model")
+    options = dict(img_size=32, patch_size=4, depth=2 if smoke else 12, num_classes=10)
+    batch = 4 if smoke else (256 if device == "cuda" else 64)
+    torch.manual_seed(0)
+    base = create_model("vit_tiny", **options).to(device).train()
+    mine = create_model(f"{family}_tiny", backend="auto", **options).to(device).train()
+    shape = f"{family}_tiny vs vit_tiny (eager column), depth {options['depth']}"
+    pairs = _pairs("smoke") if smoke else 8
+    fmt = torch.contiguous_format
+    _interleave_models(collector, base, mine, batch, fmt, pairs, dict(shape=shape, variant="auto", layout="rows"))
