@@ -34,18 +34,16 @@ def _model(name: str, how: str) -> torch.nn.Module:
 
 
 def _onnx_session(model: torch.nn.Module, x: torch.Tensor, path, int8: bool) -> Callable[[torch.Tensor], object]:
-    ort = pytest.importorskip("onnxruntime", reason="the deploy extra")
+    pytest.importorskip("onnxruntime", reason="the deploy extra")
     pytest.importorskip("onnxscript")
-    from pnnh_kernels.train.export import _quantize_file, _quiet_exporter
+    from pnnh_kernels.train.export import _onnx_runner, _quantize_file, _quiet_exporter
 
     with _quiet_exporter():
         torch.onnx.export(model, (x,), dynamo=True).save(str(path))
     if int8:
         _quantize_file(str(path), str(path) + ".int8", [torch.randn_like(x) for _ in range(4)])
         path = str(path) + ".int8"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda t: session.run(None, {name: t.numpy()})
+    return _onnx_runner(str(path))
 
 
 def _best_seconds(run: Callable[[], object], rounds: int) -> float:

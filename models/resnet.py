@@ -22,9 +22,9 @@ from pnnh_kernels import PNNHCoder, PNNHConv2d
 from pnnh_kernels.coder import guard_shared_parameters
 from pnnh_kernels.deploy.conv import FastBlock
 from pnnh_kernels.deploy.folding import (
-    CannotFold,
     affine_of,
     batch_norm_params,
+    check_eval,
     conv_layer,
     fold_conv_bn,
     scaled_rows,
@@ -161,8 +161,7 @@ class PNNHBottleneck(nn.Module):
         learner's three convolutions plus the coder path as one 1x1 convolution of x; ``plain`` is its
         literal form, three convolutions with the signed coder copies ``[z_c, -z_c]`` carried through layer
         2 (an identity centre tap) and decoded by ``[W_d, -W_d]``, ReLU between, no addition."""
-        if self.training:
-            raise CannotFold("it is in training mode (call model.eval() first)")
+        check_eval(self)
         return reparameterize_bottleneck(self, form)
 
 
@@ -172,10 +171,9 @@ def reparameterize_bottleneck(block: PNNHBottleneck, form: str) -> nn.Module:
     w1, b1 = fold_conv_bn(*block.layer1)
     w2, b2 = fold_conv_bn(*block.layer2)
     w3, b3 = fold_conv_bn(block.layer3, block.out_norm)
-    encoder = block.coder.encoder.detach()  # [Cc, C, 1, 1]
-    coder_conv = nn.Conv2d(encoder.shape[1], encoder.shape[0], 1, bias=False).to(encoder)
-    coder_conv.weight.data.copy_(encoder)
-    enc_w, enc_b = fold_conv_bn(coder_conv, block.coder_norm)
+    encoder = block.coder.encoder.detach()  # [Cc, C, 1, 1], no bias
+    coder = affine_of(batch_norm_params(block.coder_norm), encoder.shape[0], block.coder_norm.eps, like)
+    enc_w, enc_b = scaled_rows(encoder, coder.scale), coder.shift
     s3 = affine_of(batch_norm_params(block.out_norm), w3.shape[0], block.out_norm.eps, like).scale
     dec = scaled_rows(encoder[:, :, 0, 0].t(), s3)  # the tied decoder (the encoder's adjoint), A_3 folded
     final = nn.ReLU() if block.final_activation else nn.Identity()

@@ -80,15 +80,9 @@ class ResidualBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class PlainBlock(nn.Module):
+class PlainBlock(ResidualBlock):
     """The pre-norm block with both residual additions removed, nothing else changed: ``mlp(LN(attn(LN(x))))``
     (the failure the PNNH paper explains: the input does not survive depth)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS), nn.LayerNorm(dim, eps=_LN_EPS)
-        self.attn, self.mlp = Attention(dim, heads), Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop_path(self.attn(self.norm1(x)))

@@ -160,3 +160,19 @@ def op_args(block: nn.Module, x: torch.Tensor, use_batch: bool = True) -> tuple:
     from pnnh_kernels.backends.contract import block_args
 
     return tuple(block_args(x, block.block_weights(), block.block_norms(), block.config, use_batch=use_batch))
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=3) -> None:
+    """An ImageFolder data set: ``root/{train,val}/<class>/<i>.png``, small random images."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, part, c))
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(os.path.join(root, part, c, f"{i}.png"))

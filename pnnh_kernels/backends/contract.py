@@ -281,9 +281,8 @@ class BlockOp:
         *,
         fake_forward: ForwardFn,
         fake_backward: BackwardFn,
-        backend: str,
     ) -> None:
-        self.name, self.record, self.backend = name, record, backend
+        self.name, self.record = name, record
         real, fake = _Calls(record, forward, backward), _Calls(record, fake_forward, fake_backward)
         forward_schema, backward_schema = _schemas(record)
         self.op = torch.library.custom_op(f"pnnh::{name}", real.flat_forward, mutates_args=(), schema=forward_schema)

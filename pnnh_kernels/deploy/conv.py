@@ -29,15 +29,7 @@ from torch import Tensor, nn
 
 from ..block import decoder_conv_weight, pad_kernel
 from ..conv import PNNHConv2d
-from .folding import (
-    CannotFold,
-    affine_of,
-    base_activation,
-    bias_or_zeros,
-    conv_layer,
-    final_activation,
-    scaled_rows,
-)
+from .folding import FoldedBlock, base_activation, conv_layer
 
 
 class FastBlock(nn.Module):
@@ -66,38 +58,15 @@ class FastBlock(nn.Module):
         return self.final(self.layer2(self.activation(z_l)) + self.decoder(z_c))
 
 
-class _Folded:
-    """A block's weights with its norms, biases and activation scales folded, in float64."""
-
-    def __init__(self, block: PNNHConv2d) -> None:
-        if block.training:
-            raise CannotFold(
-                "it is in training mode (call model.eval() first: batch norm folds its running statistics)"
-            )
-        w, norms, config = block.block_weights(), block.block_norms(), block.config
-        act, eps = config.activation, config.eps
-        cc, hid, out = w.encoder.shape[0], w.learner1.shape[0], w.learner2.shape[0]
-        a_c, a_1, a_2 = (affine_of(n, width, eps, w.learner1) for n, width in zip(norms, (cc, hid, out)))
-        self.like, self.act, self.cc = w.learner1, act, cc
-        self.final, f = final_activation(act, config.final_activation)
-        s2, t2 = a_2.scale * f, a_2.shift * f
-        self.enc_w, self.enc_b = (
-            scaled_rows(w.encoder, a_c.scale),
-            a_c.scale * bias_or_zeros(w.encoder_bias, cc, w.encoder) + a_c.shift,
-        )
-        self.l1_w, self.l1_b = (
-            scaled_rows(w.learner1, a_1.scale),
-            a_1.scale * bias_or_zeros(w.learner1_bias, hid, w.encoder) + a_1.shift,
-        )
-        self.l2_w = scaled_rows(w.learner2, s2) * act.scale  # the learner activation's scale moves here
-        self.l2_b = s2 * bias_or_zeros(w.learner2_bias, out, w.encoder) + t2
-        self.dec = scaled_rows(decoder_conv_weight(w), s2)  # times the gain in the fast form
-        self.kc, self.k = w.encoder.shape[-1], w.learner1.shape[-1]
+def _kernels(f: FoldedBlock) -> tuple[int, int]:
+    """(coder, learner) kernel sizes."""
+    return f.enc_w.shape[-1], f.l1_w.shape[-1]
 
 
-def _fast(f: _Folded) -> FastBlock:
+def _fast(f: FoldedBlock) -> FastBlock:
     gain, like = f.act.coder_gain, f.like
-    if f.kc == 1:
+    kc, k = _kernels(f)
+    if kc == 1:
         coder = (f.dec[:, :, 0, 0] * gain) @ f.enc_w[:, :, 0, 0]
         coder_bias = (f.dec[:, :, 0, 0] * gain) @ f.enc_b
         return FastBlock(
@@ -106,20 +75,23 @@ def _fast(f: _Folded) -> FastBlock:
         )  # fmt: skip
     decoder = conv_layer(f.dec * gain, None, like)
     layer2 = conv_layer(f.l2_w, f.l2_b, like)
-    if f.kc == f.k:
+    if kc == k:
         layer1 = conv_layer(torch.cat([f.enc_w, f.l1_w]), torch.cat([f.enc_b, f.l1_b]), like)
-        return FastBlock(layer1, base_activation(f.act), layer2, f.final, decoder=decoder, coder_channels=f.cc)
+        return FastBlock(
+            layer1, base_activation(f.act), layer2, f.final, decoder=decoder, coder_channels=f.enc_w.shape[0]
+        )
     return FastBlock(
         conv_layer(f.l1_w, f.l1_b, like), base_activation(f.act), layer2, f.final,
         encoder=conv_layer(f.enc_w, f.enc_b, like), decoder=decoder,
     )  # fmt: skip
 
 
-def _plain(f: _Folded) -> nn.Sequential:
-    k1 = max(f.k, f.kc)
+def _plain(f: FoldedBlock) -> nn.Sequential:
+    kc, k = _kernels(f)
+    k1 = max(k, kc)
     enc = pad_kernel(f.enc_w, k1)
     layer1 = conv_layer(torch.cat([pad_kernel(f.l1_w, k1), enc, -enc]), torch.cat([f.l1_b, f.enc_b, -f.enc_b]), f.like)
-    k2 = max(f.l2_w.shape[-1], f.kc)
+    k2 = max(f.l2_w.shape[-1], kc)
     dec = pad_kernel(f.dec * f.act.scale, k2)  # base(v) - base(-v) = q v: with the scale, the gain
     layer2 = conv_layer(torch.cat([pad_kernel(f.l2_w, k2), dec, -dec], dim=1), f.l2_b, f.like)
     layers = [layer1, base_activation(f.act), layer2]
@@ -128,5 +100,5 @@ def _plain(f: _Folded) -> nn.Sequential:
 
 def reparameterize_conv(block: PNNHConv2d, form: str = "fast") -> nn.Module:
     """``block`` (in eval mode) as plain torch.nn layers computing the same function; see :mod:`.conv`."""
-    folded = _Folded(block)
+    folded = FoldedBlock(block, decoder_conv_weight(block.block_weights()))
     return _fast(folded) if form == "fast" else _plain(folded)

@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .._block_module import PNNHBlockBase
 from ..activation import Activation
 from ..block import NormParams
 
@@ -118,3 +119,32 @@ def fold_conv_bn(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
     affine = affine_of(batch_norm_params(norm), conv.out_channels, norm.eps, conv.weight)  # type: ignore[arg-type]
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(affine.shift)
     return scaled_rows(conv.weight.detach(), affine.scale), affine.scale * bias + affine.shift
+
+
+def check_eval(block: nn.Module) -> None:
+    if block.training:
+        raise CannotFold("it is in training mode (call model.eval() first: batch norm folds its running statistics)")
+
+
+class FoldedBlock:
+    """A PNNH block's weights with its batch norms (or ``norm="none"`` biases) and activation scales folded, in
+    float64: layer 1's coder (``enc_w``, ``enc_b``) and learner (``l1_w``, ``l1_b``) rows, layer 2's learner
+    (``l2_w``, ``l2_b``, the learner activation's scale moved in) and the ``decoder`` (conv or linear weight)
+    with the output norm folded (times the gain in the fast form); ``final`` is the last layer."""
+
+    def __init__(self, block: PNNHBlockBase, decoder: Tensor) -> None:
+        check_eval(block)
+        w, norms, config = block.block_weights(), block.block_norms(), block.config
+        act, like = config.activation, w.learner1
+        widths = (w.encoder.shape[0], w.learner1.shape[0], w.learner2.shape[0])
+        a_c, a_1, a_2 = (affine_of(n, width, config.eps, like) for n, width in zip(norms, widths))
+        self.like, self.act = like, act
+        self.final, f = final_activation(act, config.final_activation)
+        s2, t2 = a_2.scale * f, a_2.shift * f
+        self.enc_w = scaled_rows(w.encoder, a_c.scale)
+        self.enc_b = a_c.scale * bias_or_zeros(w.encoder_bias, widths[0], like) + a_c.shift
+        self.l1_w = scaled_rows(w.learner1, a_1.scale)
+        self.l1_b = a_1.scale * bias_or_zeros(w.learner1_bias, widths[1], like) + a_1.shift
+        self.l2_w = scaled_rows(w.learner2, s2) * act.scale
+        self.l2_b = s2 * bias_or_zeros(w.learner2_bias, widths[2], like) + t2
+        self.dec = scaled_rows(decoder, s2)

@@ -17,15 +17,7 @@ from torch import Tensor, nn
 from ..block import decoder_linear_weight
 from ..linear import PNNHLinear
 from .conv import FastBlock
-from .folding import (
-    CannotFold,
-    affine_of,
-    base_activation,
-    bias_or_zeros,
-    final_activation,
-    linear_layer,
-    scaled_rows,
-)
+from .folding import FoldedBlock, base_activation, bias_or_zeros, check_eval, final_activation, linear_layer
 
 
 class LayerNormBlock(nn.Module):
@@ -79,16 +71,9 @@ def _layer_norm_form(block: PNNHLinear, form: str) -> LayerNormBlock:
 
 
 def _folded_form(block: PNNHLinear, form: str) -> nn.Module:
-    w, norms, config = block.block_weights(), block.block_norms(), block.config
-    act, like = config.activation, w.learner1
-    cc, hid, out = w.encoder.shape[0], w.learner1.shape[0], w.learner2.shape[0]
-    a_c, a_1, a_2 = (affine_of(n, width, config.eps, like) for n, width in zip(norms, (cc, hid, out)))
-    final, f = final_activation(act, config.final_activation)
-    s2, t2 = a_2.scale * f, a_2.shift * f
-    enc_w, enc_b = scaled_rows(w.encoder, a_c.scale), a_c.scale * bias_or_zeros(w.encoder_bias, cc, like) + a_c.shift
-    l1_w, l1_b = scaled_rows(w.learner1, a_1.scale), a_1.scale * bias_or_zeros(w.learner1_bias, hid, like) + a_1.shift
-    l2_w, l2_b = scaled_rows(w.learner2, s2) * act.scale, s2 * bias_or_zeros(w.learner2_bias, out, like) + t2
-    dec = scaled_rows(decoder_linear_weight(w), s2)
+    f = FoldedBlock(block, decoder_linear_weight(block.block_weights()))
+    act, like, final = f.act, f.like, f.final
+    enc_w, enc_b, l1_w, l1_b, l2_w, l2_b, dec = f.enc_w, f.enc_b, f.l1_w, f.l1_b, f.l2_w, f.l2_b, f.dec
     if form == "plain":
         layer1 = linear_layer(torch.cat([l1_w, enc_w, -enc_w]), torch.cat([l1_b, enc_b, -enc_b]), like)
         layer2 = linear_layer(torch.cat([l2_w, dec * act.scale, -dec * act.scale], dim=1), l2_b, like)
@@ -104,8 +89,7 @@ def _folded_form(block: PNNHLinear, form: str) -> nn.Module:
 
 def reparameterize_linear(block: PNNHLinear, form: str = "fast") -> nn.Module:
     """``block`` (in eval mode) as plain torch.nn layers computing the same function; see :mod:`.linear`."""
-    if block.training:
-        raise CannotFold("it is in training mode (call model.eval() first: batch norm folds its running statistics)")
+    check_eval(block)
     if block.config.norm == "layer":
         return _layer_norm_form(block, form)
     return _folded_form(block, form)

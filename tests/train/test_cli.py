@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from helpers import write_image_folder
 
 from pnnh_kernels.train.cli import main as cli_main
 
@@ -381,7 +382,7 @@ def test_analyze_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
 
 def test_a_broken_image_read_by_a_worker_process_is_one_line(tmp_path, capsys):
     """With --workers > 0 the error comes from a DataLoader worker, whose traceback torch puts in the message."""
-    _image_tree(tmp_path)
+    write_image_folder(str(tmp_path))
     (tmp_path / "train" / "cat" / "0.png").write_bytes(b"broken")
     argv = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--image-size", "8", "--workers", "1"]
     line = _fails_cleanly([*argv, *TINY, "--out-dir", str(tmp_path / "run")], capsys, "cannot decode image")
@@ -406,23 +407,9 @@ def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, error)
     assert "lower --batch-size" in line
 
 
-def _image_tree(root, per_class=3):
-    """root/{train,val}/{cat,dog}/<i>.png, small random images."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for part in ("train", "val"):
-        for c in ("cat", "dog"):
-            (root / part / c).mkdir(parents=True)
-            for i in range(per_class):
-                image = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
-                Image.fromarray(image).save(root / part / c / f"{i}.png")
-
-
 def test_a_last_batch_of_one_image_is_left_out_and_said(tmp_path, capsys):
     """4x4 images reach batch norm at 1x1 in the last stage: a one-image batch there was an error mid-run."""
-    _image_tree(tmp_path)  # six training images, batches of five
+    write_image_folder(str(tmp_path))  # six training images, batches of five
     argv = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--image-size", "4", "--epochs", "2"]
     assert cli_main([*argv, "--model", "resnet8", "--batch-size", "5", "--out-dir", str(tmp_path / "run")]) == 0
     assert "each epoch leaves out one image of 6" in capsys.readouterr().out

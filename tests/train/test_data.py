@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from helpers import write_image_folder
 
 from pnnh_kernels.train.data import DatasetError, load_dataset, load_digits
 
@@ -125,20 +126,8 @@ def test_options_a_data_set_would_ignore_are_refused(tmp_path):
             load_dataset(*args)
 
 
-def _write_imagefolder(root, classes=("cat", "dog"), per_class=3):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for part in ("train", "val"):
-        for c in classes:
-            os.makedirs(os.path.join(root, part, c))
-            for i in range(per_class):
-                arr = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(os.path.join(root, part, c, f"{i}.png"))
-
-
 def test_imagefolder(tmp_path):
-    _write_imagefolder(str(tmp_path))
+    write_image_folder(str(tmp_path))
     bundle = load_dataset("imagefolder", str(tmp_path), image_size=16)
     assert (len(bundle.train), len(bundle.test), bundle.num_classes) == (6, 6, 2)
     x, y = bundle.train[4]
@@ -151,7 +140,7 @@ def test_imagefolder(tmp_path):
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"needs .*train"):
         load_dataset("imagefolder", str(tmp_path))
-    _write_imagefolder(str(tmp_path))
+    write_image_folder(str(tmp_path))
     os.makedirs(tmp_path / "val" / "bird")
     with pytest.raises(DatasetError, match="class folders the training set lacks: \\['bird'\\]"):
         load_dataset("imagefolder", str(tmp_path))
@@ -185,7 +174,7 @@ def test_train_size_keeps_every_class_in_proportion_and_the_test_set_whole():
 
 def test_an_empty_class_folder_is_refused(tmp_path):
     """It would have been a class with no images: trained on silently, never predicted."""
-    _write_imagefolder(str(tmp_path))
+    write_image_folder(str(tmp_path))
     os.makedirs(tmp_path / "train" / "bird")
     with pytest.raises(DatasetError, match="class folder 'bird' holds no images"):
         load_dataset("imagefolder", str(tmp_path))

@@ -267,5 +267,4 @@ conv_block = BlockOp(
     _backward,
     fake_forward=_fake_forward,
     fake_backward=_fake_backward,
-    backend="cpu",
 )

@@ -128,5 +128,4 @@ linear_block = BlockOp(
     _backward,
     fake_forward=_fake_forward,
     fake_backward=_fake_backward,
-    backend="cpu",
 )
