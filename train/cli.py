@@ -48,6 +48,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--drop-path-rate", type=float, default=d.drop_path_rate)
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="train without the data set's augmentation"
+    )
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp)
     p.add_argument(
         "--channels-last",

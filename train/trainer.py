@@ -47,7 +47,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DEFINING = (
     "model", "dataset", "data_root", "image_size", "train_size", "model_options", "epochs", "batch_size",
     "optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
-    "drop_path_rate", "amp", "seed", "feature_reuse", "reuse_drop_rate", "reuse_every",
+    "drop_path_rate", "amp", "seed", "feature_reuse", "reuse_drop_rate", "reuse_every", "augment",
 )  # fmt: skip
 #: what a resume may change from the next step on, each applied where the run reads it
 RESUME_OVERRIDES = ("weight_decay", "momentum", "label_smoothing")
@@ -69,6 +69,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     drop_path_rate: float = 0.0
+    #: the data set's batch augmentation (digits: random 1-pixel shifts; CIFAR: crops and flips)
+    augment: bool = True
     amp: str = "none"
     #: model and image batches in channels_last memory format (oneDNN / cuDNN run faster that way;
     #: benchmarks/RESULTS.md: 1.0-1.8x for the block on the CPU)
@@ -546,7 +548,7 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
     start = time.perf_counter() - elapsed
     batches = _batches(bundle, order, config.batch_size, config.workers, run.device, config.channels_last)
     for step, (x, y) in enumerate(batches, start=first_step + 1):
-        if bundle.augment is not None:
+        if config.augment and bundle.augment is not None:
             x = bundle.augment(x, generator)
         out, loss = _train_step(run, step_model, autocast, x, y, epoch)
         loss_sum += loss * y.numel()

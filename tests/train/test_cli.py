@@ -495,7 +495,7 @@ def test_export_to_onnx_without_the_deploy_extra_says_what_to_install(tmp_path, 
 
 
 def test_a_transformer_sweep_trains_each_vit_family_at_each_depth(tmp_path, capsys):
-    """The ViT rows take the depth as a model option and train with AdamW and a warm-up (issue #29)."""
+    """The ViT rows take the depth as a model option and train with AdamW, a warm-up and no shifts (issue #29)."""
     out = tmp_path / "sweep"
     families = ["vit", "plain_vit", "pnnh_vit", "pnnh_slim_vit"]
     argv = ["sweep", "--families", *families, "--depths", "1", "2", "--epochs", "1", "--train-size", "200"]
@@ -505,5 +505,6 @@ def test_a_transformer_sweep_trains_each_vit_family_at_each_depth(tmp_path, caps
     config = json.loads((out / "pnnh_slim_vit2-seed0" / "config.json").read_text())
     assert config["model"] == "pnnh_slim_vit_tiny" and config["model_options"]["depth"] == 2
     assert (config["optimizer"], config["warmup_epochs"], config["lr"]) == ("adamw", 2.0, pytest.approx(1e-3))
+    assert config["augment"] is False  # the digits' 1-pixel shifts cross the 2x2 patches (train/sweep.py)
     params = {(r["family"], r["depth"]): r["parameters"] for r in runs}
     assert params[("vit", 2)] > params[("vit", 1)] and params[("pnnh_slim_vit", 2)] < params[("vit", 2)]

@@ -48,6 +48,18 @@ def test_resume_refuses_another_model_or_schedule(tmp_path):
         train(small(tmp_path, epochs=3, resume="auto"))
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_augment_false_trains_on_the_images_as_loaded(tmp_path, monkeypatch, augment):
+    import pnnh_kernels.train.data as data
+
+    shifted = []
+    monkeypatch.setattr(data, "random_translate", lambda x, pad, g: shifted.append(len(x)) or x)
+    train(small(tmp_path, epochs=1, augment=augment))
+    assert (sum(shifted) > 0) is augment
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["augment"] is augment
+
+
 def _changed(before, model):
     return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
 
