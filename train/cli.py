@@ -19,6 +19,7 @@ from dataclasses import fields
 from typing import Optional
 
 import torch
+from torch import nn
 
 from pnnh_kernels import BackendUnavailableError
 from pnnh_kernels.models import list_models
@@ -194,6 +195,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_model(
+    name: str, args: argparse.Namespace, bundle: DataBundle, checkpoint: Optional[str]
+) -> tuple[nn.Module, str]:
+    """The model ``analyze`` measures: at initialisation with --model-options, or as a checkpoint trained it
+    (rebuilt with the arguments it was trained with: a ViT's width, depth and patches)."""
+    if checkpoint is None:
+        return build_model(TrainConfig(model=name, dataset=args.dataset, model_options=args.model_options), bundle), (
+            f"{name} (init)"
+        )
+    state = load_checkpoint(checkpoint)
+    trained = state["config"].get("model")
+    if trained != name:  # a same-shaped net (resnet / plain_resnet) would load it without a word
+        raise ValueError(f"{checkpoint} holds a trained {trained}, not {name}: pass checkpoints in --models order")
+    config = TrainConfig(model=name, dataset=args.dataset, model_options=state["config"].get("model_options", {}))
+    model = build_model(config, bundle)
+    model.load_state_dict(state["model"])
+    return model, f"{name} (trained)"
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or _default_out_dir(args, f"analysis-{args.dataset}")
     outputs = [f"{name}.csv" for name in args.models] + ["dissipation.png"]
@@ -207,17 +227,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     results = {}
     for name in args.models:
         seed_everything(args.seed)
-        model = build_model(TrainConfig(model=name, dataset=args.dataset), bundle)
-        label = f"{name} (init)"
-        if name in checkpoints:
-            state = load_checkpoint(checkpoints[name])
-            trained = state["config"].get("model")
-            if trained != name:  # a same-shaped net (resnet / plain_resnet) would load it without a word
-                raise ValueError(
-                    f"{checkpoints[name]} holds a trained {trained}, not {name}: pass checkpoints in --models order"
-                )
-            model.load_state_dict(state["model"])
-            label = f"{name} (trained)"
+        model, label = _analysis_model(name, args, bundle, checkpoints.get(name))
         results[label] = analyse(model, x)
         write_table(results[label], os.path.join(out_dir, f"{name}.csv"))
     plot_analysis(results, os.path.join(out_dir, "dissipation.png"), "how much of the input survives each layer")
@@ -292,6 +302,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
     p.add_argument("--overwrite", action="store_true", help="replace earlier tables and plot in the output folder")
+    p.add_argument(
+        "--model-options", type=json.loads, default={}, help="JSON for the models at init, e.g. '{\"depth\": 24}'"
+    )
     p.set_defaults(handler=cmd_analyze)
     return parser
 

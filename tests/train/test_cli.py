@@ -380,6 +380,21 @@ def test_analyze_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     _fails_cleanly([*argv, "--out-dir", str(tmp_path / "a")], capsys, "holds a trained resnet8, not plain_resnet8")
 
 
+def test_analyze_measures_vits_at_init_with_options_and_as_trained(tmp_path, capsys):
+    """The sweep's ViTs (width 32, 2x2 patches) at init, and one trained that way rebuilt from its checkpoint."""
+    vit = '{"dim": 32, "heads": 2, "patch_size": 2, "depth": 3}'
+    argv = ["train", *TINY, "--model", "pnnh_vit_tiny", "--model-options", vit, "--out-dir", str(tmp_path / "run")]
+    assert cli_main(argv) == 0
+    models = ["pnnh_vit_tiny", "plain_vit_tiny"]
+    argv = ["analyze", "--models", *models, "--model-options", vit, "--out-dir", str(tmp_path / "a")]
+    checkpoint = str(tmp_path / "run" / "best.pt")
+    assert cli_main([*argv, "--checkpoints", checkpoint]) == 0
+    out = capsys.readouterr().out
+    assert "pnnh_vit_tiny (trained)" in out and "plain_vit_tiny (init)" in out
+    rows = (tmp_path / "a" / "plain_vit_tiny.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 + 3  # header, the patch embedding, three blocks
+
+
 def test_a_broken_image_read_by_a_worker_process_is_one_line(tmp_path, capsys):
     """With --workers > 0 the error comes from a DataLoader worker, whose traceback torch puts in the message."""
     write_image_folder(str(tmp_path))
