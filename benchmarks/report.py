@@ -205,8 +205,8 @@ def _deploy(payload) -> list[str]:
     lines = [
         "### Inference after deployment (`-k deploy`)",
         "",
-        "| input | model [form, runtime] | parameters | best ms | images/s | vs ResNet-56 eager |",
-        "|---|---|---|---|---|---|",
+        "| input | model [form, runtime] | parameters | best ms | images/s | vs ResNet-56 eager | peak MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     baseline = {r["shape"]: r["images_per_s"] for r in rows if r["variant"] == "resnet56 [trained, eager]"}
     for r in sorted(rows, key=lambda r: (r["dims"][0], r["variant"])):
@@ -214,7 +214,7 @@ def _deploy(payload) -> list[str]:
         ratio = f"{r['images_per_s'] / base:.2f}x" if base else ""
         lines.append(
             f"| {'x'.join(map(str, r['dims']))} | {r['variant']} | {r['parameters']:,} | {r['min_ms']:.2f} | "
-            f"{r['images_per_s']:.0f} | {ratio} |"
+            f"{r['images_per_s']:.0f} | {ratio} | {_fmt(r.get('peak_mb'), '.0f')} |"
         )
     return [*lines, ""]
 

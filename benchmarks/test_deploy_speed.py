@@ -1,15 +1,18 @@
 """Inference after deployment (`pytest benchmarks/ -k deploy`): images/s of ResNet-56, PNNH-56 as trained (eval,
 `auto`) and PNNH-56 / slim PNNH-56 reparameterized in each form (docs/DEPLOY.md), in PyTorch eager (channels_last)
 and in onnxruntime (float32, and int8 after static quantization); batch 1 and 64, 32x32. Each variant's best of
-its rounds; the report divides by ResNet-56's eager row of the same run."""
+its rounds; the report divides by ResNet-56's eager row of the same run. Peak memory: each variant again in a
+fresh process (benchmarks/peak_memory.py), from building the net or session to the end of two inference calls."""
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
+from peak_memory import peak_inference_mb
 
 from pnnh_kernels import reparameterize_model
 from pnnh_kernels.models import create_model
@@ -33,17 +36,18 @@ def _model(name: str, how: str) -> torch.nn.Module:
     return model if how == "trained" else reparameterize_model(model, form=how)
 
 
-def _onnx_session(model: torch.nn.Module, x: torch.Tensor, path, int8: bool) -> Callable[[torch.Tensor], object]:
+def _onnx_file(model: torch.nn.Module, x: torch.Tensor, path, int8: bool) -> str:
+    """The model exported to ONNX (and quantized to int8 when asked): the file's path."""
     pytest.importorskip("onnxruntime", reason="the deploy extra")
     pytest.importorskip("onnxscript")
-    from pnnh_kernels.train.export import _onnx_runner, _quantize_file, _quiet_exporter
+    from pnnh_kernels.train.export import _quantize_file, _quiet_exporter
 
     with _quiet_exporter():
         torch.onnx.export(model, (x,), dynamo=True).save(str(path))
     if int8:
         _quantize_file(str(path), str(path) + ".int8", [torch.randn_like(x) for _ in range(4)])
         path = str(path) + ".int8"
-    return _onnx_runner(str(path))
+    return str(path)
 
 
 def _best_seconds(run: Callable[[], object], rounds: int) -> float:
@@ -75,9 +79,14 @@ def test_deploy_inference(collector, tmp_path, name, how, runtime, batch):
         x_run = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             seconds = _best_seconds(lambda: model(x_run), 1 if smoke else 10)
+        peak = _peak_mb({"batch": batch, "model": name, "how": how})
     else:
-        run = _onnx_session(model, x, tmp_path / "net.onnx", int8=runtime.endswith("int8"))
+        from pnnh_kernels.train.export import _onnx_runner
+
+        path = _onnx_file(model, x, tmp_path / "net.onnx", int8=runtime.endswith("int8"))
+        run = _onnx_runner(path)
         seconds = _best_seconds(lambda: run(x), 1 if smoke else 10)
+        peak = _peak_mb({"batch": batch, "onnx": path})
     collector.add(
         kind="deploy",
         shape=f"cifar32-b{batch}",
@@ -88,4 +97,10 @@ def test_deploy_inference(collector, tmp_path, name, how, runtime, batch):
         min_ms=seconds * 1e3,
         images_per_s=batch / seconds,
         parameters=sum(p.numel() for p in model.parameters()),
+        peak_mb=peak,
     )
+
+
+def _peak_mb(spec: dict) -> Optional[float]:
+    """Peak inference memory where Linux can reset a process's peak resident set (None elsewhere)."""
+    return peak_inference_mb(spec) if os.path.exists("/proc/self/clear_refs") else None

@@ -223,3 +223,55 @@ def test_vit_head_to_head(collector, family):
     pairs = _pairs("smoke") if smoke else 8
     fmt = torch.contiguous_format
     _interleave_models(collector, base, mine, batch, fmt, pairs, dict(shape=shape, variant="auto", layout="rows"))
+
+
+class _AttentionWithoutCoder(torch.nn.Module):
+    """A PNNH attention half with its coder path removed (``LN_out(attn(LN_in(x)))``): the time left when the
+    coder path costs nothing, the bound on what fusing that path can win."""
+
+    def __init__(self, half: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = half
+
+    def forward(self, x):
+        return self.inner.out_norm(self.inner.attn(self.inner.in_norm(x)))
+
+
+class _ResidualAttention(torch.nn.Module):
+    """The ViT's attention half, ``x + attn(LN(x))``."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return x + self.block.attn(self.block.norm1(x))
+
+
+@pytest.mark.parametrize("compared", ["without_coder", "vit_attention"])
+def test_vit_attention_side(collector, compared):
+    """Issue #29 item 2: what the coder path around attention costs. A PNNH-ViT block's attention half on eager
+    against the same half without its coder path (what a fusion of that path could at best reach), and against
+    the ViT's residual attention half; ViT-Tiny's width, 64 tokens and the class token, forward and backward."""
+    from pnnh_kernels.models.vit import PNNHAttention, ResidualBlock
+
+    device = collector.device
+    smoke = collector.mode == "smoke"
+    batch, tokens, dim, heads = (4, 17, 32, 2) if smoke else (64, 65, 192, 3)
+    torch.manual_seed(0)
+    pnnh = PNNHAttention(dim, heads).to(device)
+    other = (
+        _AttentionWithoutCoder(pnnh)
+        if compared == "without_coder"
+        else _ResidualAttention(ResidualBlock(dim, heads, 4.0, 0.0).to(device))
+    )
+    x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+    record = dict(
+        block="attention",
+        shape=f"{compared.replace('_', ' ')} vs pnnh attention half (eager column)",
+        dims=[batch, tokens, dim],
+        dtype="float32",
+        variant=compared,
+        layout="rows",
+    )
+    _interleave_blocks(collector, pnnh, other, x, record)
