@@ -7,6 +7,7 @@ import copy
 from torch import nn
 
 from .._block_module import PNNHBlockBase
+from .batch_norm import fold_sequential_batch_norms, foldable_pairs
 from .folding import CannotFold
 
 FORMS = ("fast", "plain")
@@ -22,15 +23,17 @@ def reparameterize_model(model: nn.Module, inplace: bool = False, form: str = "f
     """``model`` with every PNNH block replaced by plain torch.nn layers computing the same eval-mode
     function, every batch norm folded (a deep copy unless ``inplace``; idempotent). ``form``: ``"fast"``
     (fewest operations) or ``"plain"`` (``Conv2d -> activation -> Conv2d``, no addition anywhere); see
-    :mod:`pnnh_kernels.deploy.conv`. A block in training mode, or one that cannot fold, is refused with
-    one line naming it, before anything changes."""
+    :mod:`pnnh_kernels.deploy.conv`. Outside the blocks, a ``Conv2d -> BatchNorm2d`` pair in an
+    ``nn.Sequential`` folds too (:mod:`pnnh_kernels.deploy.batch_norm`). A block or batch norm in training mode,
+    or a block that cannot fold, is refused with one line naming it, before anything changes."""
     if form not in FORMS:
         raise ValueError(f"reparameterize_model: form must be one of {FORMS}, got {form!r}")
     blocks = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if reparameterizable(m)]
-    for name, block in blocks:
-        if block.training:
+    norms = [(name, seq[i + 1]) for name, seq, i in foldable_pairs(model)]
+    for name, module in [*blocks, *norms]:
+        if module.training:
             raise ValueError(
-                f"reparameterize_model: {name or type(block).__name__} is in training mode; call model.eval() "
+                f"reparameterize_model: {name or type(module).__name__} is in training mode; call model.eval() "
                 "first (batch norm folds its running statistics)"
             )
     target = model if inplace else copy.deepcopy(model)
@@ -41,6 +44,7 @@ def reparameterize_model(model: nn.Module, inplace: bool = False, form: str = "f
         parent_name, _, child = name.rpartition(".")
         parent = target.get_submodule(parent_name)
         setattr(parent, child, _replacement(getattr(parent, child), name, form, made))
+    fold_sequential_batch_norms(target)
     return target
 
 

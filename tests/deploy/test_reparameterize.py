@@ -40,6 +40,7 @@ def assert_same_function(original: nn.Module, folded: nn.Module, x: torch.Tensor
     relative = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     assert relative < 1e-5, f"relative difference {relative:.2e}"
     assert not any(isinstance(m, PNNH_TYPES) for m in folded.modules()), "a PNNH block was left"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()), "a batch norm was left"
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -87,6 +88,16 @@ def test_a_model_in_training_mode_is_refused_naming_the_block():
     model.eval()
     model.stages[1][2].train()
     with pytest.raises(ValueError, match=r"stages\.1\.2 is in training mode; call model\.eval\(\) first"):
+        reparameterize_model(model)
+
+
+def test_the_batch_norms_outside_the_blocks_fold_and_training_mode_is_refused_naming_them():
+    """A ResNet's stem and branches (Conv2d -> BatchNorm2d in a Sequential) fold too."""
+    torch.manual_seed(0)
+    model = random_statistics(create_model("resnet20", num_classes=10))
+    assert_same_function(model, reparameterize_model(model), torch.randn(2, 3, 15, 17))
+    model.stages[2][0].layer2[1].train()
+    with pytest.raises(ValueError, match=r"stages\.2\.0\.layer2\.1 is in training mode; call model\.eval\(\)"):
         reparameterize_model(model)
 
 
