@@ -33,10 +33,11 @@ def fold_sequential_batch_norms(model: nn.Module) -> None:
         seq[i + 1] = nn.Identity()
 
 
-def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+def _folded(conv: nn.Module, norm: nn.Module) -> nn.Module:
     """A copy of ``conv`` (its stride, padding, groups) computing ``norm(conv(x))``."""
-    weight, bias = fold_conv_bn(conv, norm)
+    weight, bias = fold_conv_bn(conv, norm)  # type: ignore[arg-type]
+    dtype = conv.weight.dtype  # type: ignore[union-attr]
     folded = copy.deepcopy(conv)
-    folded.weight = nn.Parameter(weight.to(conv.weight.dtype))
-    folded.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    folded.weight = nn.Parameter(weight.to(dtype))
+    folded.bias = nn.Parameter(bias.to(dtype))
     return folded
