@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .folding import fold_conv_bn
@@ -36,7 +37,7 @@ def fold_sequential_batch_norms(model: nn.Module) -> None:
 def _folded(conv: nn.Module, norm: nn.Module) -> nn.Module:
     """A copy of ``conv`` (its stride, padding, groups) computing ``norm(conv(x))``."""
     weight, bias = fold_conv_bn(conv, norm)  # type: ignore[arg-type]
-    dtype = conv.weight.dtype  # type: ignore[union-attr]
+    dtype: torch.dtype = conv.weight.dtype  # type: ignore[assignment]
     folded = copy.deepcopy(conv)
     folded.weight = nn.Parameter(weight.to(dtype))
     folded.bias = nn.Parameter(bias.to(dtype))
