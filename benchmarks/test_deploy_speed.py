@@ -28,7 +28,8 @@ VARIANTS = [
     ("pnnh_slim_resnet56", "fast"),
     ("pnnh_slim_resnet56", "plain"),
 ]
-RUNTIMES = ["eager", "onnxruntime", "onnxruntime-int8"]
+#: "compile": torch.compile of the eager form (inductor), the other baseline of plain PyTorch
+RUNTIMES = ["eager", "compile", "onnxruntime", "onnxruntime-int8"]
 
 
 def _model(name: str, how: str) -> torch.nn.Module:
@@ -72,17 +73,21 @@ def test_deploy_inference(collector, tmp_path, name, how, runtime, batch):
         pytest.skip("the smoke set times one deployed net")
     if runtime != "eager" and how == "trained" and name != "resnet56":
         pytest.skip("a net as trained runs in PyTorch; its exported form is the reparameterized one")
-    if runtime != "eager" and name == "resnet56" and how != "trained":
+    if runtime.startswith("onnxruntime") and name == "resnet56" and how != "trained":
         pytest.skip("onnxruntime folds ResNet-56's batch norms itself: the graph of its trained row")
+    if runtime == "compile" and how not in ("fast", "trained" if name == "resnet56" else "fast"):
+        pytest.skip("compiled: ResNet-56 and the fast forms (the plain form is slower in every runtime)")
     name = "pnnh_resnet8" if smoke else name  # the smoke set: a small net, the same code path
     model = _model(name, how)
     x = torch.randn(batch, 3, 32, 32)
-    if runtime == "eager":
+    if runtime in ("eager", "compile"):
         model = model.to(memory_format=torch.channels_last)
+        run_model = torch.compile(model) if runtime == "compile" else model
         x_run = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            seconds = _best_seconds(lambda: model(x_run), 1 if smoke else 10)
-        peak = _peak_mb({"batch": batch, "model": name, "how": how})
+            seconds = _best_seconds(lambda: run_model(x_run), 1 if smoke else 10)
+        # a compiled process's peak is the compiler's own: measured for eager only
+        peak = _peak_mb({"batch": batch, "model": name, "how": how}) if runtime == "eager" else None
     else:
         from pnnh_kernels.train.export import _onnx_runner
 
