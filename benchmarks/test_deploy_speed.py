@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+from interleave import interleave
 from peak_memory import peak_inference_mb
 
 from pnnh_kernels import reparameterize_model
@@ -28,8 +29,10 @@ VARIANTS = [
     ("pnnh_slim_resnet56", "fast"),
     ("pnnh_slim_resnet56", "plain"),
 ]
-#: "compile": torch.compile of the eager form (inductor), the other baseline of plain PyTorch
-RUNTIMES = ["eager", "compile", "onnxruntime", "onnxruntime-int8"]
+RUNTIMES = ["eager", "onnxruntime", "onnxruntime-int8"]
+#: torch.compile (inductor) of the eager form, the other baseline of plain PyTorch: ResNet-56 and the fast forms
+#: (the plain form is the slowest float32 form everywhere), timed last, after every other row
+COMPILED = [("resnet56", "trained"), ("resnet56", "fast"), ("pnnh_resnet56", "fast"), ("pnnh_slim_resnet56", "fast")]
 
 
 def _model(name: str, how: str) -> torch.nn.Module:
@@ -66,17 +69,26 @@ def _best_seconds(run: Callable[[], object], rounds: int) -> float:
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("name, how", VARIANTS, ids=[f"{n}-{h}" for n, h in VARIANTS])
 def test_deploy_inference(collector, tmp_path, name, how, runtime, batch):
+    if runtime != "eager" and how == "trained" and name != "resnet56":
+        pytest.skip("a net as trained runs in PyTorch; its exported form is the reparameterized one")
+    if runtime != "eager" and name == "resnet56" and how != "trained":
+        pytest.skip("onnxruntime folds ResNet-56's batch norms itself: the graph of its trained row")
+    _measure(collector, tmp_path, name, how, runtime, batch)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("name, how", COMPILED, ids=[f"{n}-{h}" for n, h in COMPILED])
+def test_deploy_inference_compiled(collector, tmp_path, name, how, batch):
+    _measure(collector, tmp_path, name, how, "compile", batch)
+
+
+def _measure(collector, tmp_path, name: str, how: str, runtime: str, batch: int) -> None:
+    """Time one deployed variant (its best of 10 rounds) and record it with its peak memory."""
     if collector.device != "cpu":
         pytest.skip("the deploy rows are CPU inference")
     smoke = collector.mode == "smoke"
     if smoke and (name, how, batch) != ("pnnh_resnet56", "fast", 1):
         pytest.skip("the smoke set times one deployed net")
-    if runtime != "eager" and how == "trained" and name != "resnet56":
-        pytest.skip("a net as trained runs in PyTorch; its exported form is the reparameterized one")
-    if runtime.startswith("onnxruntime") and name == "resnet56" and how != "trained":
-        pytest.skip("onnxruntime folds ResNet-56's batch norms itself: the graph of its trained row")
-    if runtime == "compile" and how not in ("fast", "trained" if name == "resnet56" else "fast"):
-        pytest.skip("compiled: ResNet-56 and the fast forms (the plain form is slower in every runtime)")
     name = "pnnh_resnet8" if smoke else name  # the smoke set: a small net, the same code path
     model = _model(name, how)
     x = torch.randn(batch, 3, 32, 32)
@@ -112,3 +124,72 @@ def test_deploy_inference(collector, tmp_path, name, how, runtime, batch):
 def _peak_mb(spec: dict) -> Optional[float]:
     """Peak inference memory where Linux can reset a process's peak resident set (None elsewhere)."""
     return peak_inference_mb(spec) if os.path.exists("/proc/self/clear_refs") else None
+
+
+#: The issue's targets, each timed interleaved (benchmarks/interleave.py): (baseline, candidate), each a
+#: (model, how, runtime) at batch 64
+TARGETS = {
+    "slim_vs_resnet_eager": (("resnet56", "fast", "eager"), ("pnnh_slim_resnet56", "fast", "eager")),
+    "slim_vs_resnet_onnxruntime": (
+        ("resnet56", "trained", "onnxruntime"),
+        ("pnnh_slim_resnet56", "fast", "onnxruntime"),
+    ),
+    "slim_vs_itself_trained": (("pnnh_slim_resnet56", "trained", "eager"), ("pnnh_slim_resnet56", "fast", "eager")),
+    "pnnh_vs_resnet_eager": (("resnet56", "fast", "eager"), ("pnnh_resnet56", "fast", "eager")),
+    "pnnh_vs_resnet_onnxruntime": (("resnet56", "trained", "onnxruntime"), ("pnnh_resnet56", "fast", "onnxruntime")),
+    "pnnh_vs_itself_trained": (("pnnh_resnet56", "trained", "eager"), ("pnnh_resnet56", "fast", "eager")),
+}
+
+
+def _inference_call(tmp_path, name: str, how: str, runtime: str, x: torch.Tensor) -> Callable[[], object]:
+    model = _model(name, how)
+    if runtime == "eager":
+        model = model.to(memory_format=torch.channels_last)
+        x_run = x.contiguous(memory_format=torch.channels_last)
+
+        def run():
+            with torch.no_grad():
+                return model(x_run)
+
+        return run
+    from pnnh_kernels.train.export import _onnx_runner
+
+    session = _onnx_runner(_onnx_file(model, x, tmp_path / f"{name}-{how}.onnx", int8=False), spinning=False)
+    return lambda: session(x)
+
+
+def _seconds(call: Callable[[], object]) -> Callable[[], float]:
+    def timed() -> float:
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    return timed
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_deploy_targets_interleaved(collector, tmp_path, target):
+    """The deploy targets of issue #28 as ratios of interleaved rounds (a drifting host moves both sides)."""
+    if collector.device != "cpu":
+        pytest.skip("the deploy rows are CPU inference")
+    smoke = collector.mode == "smoke"
+    if smoke and target != "pnnh_vs_itself_trained":
+        pytest.skip("the smoke set times one pair")
+    base, mine = TARGETS[target]
+    if smoke:
+        base, mine = ("pnnh_resnet8", *base[1:]), ("pnnh_resnet8", *mine[1:])
+    batch = 2 if smoke else 64
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32)
+    base_call = _inference_call(tmp_path, *base, x)
+    mine_call = _inference_call(tmp_path, *mine, x)
+    record = dict(
+        block="model",
+        pass_="inference",
+        shape=f"deploy: {mine[0]} [{mine[1]}] vs {base[0]} [{base[1]}] (eager column), {mine[2]}",
+        dims=[batch, 3, 32, 32],
+        dtype="float32",
+        variant=target,
+        layout="channels_last" if mine[2] == "eager" else "onnx",
+    )
+    interleave(collector, _seconds(base_call), _seconds(mine_call), 3 if smoke else 25, record)

@@ -1,19 +1,16 @@
 """Head to head: each fused backend against eager with their forward+backward steps interleaved.
 
-On a shared host the machine's speed drifts over seconds, and timing one variant's rounds after the
-other's lets that drift into their ratio (the block tables have seen eager's best round 25% under its
-median). Here every round times one step of eager and one of the backend back to back, alternating
-which goes first, and the ratio reported is the median over rounds of the per-round ratios: both
-sides of each ratio ran under the same conditions. The CPU target rows of RESULTS.md use it.
+Every round times one step of eager and one of the backend back to back (benchmarks/interleave.py); the
+CPU target rows of RESULTS.md use it.
 """
 
-import statistics
 import time
 
 import pytest
 import torch
 from bench_shapes import LAYOUTS, chosen, parametrize_shapes
 from bench_utils import synchronize
+from interleave import interleave
 from variants import conv_variant, fused_backends, interpreted, linear_variant
 
 from pnnh_kernels.backends import refusal_reason, registered_backends
@@ -45,36 +42,10 @@ def _skip_interpreter(backend: str, device: str) -> None:
         pytest.skip("the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool: not timed")
 
 
-def _interleave(collector, base_step, mine_step, pairs: int, record: dict) -> None:
-    """Time ``pairs`` rounds of the two zero-argument steps (each returns its seconds) back to back,
-    alternating which goes first, after two warm-up rounds (oneDNN / cuDNN primitive caches, allocator),
-    and record the median of the per-round ratios."""
-    for _ in range(2):
-        base_step(), mine_step()
-    base_s, mine_s, ratios = [], [], []
-    for i in range(pairs):
-        if i % 2 == 0:
-            b, m = base_step(), mine_step()
-        else:
-            m, b = mine_step(), base_step()
-        base_s.append(b)
-        mine_s.append(m)
-        ratios.append(b / m)
-    collector.add(
-        kind="head_to_head",
-        **record,
-        pairs=len(ratios),
-        ratio_median=statistics.median(ratios),
-        ratio_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3,
-        eager_median_ms=statistics.median(base_s) * 1e3,
-        median_ms=statistics.median(mine_s) * 1e3,
-    )
-
-
 def _interleave_blocks(collector, base, mine, x, record: dict) -> None:
     device = collector.device
     grad = torch.randn_like(base(x).detach())
-    _interleave(
+    interleave(
         collector,
         lambda: _timed_step(base, x, grad, device),
         lambda: _timed_step(mine, x, grad, device),
@@ -144,7 +115,7 @@ def _interleave_models(collector, base, mine, batch: int, fmt, pairs: int, recor
     y = torch.randint(0, 10, (batch,), device=device)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (base, mine)]
     record = dict(pass_="train step", block="model", dims=[batch, 3, 32, 32], dtype="float32", **record)
-    _interleave(
+    interleave(
         collector,
         lambda: _training_step(base, optimizers[0], x, y, device),
         lambda: _training_step(mine, optimizers[1], x, y, device),

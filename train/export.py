@@ -43,10 +43,15 @@ def _quiet_exporter() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def _onnx_runner(path: str) -> Callable[[Tensor], Tensor]:
+def _onnx_runner(path: str, spinning: bool = True) -> Callable[[Tensor], Tensor]:
+    """``x -> the file's output`` in onnxruntime on the CPU. ``spinning=False``: its threads sleep between runs
+    (two sessions timed in turn would otherwise take each other's cores while they spin)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
