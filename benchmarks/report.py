@@ -111,9 +111,10 @@ def _head_to_head_table(payload) -> list[str]:
     if not rows:
         return []
     lines = [
-        "### Head to head (interleaved forward+backward steps)",
+        "### Head to head (interleaved steps)",
         "",
-        "Each round times one step of eager and one of the backend back to back (alternating which goes first);",
+        "Each round times one step of eager and one of the backend back to back (alternating which goes first):",
+        "forward+backward for a block, a training step for a model, an inference call for a `deploy:` row;",
         "the ratio is the median over rounds of eager's time over the backend's, with its quartiles.",
         "",
         "| shape (block, or model: a training step) | dtype | layout | backend | rounds | eager median ms | backend median ms | ratio (median) | quartiles |",
