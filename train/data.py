@@ -7,6 +7,7 @@ float tensors ``(C, H, W)`` already normalised, plus the batch augmentation to u
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import os
@@ -278,6 +279,15 @@ def load_imagefolder(root: str, image_size: int = 64, seed: int = 0) -> DataBund
     train = ImageFolder(train_root, image_size, train=True, seed=seed)
     test = ImageFolder(val_root, image_size, train=False, classes=train.classes)
     return DataBundle(train, test, len(train.classes), 3, image_size, augment=None)
+
+
+def without_augmentation(bundle: DataBundle) -> DataBundle:
+    """The bundle training on its images as loaded: no batch augmentation, an image folder only resized."""
+    train = bundle.train
+    if isinstance(train, ImageFolder) and train.train:
+        train = copy.copy(train)
+        train.train = False  # its random resized crops and flips happen as it reads
+    return dataclasses.replace(bundle, train=train, augment=None)
 
 
 def subsample_training(bundle: DataBundle, size: int, seed: int = 0) -> DataBundle:

@@ -32,7 +32,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .cuda_graphs import GraphedStep
-from .data import DataBundle, DatasetError, load_dataset, subsample_training
+from .data import DataBundle, DatasetError, load_dataset, subsample_training, without_augmentation
 from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .feature_reuse import NORMAL, FeatureReuse
 from .interrupt import RunInterrupted, StopRequest, signal_name, stop_on_signals
@@ -366,6 +366,8 @@ def _set_up(config: TrainConfig, info: DistInfo) -> _Run:
     bundle = load_dataset(config.dataset, config.data_root, config.image_size, config.seed)
     if config.train_size is not None:
         bundle = subsample_training(bundle, config.train_size)
+    if not config.augment:
+        bundle = without_augmentation(bundle)
     model = build_model(config, bundle).to(device, memory_format=_memory_format(config.channels_last))
     steps_per_epoch = _epoch_batches(_rank_images(len(bundle.train), info), config.batch_size)
     optimizer = make_optimizer(
@@ -548,7 +550,7 @@ def _train_epoch(run: _Run, epoch: int, step_model: nn.Module, autocast) -> tupl
     start = time.perf_counter() - elapsed
     batches = _batches(bundle, order, config.batch_size, config.workers, run.device, config.channels_last)
     for step, (x, y) in enumerate(batches, start=first_step + 1):
-        if config.augment and bundle.augment is not None:
+        if bundle.augment is not None:
             x = bundle.augment(x, generator)
         out, loss = _train_step(run, step_model, autocast, x, y, epoch)
         loss_sum += loss * y.numel()

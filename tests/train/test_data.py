@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import write_image_folder
 
-from pnnh_kernels.train.data import DatasetError, load_dataset, load_digits
+from pnnh_kernels.train.data import DatasetError, ImageFolder, load_dataset, load_digits, without_augmentation
 
 
 def _write_cifar(root, name="cifar10", per_batch=6, corrupt=None):
@@ -135,6 +135,16 @@ def test_imagefolder(tmp_path):
     assert torch.equal(bundle.train[4][0], x)  # augmentation is reproducible per (epoch, sample)
     bundle.train.epoch = 1
     assert not torch.equal(bundle.train[4][0], x)
+
+
+def test_without_augmentation_an_image_folder_reads_its_training_images_as_the_test_set_does(tmp_path):
+    write_image_folder(str(tmp_path))
+    bundle = without_augmentation(load_dataset("imagefolder", str(tmp_path), image_size=16))
+    plain = ImageFolder(str(tmp_path / "train"), 16, train=False)
+    for epoch in (0, 1):
+        bundle.train.epoch = epoch
+        assert torch.equal(bundle.train[4][0], plain[4][0])
+    assert bundle.augment is None and load_dataset("digits").augment is not None
 
 
 def test_imagefolder_errors(tmp_path):
