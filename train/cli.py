@@ -201,9 +201,8 @@ def _analysis_model(
     """The model ``analyze`` measures: at initialisation with --model-options, or as a checkpoint trained it
     (rebuilt with the arguments it was trained with: a ViT's width, depth and patches)."""
     if checkpoint is None:
-        return build_model(TrainConfig(model=name, dataset=args.dataset, model_options=args.model_options), bundle), (
-            f"{name} (init)"
-        )
+        config = TrainConfig(model=name, dataset=args.dataset, model_options=args.model_options)
+        return build_model(config, bundle), f"{name} (init)"
     state = load_checkpoint(checkpoint)
     trained = state["config"].get("model")
     if trained != name:  # a same-shaped net (resnet / plain_resnet) would load it without a word
