@@ -41,7 +41,8 @@ def test_benchmark_suite_smoke_run(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "### Targets" in text and "conv block, smoke" in text
     pairs = [r for r in payload["records"] if r["kind"] == "head_to_head"]
-    assert {r["block"] for r in pairs} == {"conv", "linear", "model"}
+    assert {r["block"] for r in pairs} == {"conv", "linear", "attention", "model"}
+    assert any(r["shape"].startswith("deploy:") for r in pairs)  # the deploy targets, interleaved
     assert all(r["pairs"] == 3 and r["ratio_median"] > 0 for r in pairs)
     assert "### Head to head" in text
 
