@@ -38,6 +38,7 @@ def _status_kb(field: str) -> int:
 
 def _runner(spec: dict):
     import torch
+    from deployed_nets import deployed_model, eager_call
 
     x = torch.randn(spec["batch"], 3, 32, 32)
     if "onnx" in spec:
@@ -45,21 +46,7 @@ def _runner(spec: dict):
 
         run = _onnx_runner(spec["onnx"])
         return lambda: run(x)
-    from pnnh_kernels import reparameterize_model
-    from pnnh_kernels.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(spec["model"], num_classes=10).eval()
-    if spec["how"] != "trained":
-        model = reparameterize_model(model, form=spec["how"])
-    model = model.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-
-    def run():
-        with torch.no_grad():
-            return model(x)
-
-    return run
+    return eager_call(deployed_model(spec["model"], spec["how"]), x)
 
 
 def _main(spec: dict) -> None:

@@ -12,11 +12,9 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+from deployed_nets import deployed_model, eager_call
 from interleave import interleave
 from peak_memory import peak_inference_mb
-
-from pnnh_kernels import reparameterize_model
-from pnnh_kernels.models import create_model
 
 # (model, how it runs): "trained" is the net as trained (eval, `auto`), the forms are reparameterized
 VARIANTS = [
@@ -33,12 +31,6 @@ RUNTIMES = ["eager", "onnxruntime", "onnxruntime-int8"]
 #: torch.compile (inductor) of the eager form, the other baseline of plain PyTorch: ResNet-56 and the fast forms
 #: (the plain form is the slowest float32 form everywhere), timed last, after every other row
 COMPILED = [("resnet56", "trained"), ("resnet56", "fast"), ("pnnh_resnet56", "fast"), ("pnnh_slim_resnet56", "fast")]
-
-
-def _model(name: str, how: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10).eval()
-    return model if how == "trained" else reparameterize_model(model, form=how)
 
 
 def _onnx_file(model: torch.nn.Module, x: torch.Tensor, path, int8: bool) -> str:
@@ -90,14 +82,10 @@ def _measure(collector, tmp_path, name: str, how: str, runtime: str, batch: int)
     if smoke and (name, how, batch) != ("pnnh_resnet56", "fast", 1):
         pytest.skip("the smoke set times one deployed net")
     name = "pnnh_resnet8" if smoke else name  # the smoke set: a small net, the same code path
-    model = _model(name, how)
+    model = deployed_model(name, how)
     x = torch.randn(batch, 3, 32, 32)
     if runtime in ("eager", "compile"):
-        model = model.to(memory_format=torch.channels_last)
-        run_model = torch.compile(model) if runtime == "compile" else model
-        x_run = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            seconds = _best_seconds(lambda: run_model(x_run), 1 if smoke else 10)
+        seconds = _best_seconds(eager_call(model, x, compiled=runtime == "compile"), 1 if smoke else 10)
         # a compiled process's peak is the compiler's own: measured for eager only
         peak = _peak_mb({"batch": batch, "model": name, "how": how}) if runtime == "eager" else None
     else:
@@ -142,16 +130,9 @@ TARGETS = {
 
 
 def _inference_call(tmp_path, name: str, how: str, runtime: str, x: torch.Tensor) -> Callable[[], object]:
-    model = _model(name, how)
+    model = deployed_model(name, how)
     if runtime == "eager":
-        model = model.to(memory_format=torch.channels_last)
-        x_run = x.contiguous(memory_format=torch.channels_last)
-
-        def run():
-            with torch.no_grad():
-                return model(x_run)
-
-        return run
+        return eager_call(model, x)
     from pnnh_kernels.train.export import _onnx_runner
 
     session = _onnx_runner(_onnx_file(model, x, tmp_path / f"{name}-{how}.onnx", int8=False), spinning=False)
