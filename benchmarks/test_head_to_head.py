@@ -178,8 +178,8 @@ def test_slim_against_resnet_head_to_head(collector, depth):
 
 @pytest.mark.parametrize("family", ["pnnh_vit", "pnnh_slim_vit"])
 def test_vit_head_to_head(collector, family):
-    """The Transformer half of the throughput claim at model level: PNNH-ViT and the slim PNNH-ViT on `auto`
-    against the ViT on eager (ViT-Tiny's width, 12 blocks, 32x32 images in 4x4 patches: 64 tokens), one
+    """The Transformer half of the throughput claim at model level: PNNH-ViT and the slim PNNH-ViT (plain
+    PyTorch blocks, docs/MODELS.md) against the ViT (ViT-Tiny's width, 12 blocks, 32x32 images in 4x4 patches: 64 tokens), one
     training step each in turn."""
     device = collector.device
     smoke = collector.mode == "smoke"
@@ -189,7 +189,7 @@ def test_vit_head_to_head(collector, family):
     batch = 4 if smoke else (256 if device == "cuda" else 64)
     torch.manual_seed(0)
     base = create_model("vit_tiny", **options).to(device).train()
-    mine = create_model(f"{family}_tiny", backend="auto", **options).to(device).train()
+    mine = create_model(f"{family}_tiny", **options).to(device).train()
     shape = f"{family}_tiny vs vit_tiny (eager column), depth {options['depth']}"
     pairs = _pairs("smoke") if smoke else 8
     fmt = torch.contiguous_format
@@ -197,15 +197,15 @@ def test_vit_head_to_head(collector, family):
 
 
 class _AttentionWithoutCoder(torch.nn.Module):
-    """A PNNH attention half with its coder path removed (``LN_out(attn(LN_in(x)))``): the time left when the
-    coder path costs nothing, the bound on what fusing that path can win."""
+    """A PNNH attention half with its coder path removed (``attn(LN(x))``): the time left when the coder path
+    costs nothing, the bound on what fusing that path can win."""
 
     def __init__(self, half: torch.nn.Module) -> None:
         super().__init__()
         self.inner = half
 
     def forward(self, x):
-        return self.inner.out_norm(self.inner.attn(self.inner.in_norm(x)))
+        return self.inner.learner(self.inner.norm(x))
 
 
 class _ResidualAttention(torch.nn.Module):

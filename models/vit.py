@@ -1,24 +1,27 @@
 """Vision Transformers: the pre-norm ViT, the plain ViT (its residual additions removed), PNNH-ViT in which no
 block adds its input back, and the slim PNNH-ViT (fewer parameters).
 
-PNNH-ViT block (our reading; docs/MODELS.md):
-- attention: the input rides an internal coder path beside the attention learner,
-  ``y = LN_out(g * dec(LN_c(enc(x))) + drop_path(attn(LN_in(x))))``; literally, layer 1 carries
-  ``ReLU([z_c, -z_c])`` next to the attention output and the projection decodes it with
-  ``[W_d, -W_d]``; ReLU's odd part is the identity, so ``g = 1``.
-- MLP: ``pnnh_kernels.PNNHLinear`` (GELU learner, layer norms, no final activation).
-Stochastic depth still applies to the attention learner, which the coder path can stand in for.
+PNNH-ViT block (our reading; docs/MODELS.md): each half is the pre-norm ViT's half with its residual addition
+replaced by the tied coder path, ``y = dec(enc(x)) + drop_path(f(LN(x)))`` for ``f`` attention, then the MLP.
+Literally, layer 1 carries ``act([z_c, -z_c])`` with ``z_c = W_e x`` beside the learner's hidden output and layer 2
+decodes it with ``[W_e^T, -W_e^T]`` beside the learner's output projection; ReLU's and GELU's odd parts are the
+identity, so the coder path is the matrix ``W_e^T W_e``, which the blocks compute once per call. No norm sits on
+the coder path: a norm there re-normalises the carried input at every block, a post-norm Transformer, which
+does not train at depth at the ViT's learning rate (docs/RESULTS.md). The coders learn at 0.03x the learning
+rate (:meth:`VisionTransformer.lr_scales`): their maps compound over all blocks, and Adam moves each entry at the
+full rate whatever its gradient's size.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pnnh_kernels import PNNHCoder, PNNHLinear
+from pnnh_kernels import PNNHCoder
 from pnnh_kernels.coder import guard_shared_parameters
 
 from .layers import DropPath, drop_path_rates
@@ -50,11 +53,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
+        """The heads' outputs before the output projection."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.hidden(x))
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.proj
 
 
 class Mlp(nn.Module):
@@ -62,8 +72,15 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
+    def hidden(self, x: Tensor) -> Tensor:
+        return F.gelu(self.fc1(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.hidden(x))
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.fc2
 
 
 class ResidualBlock(nn.Module):
@@ -89,40 +106,115 @@ class PlainBlock(ResidualBlock):
         return self.drop_path(self.mlp(self.norm2(x)))
 
 
-class PNNHAttention(nn.Module):
-    """Attention with an internal coder path instead of a residual addition."""
+def coder_map(coder: PNNHCoder) -> Tensor:
+    """The tied coder path ``dec(enc(.))`` as one matrix, ``W_e^T W_e``: one matrix product per token instead of
+    two, and the same gradient."""
+    return coder.encoder.t() @ coder.encoder
 
-    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, coder: Optional[PNNHCoder] = None) -> None:
+
+class PNNHHalf(nn.Module):
+    """One half of a PNNH-ViT block: ``dec(enc(x)) + drop_path(learner(LN(x)))``."""
+
+    _pnnh_reparameterizable = True  # pnnh_kernels.reparameterize_model makes it torch.nn layers
+    #: the literal layer 1's activation over the signed coder pair (its odd part is the identity)
+    signed_activation: type[nn.Module] = nn.ReLU
+
+    def __init__(self, dim: int, learner: nn.Module, drop_path: float, coder: Optional[PNNHCoder]) -> None:
         super().__init__()
+        if coder is not None and (coder.kernel_size is not None or not coder.tied or coder.in_channels != dim):
+            raise ValueError(f"a PNNH-ViT coder must be a tied linear coder of {dim} channels")
         self.coder = coder if coder is not None else PNNHCoder(dim, dim, None)
-        self.coder_norm = nn.LayerNorm(self.coder.coder_channels, eps=_LN_EPS)
-        self.in_norm = nn.LayerNorm(dim, eps=_LN_EPS)
-        self.attn = Attention(dim, heads)
-        self.out_norm = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.learner = learner
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        z_c = self.coder_norm(F.linear(x, self.coder.encoder))
-        decoded = F.linear(z_c, self.coder.encoder.t())  # tied: the encoder's adjoint
-        return self.out_norm(decoded + self.drop_path(self.attn(self.in_norm(x))))
+        return F.linear(x, coder_map(self.coder)) + self.drop_path(self.learner(self.norm(x)))
+
+    def reparameterize(self, form: str = "fast") -> nn.Module:
+        """This half (in eval mode) as torch.nn layers: ``fast``, the coder path as one ``nn.Linear``
+        (``W_e^T W_e``) added to the learner's output; ``plain``, layer 2 as one ``nn.Linear`` over
+        ``act([W_e x, -W_e x])`` and the learner's hidden output, no addition. Layer norm does not fold."""
+        if self.training:
+            raise ValueError("reparameterize: the half is in training mode; call .eval() first")
+        return (PlainHalf if form == "plain" else FastHalf)(self)
+
+
+def _linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+class _Hidden(nn.Module):
+    """A learner up to its output projection."""
+
+    def __init__(self, learner: nn.Module) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.learner.hidden(x)
+
+
+class FastHalf(nn.Module):
+    """A PNNH-ViT half folded: ``coder(x) + learner(norm(x))``, the coder path one ``nn.Linear``."""
+
+    def __init__(self, half: PNNHHalf) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.coder = _linear(coder_map(half.coder), None)
+        self.norm, self.learner = copy.deepcopy(half.norm), copy.deepcopy(half.learner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.coder(x) + self.learner(self.norm(x))
+
+
+class PlainHalf(nn.Module):
+    """A PNNH-ViT half as two plain layers: ``layer2(cat[act(W_e x), act(-W_e x), hidden(norm x)])``."""
+
+    def __init__(self, half: PNNHHalf) -> None:
+        super().__init__()
+        learner = copy.deepcopy(half.learner)
+        out: nn.Linear = learner.out
+        with torch.no_grad():
+            enc = half.coder.encoder.detach()
+            self.encoder = _linear(enc, None)
+            self.layer2 = _linear(torch.cat([enc.t(), -enc.t(), out.weight], 1), out.bias)
+        self.norm, self.hidden, self.activation = copy.deepcopy(half.norm), _Hidden(learner), half.signed_activation()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z_c = self.encoder(x)
+        return self.layer2(torch.cat([self.activation(z_c), self.activation(-z_c), self.hidden(self.norm(x))], -1))
+
+
+class PNNHAttention(PNNHHalf):
+    """Attention with an internal coder path instead of a residual addition."""
+
+    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, coder: Optional[PNNHCoder] = None) -> None:
+        super().__init__(dim, Attention(dim, heads), drop_path, coder)
+
+
+class PNNHMlp(PNNHHalf):
+    """The MLP (GELU) with an internal coder path instead of a residual addition."""
+
+    signed_activation = nn.GELU  # layer 1 is one GELU over the signed pair and the learner's hidden units
+
+    def __init__(self, dim: int, hidden: int, drop_path: float = 0.0, coder: Optional[PNNHCoder] = None) -> None:
+        super().__init__(dim, Mlp(dim, hidden), drop_path, coder)
 
 
 class PNNHBlock(nn.Module):
     def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, drop_path: float, backend: str,
+        self, dim: int, heads: int, mlp_ratio: float, drop_path: float,
         coders: tuple[Optional[PNNHCoder], Optional[PNNHCoder]] = (None, None),
     ) -> None:  # fmt: skip
         super().__init__()
         self.attn = PNNHAttention(dim, heads, drop_path, coder=coders[0])
-        self.mlp = PNNHLinear(
-            dim,
-            hidden_features=int(dim * mlp_ratio),
-            activation="gelu",
-            final_activation=False,
-            eps=_LN_EPS,
-            backend=backend,
-            coder=coders[1],
-        )
+        self.mlp = PNNHMlp(dim, int(dim * mlp_ratio), drop_path, coder=coders[1])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.attn(x))
@@ -142,18 +234,19 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         variant: str = "residual",
         drop_path_rate: float = 0.0,
-        backend: str = "auto",
         coder_group: int = 0,
+        coder_lr_scale: Optional[float] = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
+        self.coder_lr_scale = _coder_lr_scale(variant, coder_lr_scale)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim))
         rates = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.Sequential(*_blocks(variant, dim, heads, mlp_ratio, rates, backend, coder_group))
+        self.blocks = nn.Sequential(*_blocks(variant, dim, heads, mlp_ratio, rates, coder_group))
         self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.head = nn.Linear(dim, num_classes)
         self.num_features = dim
@@ -168,6 +261,10 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate scales by parameter name, for the optimiser's groups (train/optim.py): the coders'."""
+        return {name: self.coder_lr_scale for name, _ in self.named_parameters() if ".coder." in name}
+
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
@@ -178,10 +275,22 @@ class VisionTransformer(nn.Module):
 
 
 VARIANTS = ("residual", "plain", "pnnh")
+#: the PNNH-ViT's coders learn at this fraction of the learning rate (chosen on tuning seeds, docs/RESULTS.md)
+CODER_LR_SCALE = 0.03
+
+
+def _coder_lr_scale(variant: str, scale: Optional[float]) -> float:
+    if scale is None:
+        return CODER_LR_SCALE
+    if variant != "pnnh":
+        raise ValueError(f"coder_lr_scale is an option of the PNNH-ViTs, not of the {variant} ViT")
+    if not (isinstance(scale, (int, float)) and 0 <= scale < float("inf")):
+        raise ValueError(f"coder_lr_scale must be a finite number >= 0, got {scale!r}")
+    return float(scale)
 
 
 def _blocks(
-    variant: str, dim: int, heads: int, mlp_ratio: float, rates: list[float], backend: str, coder_group: int
+    variant: str, dim: int, heads: int, mlp_ratio: float, rates: list[float], coder_group: int
 ) -> list[nn.Module]:
     """The blocks of a variant; ``coder_group > 0``: each run of that many PNNH blocks shares one attention
     coder and one MLP coder (the slim PNNH-ViT)."""
@@ -198,7 +307,7 @@ def _blocks(
             )
         elif not coder_group:
             coders = (None, None)
-        blocks.append(PNNHBlock(dim, heads, mlp_ratio, rate, backend, coders))
+        blocks.append(PNNHBlock(dim, heads, mlp_ratio, rate, coders))
     return blocks
 
 

@@ -9,20 +9,31 @@ from torch import nn
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and kernels; never biases, norm affine parameters, tokens or position embeddings."""
-    decay, no_decay = [], []
+    """Decay matrices and kernels; never biases, norm affine parameters, tokens or position embeddings. A model
+    with ``lr_scales()`` (parameter name -> factor, the PNNH-ViT's coders) gets a group per factor, each with its
+    ``lr_scale``; decaying groups come first and say ``decay: True``."""
+    scales = model.lr_scales() if callable(getattr(model, "lr_scales", None)) else {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.dim() <= 1 or name.endswith(("cls_token", "pos_embed"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.dim() <= 1 or name.endswith(("cls_token", "pos_embed")))
+        groups.setdefault((decays, float(scales.get(name, 1.0))), []).append(p)
+    for decays in (True, False):  # the usual pair stays even when empty: checkpoints keep their group count
+        groups.setdefault((decays, 1.0), [])
+    order = sorted(groups, key=lambda key: (not key[0], key[1] != 1.0, key[1]))
+    return [
+        {"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "decay": key[0], "lr_scale": key[1]}
+        for key in order
+    ]
 
 
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9, nesterov: bool = True
 ):
     groups = parameter_groups(model, weight_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adamw":

@@ -182,7 +182,7 @@ def model_arguments(config: TrainConfig, bundle: DataBundle) -> dict:
     family = model_family(config.model) if config.model in list_models() else None
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
-    if family in ("resnet", "plain", "pnnh", "vit"):
+    if family in ("resnet", "plain", "pnnh"):  # the ViTs' blocks are plain PyTorch (docs/MODELS.md)
         kwargs.setdefault("backend", config.backend)
     if family == "vit":
         kwargs.setdefault("img_size", bundle.image_size)
@@ -423,9 +423,9 @@ def _apply_overrides(run: _Run) -> None:
     """The overrides asked for, on the optimizer the checkpoint restored (its state carries the recorded
     hyperparameters; label smoothing is read from the config at every step)."""
     config = run.config
-    if "weight_decay" in config.resume_overrides:
-        run.optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # optim.parameter_groups: decay first
-    for group in run.optimizer.param_groups:
+    for i, group in enumerate(run.optimizer.param_groups):
+        if "weight_decay" in config.resume_overrides and group.get("decay", i == 0):  # older runs: decay first
+            group["weight_decay"] = config.weight_decay
         if "momentum" in config.resume_overrides and "momentum" in group:
             group["momentum"] = config.momentum
             group["nesterov"] = group["nesterov"] and config.momentum > 0

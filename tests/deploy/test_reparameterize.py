@@ -10,6 +10,7 @@ import pnnh_kernels as pk
 from pnnh_kernels import reparameterize_model
 from pnnh_kernels.models import create_model
 from pnnh_kernels.models.resnet import PNNHBottleneck
+from pnnh_kernels.models.vit import PNNHHalf
 
 FORMS = ["fast", "plain"]
 CONV_CASES = {
@@ -25,7 +26,7 @@ LINEAR_FORMS = {
     "gelu_scaled": dict(activation="gelu", activation_scale=1.3),
     "batch_norm_negative_scale": dict(norm="batch", activation="leaky_relu", negative_slope=0.1, activation_scale=-0.6),
 }
-PNNH_TYPES = (pk.PNNHConv2d, pk.PNNHLinear, PNNHBottleneck)
+PNNH_TYPES = (pk.PNNHConv2d, pk.PNNHLinear, PNNHBottleneck, PNNHHalf)
 
 
 def random_statistics(model: nn.Module) -> nn.Module:
@@ -65,7 +66,14 @@ def test_a_linear_block_folds_exactly(case, form):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(
     "name",
-    ["pnnh_resnet20", "pnnh_slim_resnet20", "pnnh_resnet50", "pnnh_slim_resnet50", "pnnh_vit_tiny"],
+    [
+        "pnnh_resnet20",
+        "pnnh_slim_resnet20",
+        "pnnh_resnet50",
+        "pnnh_slim_resnet50",
+        "pnnh_vit_tiny",
+        "pnnh_slim_vit_tiny",
+    ],
 )
 def test_every_family_folds_exactly(name, form):
     torch.manual_seed(0)
@@ -118,5 +126,22 @@ def test_the_plain_form_has_no_addition_anywhere():
     """The paper's point made literal: Conv2d -> activation -> Conv2d, a single path."""
     model = random_statistics(create_model("pnnh_resnet20"))
     program = torch.export.export(reparameterize_model(model, form="plain"), (torch.randn(1, 3, 16, 16),))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("add" in t for t in targets), sorted(targets)
+
+
+def test_the_plain_form_of_pnnh_vit_blocks_has_no_addition():
+    """Each half: ``Linear -> [act(z_c), act(-z_c), the learner's hidden output] -> Linear``; the model's one
+    addition, the position embedding, is outside the blocks."""
+    torch.manual_seed(0)
+    model = create_model("pnnh_slim_vit_tiny", dim=16, heads=2, img_size=8, patch_size=2, depth=2).eval()
+    with torch.no_grad():  # a trained coder is no longer orthogonal
+        for name, p in model.named_parameters():
+            if ".coder." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    folded = reparameterize_model(model, form="plain")
+    x = torch.randn(2, 3, 8, 8)
+    assert_same_function(model, folded, x)
+    program = torch.export.export(folded.blocks, (torch.randn(1, 17, 16),))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("add" in t for t in targets), sorted(targets)

@@ -11,7 +11,7 @@ import pnnh_kernels as pk
 from pnnh_kernels.models import create_model, list_models, model_family
 from pnnh_kernels.models.layers import DropPath, scaled_orthogonal_
 from pnnh_kernels.models.resnet import PNNHBottleneck
-from pnnh_kernels.models.vit import PatchEmbed, PNNHAttention
+from pnnh_kernels.models.vit import PatchEmbed, PNNHAttention, PNNHHalf, PNNHMlp
 
 
 def n_params(model):
@@ -149,7 +149,7 @@ def test_slim_bottlenecks_train():
 
 # --------------------------------------------------------------------------- no addition across a block
 
-_LEAVES = (pk.PNNHConv2d, pk.PNNHLinear, PNNHBottleneck, PNNHAttention, PatchEmbed)
+_LEAVES = (pk.PNNHConv2d, pk.PNNHLinear, PNNHBottleneck, PNNHHalf, PatchEmbed)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -232,18 +232,62 @@ def test_pnnh_models_default_to_no_final_activation():
     assert not any(b.final_activation for b in create_model("pnnh_resnet50").modules() if isinstance(b, PNNHBottleneck))
 
 
-def test_pnnh_attention_equals_its_literal_form():
+def _literal_half(block, x, core_of):
+    """Layer 1: ``act([W_e x, -W_e x])`` beside the learner's hidden output; layer 2: one linear map over it
+    with ``[W_e^T, -W_e^T, W_out]``."""
+    enc, learner = block.coder.encoder, block.learner
+    z_c = x @ enc.t()
+    core, act, out = core_of(learner, block.norm(x))
+    h = torch.cat([act(z_c), act(-z_c), core], -1)
+    return F.linear(h, torch.cat([enc.t(), -enc.t(), out.weight], 1), out.bias)
+
+
+def test_pnnh_vit_halves_equal_their_literal_forms():
     torch.manual_seed(0)
-    block = PNNHAttention(8, 2).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
-    enc, attn = block.coder.encoder, block.attn
-    z_c = block.coder_norm(x @ enc.t())
-    b, n, d = x.shape
-    q, k, v = attn.qkv(block.in_norm(x)).reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
-    core = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-    h = torch.cat([F.relu(z_c), F.relu(-z_c), core], -1)
-    literal = block.out_norm(F.linear(h, torch.cat([enc.t(), -enc.t(), attn.proj.weight], 1), attn.proj.bias))
-    torch.testing.assert_close(block(x), literal)
+
+    def attention_core(attn, x):
+        b, n, d = x.shape
+        q, k, v = attn.qkv(x).reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+        core = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return core, F.relu, attn.proj  # the attention output is not activated: only the signed pair is
+
+    def mlp_core(mlp, x):
+        return F.gelu(mlp.fc1(x)), F.gelu, mlp.fc2  # GELU(a) - GELU(-a) = a passes the signed pair
+
+    for block, core_of in [(PNNHAttention(8, 2), attention_core), (PNNHMlp(8, 12), mlp_core)]:
+        block = block.double()
+        torch.testing.assert_close(block(x), _literal_half(block, x, core_of))
+
+
+def test_pnnh_vit_coder_path_starts_as_the_identity_and_carries_no_norm():
+    """A tied orthogonal coder's ``W_e^T W_e`` is the identity at init: with the learner's output projection
+    zeroed, a half returns its input unchanged, whatever its scale (no norm rescales the carried input)."""
+    torch.manual_seed(0)
+    half = PNNHMlp(16, 16)
+    with torch.no_grad():
+        half.learner.fc2.weight.zero_()
+        half.learner.fc2.bias.zero_()
+    x = 7.0 * torch.randn(3, 4, 16)
+    torch.testing.assert_close(half(x), x, atol=1e-5, rtol=1e-5)
+
+
+def test_pnnh_vit_coders_learn_at_their_scaled_rate():
+    from pnnh_kernels.train.optim import make_optimizer
+
+    small = dict(dim=16, heads=2, img_size=8, patch_size=2, depth=2, num_classes=10)
+    model = create_model("pnnh_slim_vit_tiny", coder_lr_scale=0.25, **small)
+    optimizer = make_optimizer(model, "adamw", 1e-3, 0.05)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    coders = {id(p) for n, p in model.named_parameters() if ".coder." in n}
+    assert len(coders) == 2  # one attention and one MLP coder, shared by the group of blocks
+    assert all(lr_of[i] == pytest.approx(2.5e-4) for i in coders)
+    assert all(lr == 1e-3 for i, lr in lr_of.items() if i not in coders)
+    assert sorted(lr_of) == sorted(id(p) for p in model.parameters())  # every parameter in exactly one group
+    with pytest.raises(ValueError, match="coder_lr_scale is an option of the PNNH-ViTs"):
+        create_model("vit_tiny", coder_lr_scale=0.5, **small)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        create_model("pnnh_vit_tiny", coder_lr_scale=float("nan"), **small)
 
 
 # --------------------------------------------------------------------------- drop path, init
