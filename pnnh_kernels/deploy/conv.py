@@ -47,6 +47,8 @@ class FastBlock(nn.Module):
         self.coder_channels = coder_channels  # > 0: layer 1's first channels are the coder's (joint)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._accumulates_in_place(x):
+            return self._forward_in_place(x)
         z = self.layer1(x)
         if self.coder_map is not None:  # a 1x1 coder, folded into one map of x
             return self.final(self.layer2(self.activation(z)) + self.coder_map(x))
@@ -56,6 +58,34 @@ class FastBlock(nn.Module):
         else:
             z_c, z_l = z[:, : self.coder_channels], z[:, self.coder_channels :]
         return self.final(self.layer2(self.activation(z_l)) + self.decoder(z_c))
+
+    def _accumulates_in_place(self, x: Tensor) -> bool:
+        """Eager no-grad inference on a channels_last map with a 1x1 coder: the coder path can be accumulated
+        into layer 2's output by one in-place matrix product. Traced, exported or compiled calls, and anything
+        autograd records, take the plain path (``torch.compile`` fuses the addition itself)."""
+        return (
+            isinstance(self.coder_map, nn.Conv2d)
+            and type(x) is Tensor  # not a fake or traced tensor
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+        )
+
+    def _forward_in_place(self, x: Tensor) -> Tensor:
+        """``forward`` without the addition's pass over memory and its two temporaries: the activation in place
+        on layer 1's fresh output, the coder map accumulated into layer 2's fresh output (a channels_last map
+        is a row-major (pixels, channels) matrix, and the 1x1 coder map a matrix product on it)."""
+        assert isinstance(self.coder_map, nn.Conv2d)
+        z = self.layer1(x)
+        h = torch.relu_(z) if isinstance(self.activation, nn.ReLU) else self.activation(z)
+        out = self.layer2(h)
+        if not out.is_contiguous(memory_format=torch.channels_last):  # a layout the convolution chose otherwise
+            return self.final(out + self.coder_map(x))
+        rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])  # a view of the channels_last storage
+        rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), self.coder_map.weight[:, :, 0, 0].t())
+        return self.final(out)
 
 
 def _kernels(f: FoldedBlock) -> tuple[int, int]:

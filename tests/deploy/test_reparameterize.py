@@ -145,3 +145,25 @@ def test_the_plain_form_of_pnnh_vit_blocks_has_no_addition():
     program = torch.export.export(folded.blocks, (torch.randn(1, 17, 16),))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("add" in t for t in targets), sorted(targets)
+
+
+@pytest.mark.parametrize("name", ["pnnh_resnet20", "pnnh_slim_resnet20"])
+@pytest.mark.parametrize("shape", [(2, 3, 15, 17), (1, 3, 8, 8)])
+def test_the_fast_form_in_eager_channels_last_inference_accumulates_in_place_exactly(name, shape, monkeypatch):
+    """No-grad channels_last calls add the 1x1 coder map into layer 2's output in place (deploy/conv.py); they
+    compute what the plain path and the original net compute."""
+    from pnnh_kernels.deploy.conv import FastBlock
+
+    torch.manual_seed(0)
+    model = random_statistics(create_model(name, num_classes=10)).to(memory_format=torch.channels_last)
+    folded = reparameterize_model(model)
+    calls, in_place_forward = [], FastBlock._forward_in_place
+    monkeypatch.setattr(FastBlock, "_forward_in_place", lambda self, x: calls.append(1) or in_place_forward(self, x))
+    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        in_place = folded(x)
+        assert len(calls) == sum(isinstance(m, FastBlock) for m in folded.modules())  # every block took it
+        with torch.enable_grad():
+            plain_path = folded(x)  # autograd records it: the plain path
+        assert_same_function(model, folded, x)
+    torch.testing.assert_close(in_place, plain_path.detach(), rtol=1e-5, atol=1e-5 * plain_path.abs().max().item())
