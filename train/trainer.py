@@ -182,8 +182,10 @@ def model_arguments(config: TrainConfig, bundle: DataBundle) -> dict:
     family = model_family(config.model) if config.model in list_models() else None
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
-    if family in ("resnet", "plain", "pnnh"):  # the ViTs' blocks are plain PyTorch (docs/MODELS.md)
+    if family in ("resnet", "plain", "pnnh"):
         kwargs.setdefault("backend", config.backend)
+    elif family == "vit" and config.backend != "auto":
+        raise ValueError(f"--backend {config.backend}: the ViTs' blocks are plain PyTorch and take no backend")
     if family == "vit":
         kwargs.setdefault("img_size", bundle.image_size)
         kwargs.setdefault("patch_size", max(1, bundle.image_size // 8))
@@ -203,7 +205,10 @@ def load_trained_model(path: str, map_location: Any = "cpu") -> nn.Module:
     state = load_checkpoint(path, map_location=map_location)
     if "model_arguments" not in state:
         raise CheckpointError(f"{path} predates saved model arguments: rebuild its model with build_model")
-    model = _create(state["config"]["model"], state["model_arguments"])
+    name, arguments = state["config"]["model"], dict(state["model_arguments"])
+    if name in list_models() and model_family(name) == "vit":
+        arguments.pop("backend", None)  # recorded by older runs; the ViTs' blocks take none
+    model = _create(name, arguments)
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -523,3 +523,22 @@ def test_a_transformer_sweep_trains_each_vit_family_at_each_depth(tmp_path, caps
     assert config["augment"] is False  # the digits' 1-pixel shifts cross the 2x2 patches (train/sweep.py)
     params = {(r["family"], r["depth"]): r["parameters"] for r in runs}
     assert params[("vit", 2)] > params[("vit", 1)] and params[("pnnh_slim_vit", 2)] < params[("vit", 2)]
+
+
+def test_vits_refuse_a_backend_and_load_checkpoints_that_recorded_one(tmp_path, capsys):
+    """The ViTs' blocks are plain PyTorch: --backend other than auto is refused in one line, and a checkpoint
+    whose model arguments recorded a backend (older runs) still loads."""
+    from pnnh_kernels.train.checkpoint import load_checkpoint, save_checkpoint
+    from pnnh_kernels.train.trainer import load_trained_model
+
+    vit = ["--model", "vit_tiny", "--model-options", '{"dim": 16, "heads": 2, "patch_size": 4, "depth": 1}']
+    argv = ["train", *vit, "--epochs", "1", "--batch-size", "256", "--no-progress", "--train-size", "64"]
+    refused = [*argv, "--backend", "eager", "--out-dir", str(tmp_path / "refused")]
+    _fails_cleanly(refused, capsys, "--backend eager: the ViTs' blocks are plain PyTorch and take no backend")
+    assert cli_main([*argv, "--out-dir", str(tmp_path / "run")]) == 0
+    best = str(tmp_path / "run" / "best.pt")
+    state = load_checkpoint(best)
+    state["model_arguments"] = {**state["model_arguments"], "backend": "auto"}
+    save_checkpoint(state, best, kind="weights")
+    model = load_trained_model(best)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
