@@ -179,8 +179,8 @@ def test_slim_against_resnet_head_to_head(collector, depth):
 @pytest.mark.parametrize("family", ["pnnh_vit", "pnnh_slim_vit"])
 def test_vit_head_to_head(collector, family):
     """The Transformer half of the throughput claim at model level: PNNH-ViT and the slim PNNH-ViT (plain
-    PyTorch blocks, docs/MODELS.md) against the ViT (ViT-Tiny's width, 12 blocks, 32x32 images in 4x4 patches: 64 tokens), one
-    training step each in turn."""
+    PyTorch blocks, docs/MODELS.md) against the ViT (ViT-Tiny's width, 12 blocks, 32x32 images in 4x4 patches:
+    64 tokens), one training step each in turn."""
     device = collector.device
     smoke = collector.mode == "smoke"
     if smoke and family != "pnnh_slim_vit":

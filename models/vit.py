@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from pnnh_kernels import PNNHCoder
 from pnnh_kernels.coder import guard_shared_parameters
+from pnnh_kernels.deploy.folding import check_eval, linear_layer
 
 from .layers import DropPath, drop_path_rates
 from .registry import register_model
@@ -135,18 +136,8 @@ class PNNHHalf(nn.Module):
         """This half (in eval mode) as torch.nn layers: ``fast``, the coder path as one ``nn.Linear``
         (``W_e^T W_e``) added to the learner's output; ``plain``, layer 2 as one ``nn.Linear`` over
         ``act([W_e x, -W_e x])`` and the learner's hidden output, no addition. Layer norm does not fold."""
-        if self.training:
-            raise ValueError("reparameterize: the half is in training mode; call .eval() first")
+        check_eval(self)
         return (PlainHalf if form == "plain" else FastHalf)(self)
-
-
-def _linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
 
 
 class _Hidden(nn.Module):
@@ -166,7 +157,7 @@ class FastHalf(nn.Module):
     def __init__(self, half: PNNHHalf) -> None:
         super().__init__()
         with torch.no_grad():
-            self.coder = _linear(coder_map(half.coder), None)
+            self.coder = linear_layer(coder_map(half.coder), None, half.coder.encoder)
         self.norm, self.learner = copy.deepcopy(half.norm), copy.deepcopy(half.learner)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -182,8 +173,8 @@ class PlainHalf(nn.Module):
         out: nn.Linear = learner.out
         with torch.no_grad():
             enc = half.coder.encoder.detach()
-            self.encoder = _linear(enc, None)
-            self.layer2 = _linear(torch.cat([enc.t(), -enc.t(), out.weight], 1), out.bias)
+            self.encoder = linear_layer(enc, None, enc)
+            self.layer2 = linear_layer(torch.cat([enc.t(), -enc.t(), out.weight], 1), out.bias, enc)
         self.norm, self.hidden, self.activation = copy.deepcopy(half.norm), _Hidden(learner), half.signed_activation()
 
     def forward(self, x: Tensor) -> Tensor:

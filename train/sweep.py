@@ -60,9 +60,9 @@ FAMILIES = {
 #: 0.1 at 1e-3); the plain ViT stays at chance at every rate and takes the ViT's.
 _VIT = (("dim", 64), ("heads", 4), ("patch_size", 2))
 _VIT_RECIPE = (("optimizer", "adamw"), ("warmup_epochs", 2.0), ("weight_decay", 0.05), ("augment", False))
-_VIT_LR = {"vit": 0.04, "plain_vit": 0.04, "pnnh_vit": 0.04, "pnnh_slim_vit": 0.04}
-for _name, _scale in _VIT_LR.items():
-    FAMILIES[_name] = Family(f"{_name}_tiny", lr_scale=_scale, options=_VIT_RECIPE, model_options=_VIT)
+_VIT_LR = 0.04
+for _name in ("vit", "plain_vit", "pnnh_vit", "pnnh_slim_vit"):
+    FAMILIES[_name] = Family(f"{_name}_tiny", lr_scale=_VIT_LR, options=_VIT_RECIPE, model_options=_VIT)
 
 
 def _run_one(base: TrainConfig, family_name: str, depth: int, seed: int, out_dir: str, lr_scale: float) -> dict:
