@@ -49,6 +49,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--drop-path-rate", type=float, default=d.drop_path_rate)
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradients' global norm to this value")
     p.add_argument(
         "--no-augment", dest="augment", action="store_false", help="train without the data set's augmentation"
     )

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 WARMUP_STEPS = 3
 
 
-def refusal(device: torch.device, distributed: bool, feature_reuse: bool, amp: str, compile: bool) -> Optional[str]:
+def refusal(
+    device: torch.device, distributed: bool, feature_reuse: bool, amp: str, compile: bool, clip_grad: bool = False
+) -> Optional[str]:
     """Why a run cannot capture its step in a CUDA graph, or None."""
     if device.type != "cuda":
         return f"--cuda-graphs needs a CUDA device, not {device}"
@@ -30,6 +32,8 @@ def refusal(device: torch.device, distributed: bool, feature_reuse: bool, amp: s
         return "--cuda-graphs cannot capture --feature-reuse: its steps change which blocks run"
     if amp == "fp16":
         return "--cuda-graphs cannot capture fp16's gradient scaler (it reads inf checks on the host); use --amp bf16"
+    if clip_grad:
+        return "--cuda-graphs does not capture --clip-grad (its recorded step has no clipping)"
     if compile:
         return "--cuda-graphs with --compile: use --compile --compile-mode reduce-overhead instead (torch.compile's own graphs)"
     return None

@@ -47,7 +47,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DEFINING = (
     "model", "dataset", "data_root", "image_size", "train_size", "model_options", "epochs", "batch_size",
     "optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "label_smoothing",
-    "drop_path_rate", "amp", "seed", "feature_reuse", "reuse_drop_rate", "reuse_every", "augment",
+    "drop_path_rate", "amp", "seed", "feature_reuse", "reuse_drop_rate", "reuse_every", "augment", "clip_grad",
 )  # fmt: skip
 #: what a resume may change from the next step on, each applied where the run reads it
 RESUME_OVERRIDES = ("weight_decay", "momentum", "label_smoothing")
@@ -69,6 +69,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     drop_path_rate: float = 0.0
+    #: clip the gradients' global norm to this value before each step (ViTs train so); None: no clipping
+    clip_grad: Optional[float] = None
     #: the data set's batch augmentation (digits: random 1-pixel shifts; CIFAR: crops and flips)
     augment: bool = True
     amp: str = "none"
@@ -116,6 +118,8 @@ class TrainConfig:
         for name in ("label_smoothing", "drop_path_rate", "reuse_drop_rate"):
             if not (0 <= getattr(self, name) < 1):
                 raise ValueError(f"{name.replace('_', '-')} must lie in [0, 1), got {getattr(self, name)}")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise ValueError(f"clip-grad must be a positive number, got {self.clip_grad}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop-after must be at least 1 epoch, got {self.stop_after}")
         if self.reuse_every < 1:
@@ -615,6 +619,9 @@ def _eager_step(run: _Run, step_model: nn.Module, autocast, x: torch.Tensor, y: 
     if run.reuse is not None:
         run.reuse.filter_gradients(kind)
         run.reuse.end_step(kind)
+    if run.config.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)  # the norm of the true gradients, not of the fp16-scaled ones
+        nn.utils.clip_grad_norm_(step_model.parameters(), run.config.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return out, loss
@@ -628,7 +635,9 @@ def _loss(run: _Run) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 def _graph_the_step(run: _Run, step_model: nn.Module, autocast) -> None:
     """--cuda-graphs: the step captured once and replayed, or a clear line saying why not."""
     config = run.config
-    reason = cuda_graphs.refusal(run.device, run.info.enabled, config.feature_reuse, config.amp, config.compile)
+    reason = cuda_graphs.refusal(
+        run.device, run.info.enabled, config.feature_reuse, config.amp, config.compile, config.clip_grad is not None
+    )
     if reason is not None:
         print(f"{reason}; training without CUDA graphs", flush=True)
         return

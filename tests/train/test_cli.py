@@ -346,6 +346,7 @@ def test_a_resume_continues_the_recorded_options_the_command_line_leaves_out(tmp
         (["--seed", "1"], "--seed 0 (this run: 1)"),
         (["--train-size", "300"], "--train-size None (this run: 300)"),
         (["--optimizer", "adamw"], "--optimizer 'sgd' (this run: 'adamw')"),
+        (["--clip-grad", "1.0"], "--clip-grad None (this run: 1.0)"),
         (["--model-options", '{"share_coder": true}'], "--model-options {}"),
     ],
 )

@@ -22,6 +22,7 @@ CUDA = torch.device("cuda")
         (dict(feature_reuse=True), "feature-reuse"),
         (dict(amp="fp16"), "use --amp bf16"),
         (dict(compile=True), "reduce-overhead"),
+        (dict(clip_grad=True), "--clip-grad"),
     ],
 )
 def test_what_cannot_be_captured_is_named(kwargs, match):

@@ -15,7 +15,7 @@ from pnnh_kernels.train import TrainConfig, train
 from pnnh_kernels.train.analysis import analyse, linear_cka, reconstruction_r2
 from pnnh_kernels.train.checkpoint import load_checkpoint
 from pnnh_kernels.train.feature_reuse import NORMAL, TYPE1, TYPE2, FeatureReuse
-from pnnh_kernels.train.optim import WarmupCosine, parameter_groups
+from pnnh_kernels.train.optim import WarmupCosine, make_optimizer, parameter_groups
 
 
 def small(tmp_path, **kw):
@@ -107,6 +107,33 @@ def test_feature_reuse_schedule_and_errors():
     assert kinds == [NORMAL, NORMAL, TYPE1, TYPE2, NORMAL, NORMAL, TYPE1, TYPE2]
     with pytest.raises(ValueError, match="needs a residual model"):
         FeatureReuse(create_model("plain_resnet20"), 0.2)
+
+
+def _displacement(tmp_path, monkeypatch, **options) -> float:
+    """How far one SGD run (no momentum, no decay) moves the weights from their initial values."""
+    import pnnh_kernels.train.trainer as trainer
+
+    initial = {}
+
+    def snapshot(model, *args, **kwargs):
+        initial.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return make_optimizer(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_optimizer", snapshot)
+    result = train(small(tmp_path, epochs=1, train_size=256, momentum=0.0, weight_decay=0.0, **options))
+    final = load_checkpoint(result["checkpoint"])["model"]
+    return math.sqrt(sum(float((final[n] - p).pow(2).sum()) for n, p in initial.items()))
+
+
+def test_clip_grad_bounds_every_step_by_the_clipped_norm(tmp_path, monkeypatch):
+    # two steps of SGD at a rate <= 0.05, each gradient's norm clipped to 1e-3: the weights move at most 1e-4
+    clipped = _displacement(tmp_path / "clipped", monkeypatch, clip_grad=1e-3)
+    free = _displacement(tmp_path / "free", monkeypatch)
+    assert 0 < clipped <= 2 * 0.05 * 1e-3 * (1 + 1e-4)
+    assert free > 10 * clipped
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip-grad must be a positive number"):
+            small(tmp_path, clip_grad=bad)
 
 
 def test_weight_decay_rules_and_schedule():
