@@ -522,6 +522,8 @@ def test_a_transformer_sweep_trains_each_vit_family_at_each_depth(tmp_path, caps
     assert config["model"] == "pnnh_slim_vit_tiny" and config["model_options"]["depth"] == 2
     assert (config["optimizer"], config["warmup_epochs"], config["lr"]) == ("adamw", 2.0, pytest.approx(2e-3))
     assert config["augment"] is False  # the digits' 1-pixel shifts cross the 2x2 patches (train/sweep.py)
+    vit_lr = json.loads((out / "vit2-seed0" / "config.json").read_text())["lr"]
+    assert vit_lr == pytest.approx(1e-3)  # each family at its own tuned rate
     params = {(r["family"], r["depth"]): r["parameters"] for r in runs}
     assert params[("vit", 2)] > params[("vit", 1)] and params[("pnnh_slim_vit", 2)] < params[("vit", 2)]
 
