@@ -183,17 +183,22 @@ def model_arguments(config: TrainConfig, bundle: DataBundle) -> dict:
     """The keyword arguments ``create_model(config.model, ...)`` builds the run's model with (saved in its
     checkpoints, so that :func:`load_trained_model` rebuilds it without the data set)."""
     kwargs = dict(num_classes=bundle.num_classes, in_chans=bundle.in_chans, **config.model_options)
-    family = model_family(config.model) if config.model in list_models() else None
+    family = _registered_family(config.model)
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
     if family in ("resnet", "plain", "pnnh"):
         kwargs.setdefault("backend", config.backend)
-    elif family == "vit" and config.backend != "auto":
-        raise ValueError(f"--backend {config.backend}: the ViTs' blocks are plain PyTorch and take no backend")
     if family == "vit":
+        if config.backend != "auto":
+            raise ValueError(f"--backend {config.backend}: the ViTs' blocks are plain PyTorch and take no backend")
         kwargs.setdefault("img_size", bundle.image_size)
         kwargs.setdefault("patch_size", max(1, bundle.image_size // 8))
     return kwargs
+
+
+def _registered_family(name: str) -> Optional[str]:
+    """The package family of a registered model name; None for a model from timm's or another registry."""
+    return model_family(name) if name in list_models() else None
 
 
 def _create(name: str, kwargs: dict) -> nn.Module:
@@ -210,7 +215,7 @@ def load_trained_model(path: str, map_location: Any = "cpu") -> nn.Module:
     if "model_arguments" not in state:
         raise CheckpointError(f"{path} predates saved model arguments: rebuild its model with build_model")
     name, arguments = state["config"]["model"], dict(state["model_arguments"])
-    if name in list_models() and model_family(name) == "vit":
+    if _registered_family(name) == "vit":
         arguments.pop("backend", None)  # recorded by older runs; the ViTs' blocks take none
     model = _create(name, arguments)
     model.load_state_dict(state["model"])
