@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..block import decoder_conv_weight, pad_kernel
 from ..conv import PNNHConv2d
@@ -74,18 +75,25 @@ class FastBlock(nn.Module):
         )
 
     def _forward_in_place(self, x: Tensor) -> Tensor:
-        """``forward`` without the addition's pass over memory and its two temporaries: the activation in place
-        on layer 1's fresh output, the coder map accumulated into layer 2's fresh output (a channels_last map
+        """``forward`` without the addition's pass over memory and its temporaries: the activations in place on
+        the layers' fresh outputs, the coder map accumulated into layer 2's fresh output (a channels_last map
         is a row-major (pixels, channels) matrix, and the 1x1 coder map a matrix product on it)."""
         assert isinstance(self.coder_map, nn.Conv2d)
-        z = self.layer1(x)
-        h = torch.relu_(z) if isinstance(self.activation, nn.ReLU) else self.activation(z)
-        out = self.layer2(h)
+        out = self.layer2(_activate_in_place(self.activation, self.layer1(x)))
         if not out.is_contiguous(memory_format=torch.channels_last):  # a layout the convolution chose otherwise
             return self.final(out + self.coder_map(x))
         rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])  # a view of the channels_last storage
         rows.addmm_(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), self.coder_map.weight[:, :, 0, 0].t())
-        return self.final(out)
+        return _activate_in_place(self.final, out)
+
+
+def _activate_in_place(activation: nn.Module, fresh: Tensor) -> Tensor:
+    """``activation(fresh)``, written over ``fresh`` (a tensor nothing else holds) where it is a leaky ReLU."""
+    if isinstance(activation, nn.ReLU):
+        return torch.relu_(fresh)
+    if isinstance(activation, nn.LeakyReLU):
+        return F.leaky_relu_(fresh, activation.negative_slope)
+    return activation(fresh)
 
 
 def _kernels(f: FoldedBlock) -> tuple[int, int]:

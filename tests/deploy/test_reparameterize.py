@@ -48,11 +48,14 @@ def assert_same_function(original: nn.Module, folded: nn.Module, x: torch.Tensor
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
 def test_a_conv_block_folds_exactly(case, form):
     """Every block option: k x k coders at the border of odd-sized maps, untied decoders, norm='none',
-    leaky and scaled (also negatively) activations, no final activation."""
+    leaky and scaled (also negatively) activations, no final activation; channels_last inputs take the fast
+    form's in-place path (its activations written over the layers' outputs)."""
     torch.manual_seed(0)
     block = random_statistics(pk.PNNHConv2d(5, backend="eager", **CONV_CASES[case]))
     for shape in [(1, 5, 7, 5), (3, 5, 4, 9)]:
-        assert_same_function(block, block.reparameterize(form), torch.randn(*shape))
+        x = torch.randn(*shape)
+        assert_same_function(block, block.reparameterize(form), x)
+        assert_same_function(block, block.reparameterize(form), x.contiguous(memory_format=torch.channels_last))
 
 
 @pytest.mark.parametrize("form", FORMS)
