@@ -66,3 +66,25 @@ def test_onnx_export_of_a_net_on_a_fused_backend_records_standard_operators(tmp_
     with torch.no_grad():
         want = model(x)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["pnnh_resnet20", "resnet20"])
+def test_an_int8_file_runs_every_convolution_quantized(tmp_path, name):
+    """`pnnh-train export --quantize int8`'s quantization (uint8 activations): after onnxruntime's graph
+    optimizations every convolution is a QLinearConv. With int8 activations its CPU provider kept the
+    convolutions that feed an addition (the fast form's coder path, a ResNet block) in float32."""
+    ort = pytest.importorskip("onnxruntime", reason="the deploy extra: pip install 'pnnh_kernels[deploy]'")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from pnnh_kernels.train.export import _quantize_file
+
+    x = torch.randn(2, 3, 16, 16)
+    float_path, int8_path, optimized_path = (str(tmp_path / f) for f in ("net.onnx", "int8.onnx", "opt.onnx"))
+    torch.onnx.export(reparameterize_model(_model(name)), (x,), dynamo=True, verbose=False).save(float_path)
+    _quantize_file(float_path, int8_path, [torch.randn_like(x) for _ in range(2)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # not the layout passes
+    options.optimized_model_filepath = optimized_path
+    ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(optimized_path).graph.node]
+    assert "Conv" not in ops and ops.count("QLinearConv") >= 19, sorted(ops)
