@@ -10,7 +10,7 @@ from torch import nn
 import pnnh_kernels as pk
 from pnnh_kernels.models import create_model, list_models, model_family
 from pnnh_kernels.models.layers import DropPath, scaled_orthogonal_
-from pnnh_kernels.models.resnet import PNNHBottleneck
+from pnnh_kernels.models.resnet import BasicBlock, Bottleneck, PNNHBottleneck
 from pnnh_kernels.models.vit import PatchEmbed, PNNHAttention, PNNHHalf, PNNHMlp
 
 
@@ -445,3 +445,38 @@ def test_the_plain_vit_is_the_vit_without_its_additions():
     vit, plain = create_model("vit_tiny", **small), create_model("plain_vit_tiny", **small)
     assert [n for n, _ in vit.named_parameters()] == [n for n, _ in plain.named_parameters()]
     assert all(tensor_additions(b) > 0 for b in vit.blocks) and all(tensor_additions(b) == 0 for b in plain.blocks)
+
+
+def _out_of_place(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The residual block's formula with fresh tensors everywhere."""
+    layers = [m for m in (block.layer1, block.layer2, getattr(block, "layer3", None)) if m is not None]
+    h = x
+    for i, layer in enumerate(layers):
+        h = layer(h) if i == len(layers) - 1 else F.relu(layer(h))
+    return F.relu(h if block.shortcut is None else block.shortcut(x) + h)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BasicBlock(8, 8),
+        lambda: BasicBlock(8, 16, stride=2),  # option A: a strided, zero-padded view of x
+        lambda: BasicBlock(8, 8, shortcut=None),
+        lambda: Bottleneck(8, 16, stride=2),  # option B: a convolution
+    ],
+)
+def test_residual_blocks_work_in_place_without_touching_their_input(make):
+    """The blocks add and activate in place (torchvision's form): outputs and every gradient equal the formula's
+    with fresh tensors, in training mode, and the input is left as it was."""
+    torch.manual_seed(0)
+    block = make().train()
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    kept = x.detach().clone()
+    y = block(x)
+    assert torch.equal(x.detach(), kept)
+    grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
+    want = _out_of_place(block, x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close(y, want)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
